@@ -1,0 +1,124 @@
+"""One source file → hashed, decoded frames as model inputs: the work done in worker processes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.preprocess import model_input
+
+from .dicom import NoImage, dicom_frames, dicom_metadata, frame_count, read_dataset
+from .images import DecodeError, image_frames
+from .sources import SourceFile
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What every worker needs to know, picklable."""
+
+    image_size: int
+    frames: str = "middle"         # all | first | middle | N (at most N, evenly spaced)
+    phi_policy: str = "hash"       # hash | keep | drop
+    phi_secret: bytes = b""
+
+
+@dataclass
+class DecodedFrame:
+    index: int
+    width: int
+    height: int
+    tensor: np.ndarray  # 3×S×S float32 in [-1, 1]
+
+
+@dataclass
+class Decoded:
+    """The outcome for one source: frames to embed, or why there are none."""
+
+    source: SourceFile
+    content_hash: str = ""
+    frames: list[DecodedFrame] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    error: str | None = None      # broken: counted as a failure
+    skipped: str | None = None    # valid but nothing to embed (e.g. a DICOM SR)
+
+
+def content_hash(path: str | Path) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def select_frames(count: int, policy: str) -> list[int]:
+    """Which frames of a multi-frame object to embed under a policy."""
+    if count <= 1:
+        return [0]
+    if policy == "all":
+        return list(range(count))
+    if policy == "first":
+        return [0]
+    if policy == "middle":
+        return [count // 2]
+    try:
+        limit = int(policy)
+    except ValueError:
+        raise ValueError(f"frames policy must be all, first, middle or a number, got {policy!r}")
+    if limit >= count:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / max(limit - 1, 1)) for i in range(limit)})
+
+
+def _frame(index: int, pixels: np.ndarray, size: int) -> DecodedFrame:
+    return DecodedFrame(index, int(pixels.shape[1]), int(pixels.shape[0]),
+                        model_input(pixels, size).numpy())
+
+
+def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
+    """Never raises for bad input: the reason goes into ``error`` or ``skipped``."""
+    result = Decoded(source)
+    try:
+        if source.size == 0:
+            raise DecodeError("empty file (0 bytes)")
+        result.content_hash = content_hash(source.path)
+        if source.kind == "dicom":
+            ds = read_dataset(source.path)
+            result.metadata = dicom_metadata(ds, options.phi_policy, options.phi_secret)
+            wanted = select_frames(frame_count(ds), options.frames)
+            result.frames = [_frame(i, px, options.image_size)
+                             for i, px in dicom_frames(ds, source.path, wanted)]
+        else:
+            frames = list(image_frames(source.path))
+            wanted = select_frames(len(frames), options.frames)
+            result.frames = [_frame(i, frames[i], options.image_size) for i in wanted]
+        if not result.frames:
+            raise DecodeError("no frames could be decoded")
+    except NoImage as exc:
+        result.skipped, result.frames = str(exc), []
+    except DecodeError as exc:
+        result.error, result.frames = str(exc), []
+    except MemoryError:
+        result.error, result.frames = "out of memory while decoding", []
+    except Exception as exc:  # an unforeseen decoder bug must not cost the other files
+        result.error, result.frames = f"unexpected {type(exc).__name__}: {exc}", []
+    return result
+
+
+def decode_path(path: str | Path, options: DecodeOptions) -> Decoded:
+    """Decode one file given by a user (a query image); bad input raises a clear error."""
+    from retrieval.errors import InputError
+
+    from .sources import classify
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"{path}: no such file")
+    st = p.stat()
+    decoded = decode_source(SourceFile(str(p.absolute()), st.st_size, st.st_mtime_ns,
+                                       classify(p) or "image"), options)
+    if decoded.error or decoded.skipped:
+        raise InputError(f"{path}: {decoded.error or decoded.skipped}")
+    return decoded

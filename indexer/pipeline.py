@@ -1,0 +1,199 @@
+"""The ingestion pipeline: walk → decode in worker processes → embed in batches → commit.
+
+Each batch is one SQLite transaction holding whole files (all their frames), so a run killed
+at any point resumes without duplicates: committed files count as unchanged next time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.model import VisionEncoder
+from retrieval.store import NewImage, Store, known_files
+
+from .decode import Decoded, DecodeOptions, decode_source
+from .sources import SourceFile, walk
+
+#: Save the FAISS file at least this often during long runs (the DB is committed per batch).
+SAVE_EVERY_S = 300.0
+
+
+@dataclass
+class IndexReport:
+    """The outcome of one run; ``to_json`` is the `medsearch index --json` contract."""
+
+    indexed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    renamed: int = 0
+    failed: int = 0
+    images: int = 0
+    total: int = 0
+    failures: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["images_per_s"] = round(self.images / self.seconds, 3) if self.seconds else 0.0
+        return out
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one decode per process; the encoder owns the other cores
+
+
+class Indexer:
+    """Index paths into a store with a vision encoder; one instance per run."""
+
+    def __init__(self, store: Store, encoder: VisionEncoder, *, workers: int | None = None,
+                 batch_size: int = 8, frames: str = "middle", phi_policy: str = "hash",
+                 progress: bool | None = None) -> None:
+        self.store, self.encoder = store, encoder
+        self.workers = default_workers() if workers is None else workers
+        self.batch_size = max(1, batch_size)
+        self.progress = progress
+        self.options = DecodeOptions(image_size=encoder.image_size, frames=frames,
+                                     phi_policy=phi_policy, phi_secret=store.secret("phi_hmac_key"))
+
+    # -- decoding ---------------------------------------------------------------------------
+    def _decoded(self, sources: list[SourceFile]) -> Iterator[Decoded]:
+        """Decode in worker processes with a bounded window, so memory stays flat."""
+        if self.workers == 0:
+            for source in sources:
+                yield decode_source(source, self.options)
+            return
+        context = multiprocessing.get_context("forkserver")
+        window = max(4, self.workers * 4, self.batch_size * 2)
+        todo = deque(sources)
+        with ProcessPoolExecutor(self.workers, mp_context=context,
+                                 initializer=_init_worker) as pool:
+            running: set[Future] = set()
+            try:
+                while todo or running:
+                    while todo and len(running) < window:
+                        running.add(pool.submit(decode_source, todo.popleft(), self.options))
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            finally:
+                for future in running:
+                    future.cancel()
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self, roots: Iterable[str | Path]) -> IndexReport:
+        started = time.perf_counter()
+        roots = [str(Path(r).expanduser().absolute()) for r in roots]
+        report = IndexReport()
+        sources = list(walk(roots))
+        report.total = len(sources)
+        known = known_files(self.store, roots)
+        todo = [s for s in sources if known.get(s.path, (None, None))[:2] != (s.size, s.mtime_ns)]
+        report.unchanged = report.total - len(todo)
+        seen = {s.path for s in sources}
+        gone = {path: digest for path, (_, _, digest) in known.items() if path not in seen}
+        gone_by_hash = {digest: path for path, digest in gone.items()}
+
+        batch: list[Decoded] = []
+        ops: list[tuple] = []  # touches, renames and failures, written with the next batch
+        last_save = time.monotonic()
+        bar = tqdm(total=len(todo), unit="file", file=sys.stderr, dynamic_ncols=True,
+                   disable=(not self.progress) if self.progress is not None else None)
+        try:
+            for decoded in self._decoded(todo):
+                bar.update(1)
+                self._route(decoded, known, gone, gone_by_hash, batch, ops, report)
+                if sum(len(d.frames) for d in batch) >= self.batch_size or len(ops) >= 256:
+                    self._commit(batch, ops, report)
+                    batch, ops = [], []
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix_str(f"{report.images / elapsed:.2f} img/s")
+                    if time.monotonic() - last_save > SAVE_EVERY_S:
+                        self.store.save()
+                        last_save = time.monotonic()
+            self._commit(batch, ops, report)
+            if gone:
+                with self.store.writer() as writer:
+                    for path in gone:
+                        writer.remove_file(path)
+                        writer.clear_failure(path)
+                report.removed = len(gone)
+        finally:
+            bar.close()
+            self.store.save()
+        report.seconds = round(time.perf_counter() - started, 3)
+        return report
+
+    def _route(self, decoded: Decoded, known: dict, gone: dict, gone_by_hash: dict,
+               batch: list, ops: list, report: IndexReport) -> None:
+        path = decoded.source.path
+        if decoded.error:
+            ops.append(("fail", path, decoded.error))
+            report.failed += 1
+            report.failures.append({"path": path, "reason": decoded.error})
+        elif decoded.skipped:
+            ops.append(("skip", path, decoded.skipped))
+            report.skipped.append({"path": path, "reason": decoded.skipped})
+        elif path in known and known[path][2] == decoded.content_hash:
+            ops.append(("touch", decoded.source))
+            report.unchanged += 1
+        elif path not in known and decoded.content_hash in gone_by_hash:
+            old = gone_by_hash.pop(decoded.content_hash)
+            gone.pop(old, None)
+            ops.append(("rename", old, decoded.source))
+            report.renamed += 1
+        else:
+            batch.append(decoded)
+
+    def _commit(self, batch: list[Decoded], ops: list[tuple], report: IndexReport) -> None:
+        """Embed the batch, then write it and the pending ops in one transaction."""
+        if not batch and not ops:
+            return
+        vectors = self._embed([frame.tensor for d in batch for frame in d.frames])
+        with self.store.writer() as writer:
+            for op in ops:
+                if op[0] in ("fail", "skip"):
+                    writer.remove_file(op[1])  # a once-good file that broke leaves the results
+                    writer.record_failure(op[1], op[2], kind="failed" if op[0] == "fail" else "skipped")
+                elif op[0] == "touch":
+                    writer.touch_file(op[1].path, op[1].size, op[1].mtime_ns)
+                elif op[0] == "rename":
+                    writer.rename_file(op[1], op[2].path, op[2].size, op[2].mtime_ns)
+            row = 0
+            for decoded in batch:
+                images = []
+                for frame in decoded.frames:
+                    images.append(NewImage(frame.index, frame.width, frame.height,
+                                           vectors[row], decoded.metadata))
+                    row += 1
+                src = decoded.source
+                writer.add_file(path=src.path, size=src.size, mtime_ns=src.mtime_ns,
+                                content_hash=decoded.content_hash, source_kind=src.kind,
+                                images=images)
+        report.indexed += len(batch)
+        report.images += row
+
+    def _embed(self, tensors: list[np.ndarray]) -> np.ndarray:
+        if not tensors:
+            return np.zeros((0, self.store.dim), np.float32)
+        out = []
+        for start in range(0, len(tensors), self.batch_size):
+            chunk = torch.from_numpy(np.stack(tensors[start:start + self.batch_size]))
+            out.append(self.encoder.embed_batch(chunk))
+        return np.concatenate(out)

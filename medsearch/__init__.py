@@ -1,0 +1,1 @@
+"""The `medsearch` command line: wires the retrieval core and the indexer together."""

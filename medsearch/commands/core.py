@@ -1,0 +1,206 @@
+"""The core commands: make-test-model, index, search, similar, info, embed, reindex."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from retrieval.errors import InputError
+from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
+from retrieval.preprocess import PREPROCESSING_VERSION
+from retrieval.search import Searcher
+from retrieval.store import Manifest, Store
+
+from ..cli import app
+from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
+                       settings, store_path)
+from ..output import emit, note, results_table
+
+
+@app.command("make-test-model")
+def make_test_model_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a tiny random SigLIP checkpoint (for tests and demos; rankings are meaningless)."""
+    from retrieval.testmodel import make_test_model
+
+    path = make_test_model(directory)
+    emit({"path": str(path.absolute())}, json_out,
+         lambda d: f"tiny random SigLIP written to {d['path']} (not a real model: for testing only)")
+
+
+def manifest_for(encoder: VisionEncoder, index_type: str) -> Manifest:
+    ckpt = encoder.checkpoint
+    name = str(ckpt.path) if ckpt.revision == "local" else ckpt.name
+    return Manifest(model=name, model_revision=ckpt.revision, model_fingerprint=ckpt.fingerprint,
+                    dim=encoder.dim, preprocessing_version=PREPROCESSING_VERSION,
+                    index_type=index_type)
+
+
+def _index_human(d: dict) -> str:
+    lines = [f"indexed {d['indexed']} file(s) ({d['images']} image(s)), unchanged {d['unchanged']}, "
+             f"renamed {d['renamed']}, removed {d['removed']}, failed {d['failed']}, "
+             f"skipped {len(d['skipped'])}, total {d['total']} in {d['seconds']:.1f} s"]
+    for f in d["failures"]:
+        lines.append(f"  failed: {f['path']}: {f['reason']}")
+    for s in d["skipped"]:
+        lines.append(f"  skipped: {s['path']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+@app.command("index")
+def index_cmd(
+    paths: Annotated[list[str], typer.Argument(help="Files and folders to index.")],
+    store: StoreOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decode processes (0: inline).")] = None,
+    frames: Annotated[Optional[str], typer.Option(help="Multi-frame policy: all|first|middle|N.")] = None,
+    phi: Annotated[Optional[str], typer.Option("--phi", help="Patient key policy: hash|keep|drop.")] = None,
+    index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string for a new store.")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Embed every image under PATHS into the store (incremental and resumable)."""
+    from indexer.pipeline import Indexer
+
+    cfg = settings()
+    root = store_path(store, cfg)
+    phi_policy = phi or cfg.phi_policy
+    if phi_policy not in ("hash", "keep", "drop"):
+        raise InputError(f"--phi must be hash, keep or drop, not {phi_policy!r}")
+    missing = [p for p in paths if not Path(p).expanduser().exists()]
+    if missing:
+        raise InputError(f"no such file or folder: {', '.join(missing)}")
+    encoder = VisionEncoder.load(model or _store_model(root) or cfg.model, device or cfg.device)
+    st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type))
+    with st.exclusive():
+        note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
+        indexer = Indexer(st, encoder, workers=cfg.workers if workers is None else workers,
+                          batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
+                          phi_policy=phi_policy, progress=progress)
+        report = indexer.run(paths)
+    st.close()
+    emit(report.to_json(), json_out, _index_human)
+
+
+def _store_model(root: Path) -> str | None:
+    """An existing store remembers its model, so later runs need no --model."""
+    manifest = root / "manifest.json"
+    return Manifest.read(manifest).model if manifest.is_file() else None
+
+
+def _open_searcher(store: Path | None, model: str | None, device: str | None) -> Searcher:
+    cfg = settings()
+    st = Store.open(store_path(store, cfg), readonly=True)
+    return Searcher(st, model, device or cfg.device)
+
+
+@app.command("search")
+def search_cmd(
+    text: Annotated[str, typer.Argument(help="What to look for, e.g. 'left pneumothorax'.")],
+    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
+    min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
+    date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
+    label: LabelOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Find images by a text description."""
+    searcher = _open_searcher(store, model, device)
+    filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
+    results = searcher.text(text, k or settings().k, filters, min_score)
+    emit({"results": [r.to_json() for r in results]}, json_out, results_table)
+
+
+@app.command("similar")
+def similar_cmd(
+    file: Annotated[Optional[Path], typer.Argument(help="Query image (PNG, JPEG, DICOM …).")] = None,
+    image_id: Annotated[Optional[int], typer.Option("--id", help="Use an indexed image's stored vector.")] = None,
+    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
+    min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
+    date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
+    label: LabelOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Find similar cases for an image file, or for an indexed image by --id."""
+    if (file is None) == (image_id is None):
+        raise InputError("give either a FILE or --id N (one of them)")
+    searcher = _open_searcher(store, model, device)
+    filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
+    k = k or settings().k
+    if image_id is not None:
+        results = searcher.similar_id(image_id, k, filters, min_score)
+    else:
+        vector = query_image_vector(searcher.vision_encoder, file)
+        results = searcher.by_vector(vector, k, filters, min_score)
+    emit({"results": [r.to_json() for r in results]}, json_out, results_table)
+
+
+def query_image_vector(encoder: VisionEncoder, file: Path, frames: str = "middle"):
+    """Decode a query file exactly as the indexer does and embed its (first selected) frame."""
+    import torch
+
+    from indexer.decode import DecodeOptions, decode_path
+
+    decoded = decode_path(file, DecodeOptions(image_size=encoder.image_size, frames=frames,
+                                              phi_policy="drop"))
+    return encoder.embed_batch(torch.from_numpy(decoded.frames[0].tensor[None]))[0]
+
+
+@app.command("info")
+def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+    """Store statistics: model, dimension, counts, index type."""
+    st = Store.open(store_path(store, settings()), readonly=True)
+    m = st.manifest
+    doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
+           "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
+           **st.stats()}
+    emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))
+
+
+@app.command("embed")
+def embed_cmd(
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image or DICOM file.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Text to embed.")] = None,
+    model: ModelOpt = None, device: DeviceOpt = None,
+    frames: Annotated[str, typer.Option(help="Multi-frame policy: all|first|middle|N.")] = "all",
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the L2-normalised embedding(s) of an image (one per frame) or a text."""
+    import torch
+
+    from indexer.decode import DecodeOptions, decode_path
+
+    if (image is None) == (text is None):
+        raise InputError("give exactly one of --image FILE or --text TEXT")
+    cfg = settings()
+    checkpoint = resolve_checkpoint(model or cfg.model)
+    if text is not None:
+        vectors = TextEncoder(checkpoint, device or cfg.device).embed([text])
+    else:
+        encoder = VisionEncoder(checkpoint, device or cfg.device)
+        decoded = decode_path(image, DecodeOptions(image_size=encoder.image_size, frames=frames,
+                                                   phi_policy="drop"))
+        import numpy as np
+
+        vectors = encoder.embed_batch(torch.from_numpy(np.stack([f.tensor for f in decoded.frames])))
+    doc = {"model": checkpoint.name, "dim": int(vectors.shape[1]),
+           "vectors": [[float(x) for x in v] for v in vectors]}
+    emit(doc, json_out, lambda d: "\n".join(" ".join(f"{x:.6f}" for x in v) for v in d["vectors"]))
+
+
+@app.command("reindex")
+def reindex_cmd(
+    index_type: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8.")],
+    store: StoreOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
+    st = Store.open(store_path(store, settings()))
+    with st.exclusive():
+        st.rebuild(index_type)
+        st.save()
+    emit({"index_type": st.manifest.index_type, "count": st.count}, json_out,
+         lambda d: f"rebuilt {d['count']} vectors as {d['index_type']}")

@@ -1,0 +1,45 @@
+"""Options shared by several commands, and the objects they build (settings, store, filters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from retrieval.filters import Filters
+from retrieval.settings import Settings, load_settings
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Hub id or local checkpoint folder (default: MedSigLIP-448).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", min=1, help="Number of results.")]
+MinScoreOpt = Annotated[Optional[float], typer.Option(
+    "--min-score", help="Drop results whose cosine score is below this.")]
+ModalityOpt = Annotated[Optional[list[str]], typer.Option(
+    "--modality", help="Only these DICOM modalities (repeatable), e.g. CR, CT.")]
+BodyPartOpt = Annotated[Optional[list[str]], typer.Option(
+    "--body-part", help="Only these BodyPartExamined values (repeatable).")]
+DateFromOpt = Annotated[Optional[str], typer.Option("--date-from", help="Study date ≥ (YYYY-MM-DD).")]
+DateToOpt = Annotated[Optional[str], typer.Option("--date-to", help="Study date ≤ (YYYY-MM-DD).")]
+PathGlobOpt = Annotated[Optional[str], typer.Option(
+    "--path-glob", help="Only paths matching this glob, e.g. '*/derm/*'.")]
+LabelOpt = Annotated[Optional[list[str]], typer.Option(
+    "--label", help="Only images carrying this label (repeatable: any of them).")]
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def build_filters(modality=None, body_part=None, date_from=None, date_to=None, path_glob=None,
+                  label=None) -> Filters:
+    return Filters(modality=list(modality or []), body_part=list(body_part or []),
+                   date_from=date_from, date_to=date_to, path_glob=path_glob,
+                   label=list(label or []))
+
+
+def store_path(store: Path | None, config: Settings) -> Path:
+    return Path(store) if store is not None else Path(config.store)

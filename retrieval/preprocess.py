@@ -1,0 +1,82 @@
+"""The MedSigLIP image recipe: pixels of any bit depth to the tensor the vision tower expects.
+
+Recipe (model card / Google's serving code): values to [0, 1] by bit depth, grey copied to
+three channels, alpha dropped, centred zero padding to a square, bilinear resize to the
+checkpoint's size *without* antialiasing, then [-1, 1]. The Transformers image processor
+resizes through PIL, which antialiases, so it is deliberately not used here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Bumped whenever the recipe changes; stores refuse vectors made with another version.
+PREPROCESSING_VERSION = "medsiglip-pad-bilinear-noaa-v1"
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """Scale integer pixels to float32 [0, 1] by their bit depth; floats are clipped."""
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) / 255.0
+    if pixels.dtype == np.uint16:
+        return pixels.astype(np.float32) / 65535.0
+    if pixels.dtype == bool:
+        return pixels.astype(np.float32)
+    if np.issubdtype(pixels.dtype, np.floating):
+        out = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(out, 0.0, 1.0)
+    raise TypeError(
+        f"pixels of dtype {pixels.dtype} have no defined bit depth; convert to uint8, "
+        "uint16 or float in [0, 1] first"
+    )
+
+
+def to_rgb(unit: np.ndarray) -> np.ndarray:
+    """H×W, H×W×1, H×W×2 (grey+alpha), H×W×3 or H×W×4 → H×W×3 (alpha dropped)."""
+    if unit.ndim == 2:
+        unit = unit[:, :, None]
+    if unit.ndim != 3:
+        raise ValueError(f"expected a 2-D image or H×W×C array, got shape {unit.shape}")
+    channels = unit.shape[2]
+    if channels in (1, 2):
+        return np.repeat(unit[:, :, :1], 3, axis=2)
+    if channels in (3, 4):
+        return unit[:, :, :3]
+    raise ValueError(f"cannot make RGB from {channels} channels")
+
+
+def pad_to_square(chw: torch.Tensor) -> torch.Tensor:
+    """Centre a C×H×W image on a zero square; the odd pixel goes to the bottom/right."""
+    _, h, w = chw.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    return F.pad(chw, (left, side - w - left, top, side - h - top), value=0.0)
+
+
+def resize_square(chw: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize without antialiasing (half-pixel centres, as tf.image.resize)."""
+    if chw.shape[-1] == size and chw.shape[-2] == size:
+        return chw
+    return F.interpolate(
+        chw[None], size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )[0]
+
+
+def unit_rgb_to_model_input(unit_rgb: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """H×W×3 float in [0, 1] → 3×size×size float32 in [-1, 1]."""
+    chw = torch.as_tensor(np.ascontiguousarray(unit_rgb), dtype=torch.float32).permute(2, 0, 1)
+    square = resize_square(pad_to_square(chw), size)
+    return square * 2.0 - 1.0
+
+
+def model_input(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """Any supported pixel array → the vision tower's 3×size×size input."""
+    return unit_rgb_to_model_input(to_rgb(to_unit_range(pixels)), size)
+
+
+def model_input_to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """Invert the final scaling so a user can see exactly what the model sees (H×W×3 uint8)."""
+    unit = ((tensor.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (unit.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)

@@ -1,0 +1,100 @@
+"""Queries over a store: text, an image's pixels, or an indexed id → ranked results with metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .filters import Filters
+from .model import TextEncoder, VisionEncoder, resolve_checkpoint
+from .store import Store
+
+
+@dataclass
+class Result:
+    id: int
+    path: str
+    frame: int
+    score: float
+    metadata: dict
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "path": self.path, "frame": self.frame,
+                "score": round(float(self.score), 6), "metadata": self.metadata}
+
+
+class Searcher:
+    """Loads each tower lazily, from the checkpoint the store was built with unless told otherwise."""
+
+    def __init__(self, store: Store, model: str | None = None, device: str = "auto") -> None:
+        self.store = store
+        self.model_name = model or store.manifest.model
+        self.device = device
+        self._text: TextEncoder | None = None
+        self._vision: VisionEncoder | None = None
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        if self._text is None:
+            self._text = TextEncoder(self._checkpoint(), self.device)
+        return self._text
+
+    @property
+    def vision_encoder(self) -> VisionEncoder:
+        if self._vision is None:
+            self._vision = VisionEncoder(self._checkpoint(), self.device)
+        return self._vision
+
+    def _checkpoint(self):
+        checkpoint = resolve_checkpoint(self.model_name)
+        if checkpoint.fingerprint != self.store.manifest.model_fingerprint:
+            raise InputError(
+                f"model {self.model_name!r} is not the one store {self.store.root} was built with "
+                f"({self.store.manifest.model!r}); its vectors would not be comparable. "
+                "Pass --model with the store's checkpoint.")
+        return checkpoint
+
+    # -- query vectors ---------------------------------------------------------------------
+    def text_vector(self, text: str) -> np.ndarray:
+        if not text or not text.strip():
+            raise InputError("the query text is empty")
+        return self.text_encoder.embed_cached(text.strip())
+
+    def image_vector(self, pixels: np.ndarray) -> np.ndarray:
+        return self.vision_encoder.embed_pixels([pixels])[0]
+
+    def id_vector(self, image_id: int) -> np.ndarray:
+        if not self.store.rows([image_id]):
+            raise InputError(f"no indexed image with id {image_id}; `medsearch info` shows the store")
+        return self.store.vectors([image_id])[0]
+
+    # -- ranking ---------------------------------------------------------------------------
+    def by_vector(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None,
+                  min_score: float | None = None, exclude: set[int] | None = None) -> list[Result]:
+        """Top-k results for one unit query vector; ``exclude`` drops ids (e.g. the query itself)."""
+        extra = len(exclude or ())
+        scores, ids = self.store.search(vector[None, :], k + extra, filters)
+        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0])
+                if i >= 0 and int(i) not in (exclude or ())]
+        if min_score is not None:
+            hits = [(i, s) for i, s in hits if s >= min_score]
+        hits = hits[:k]
+        rows = self.store.rows([i for i, _ in hits])
+        return [Result(i, rows[i]["path"], rows[i]["frame"], s, rows[i]["metadata"])
+                for i, s in hits if i in rows]
+
+    def text(self, text: str, k: int = 10, filters: Filters | None = None,
+             min_score: float | None = None) -> list[Result]:
+        return self.by_vector(self.text_vector(text), k, filters, min_score)
+
+    def similar_pixels(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None,
+                       min_score: float | None = None) -> list[Result]:
+        return self.by_vector(self.image_vector(pixels), k, filters, min_score)
+
+    def similar_id(self, image_id: int, k: int = 10, filters: Filters | None = None,
+                   min_score: float | None = None, include_self: bool = False) -> list[Result]:
+        """Reuses the stored vector: no decoding, no model."""
+        exclude = None if include_self else {image_id}
+        return self.by_vector(self.id_vector(image_id), k, filters, min_score, exclude)

@@ -1,0 +1,493 @@
+"""A store directory: FAISS index + SQLite metadata + raw vectors + manifest, kept in step.
+
+SQLite is the source of truth: rows and their raw vectors are written in one transaction.
+The FAISS file is a derived cache written atomically (temp file + rename); on open it is
+reconciled with the database by id, so a process killed at any moment leaves a store that
+opens with index and rows agreeing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from .errors import StoreError
+from .filters import Filters
+from .schema import (SCHEMA_VERSION, Base, FailureRow, FileRow, ImageRow, LabelRow, SettingRow,
+                     VectorRow)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATABASE = "meta.sqlite"
+INDEX_FILE = "index.faiss"
+LOCK_FILE = "write.lock"
+DEFAULT_INDEX_TYPE = "Flat"
+#: Below this many candidate rows a filtered query is answered exactly from the raw vectors.
+EXACT_SUBSET_LIMIT = 4096
+
+
+@dataclass
+class Manifest:
+    """What every vector in the store was made with; a mismatch is refused, never mixed."""
+
+    model: str
+    model_revision: str
+    model_fingerprint: str
+    dim: int
+    preprocessing_version: str
+    index_type: str = DEFAULT_INDEX_TYPE
+    format_version: int = FORMAT_VERSION
+    schema_version: int = SCHEMA_VERSION
+    created_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def read(cls, path: Path) -> "Manifest":
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StoreError(f"{path} is not a readable store manifest ({exc}); "
+                             "point --store at a folder made by `medsearch index`") from None
+
+    def write(self, path: Path) -> None:
+        _atomic_write_bytes(path, json.dumps(asdict(self), indent=2).encode())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_index(index_type: str, dim: int) -> faiss.Index:
+    """An empty index of a FAISS factory type, addressed by our row ids (IDMap2 wrapper)."""
+    try:
+        base = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise StoreError(f"invalid FAISS index type {index_type!r}: "
+                         f"{str(exc).splitlines()[-1]}") from None
+    return faiss.IndexIDMap2(base)
+
+
+def _index_ids(index: faiss.Index) -> np.ndarray:
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def _supports_removal(index: faiss.Index) -> bool:
+    base = faiss.downcast_index(faiss.downcast_index(index).index)
+    return isinstance(base, (faiss.IndexFlat, faiss.IndexIVF))
+
+
+def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim)
+
+
+@dataclass
+class NewImage:
+    """An embedded image or frame waiting to be written, with its metadata."""
+
+    frame: int
+    width: int
+    height: int
+    vector: np.ndarray
+    metadata: dict = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+
+
+class StoreWriter:
+    """One transaction's worth of changes; the FAISS index follows only after commit."""
+
+    def __init__(self, store: "Store", session: Session) -> None:
+        self.store, self.session = store, session
+        self.added: list[tuple[int, np.ndarray]] = []
+        self.removed: list[int] = []
+
+    def remove_file(self, path: str) -> int:
+        """Delete a source and its images; returns the number of images removed."""
+        row = self.session.scalar(select(FileRow).where(FileRow.path == path))
+        if row is None:
+            return 0
+        ids = [img.id for img in row.images]
+        self.removed.extend(ids)
+        self.session.delete(row)
+        self.session.flush()
+        return len(ids)
+
+    def add_file(self, *, path: str, size: int, mtime_ns: int, content_hash: str,
+                 source_kind: str, images: list[NewImage]) -> list[int]:
+        """Insert (or replace) a source with all its images and vectors."""
+        self.remove_file(path)
+        file_row = FileRow(path=path, size=size, mtime_ns=mtime_ns, content_hash=content_hash,
+                           source_kind=source_kind)
+        self.session.add(file_row)
+        rows = []
+        for image in images:
+            vector = np.ascontiguousarray(image.vector, dtype=np.float32)
+            if vector.shape != (self.store.dim,):
+                raise StoreError(f"vector of shape {vector.shape} for {path}; this store holds "
+                                 f"{self.store.dim}-d vectors")
+            known = {k: v for k, v in image.metadata.items() if hasattr(ImageRow, k)}
+            row = ImageRow(frame=image.frame, width=image.width, height=image.height, **known)
+            row.vector = VectorRow(vector=vector.tobytes())
+            row.labels = [LabelRow(label=label, source="user") for label in image.labels]
+            file_row.images.append(row)
+            rows.append((row, vector))
+        self.session.flush()
+        self.session.execute(delete(FailureRow).where(FailureRow.path == path))
+        self.added.extend((row.id, vector) for row, vector in rows)
+        return [row.id for row, _ in rows]
+
+    def touch_file(self, path: str, size: int, mtime_ns: int) -> None:
+        """Same content under a new mtime: remember it so the next run skips the hash."""
+        row = self.session.scalar(select(FileRow).where(FileRow.path == path))
+        if row is not None:
+            row.size, row.mtime_ns = size, mtime_ns
+
+    def rename_file(self, old: str, new: str, size: int, mtime_ns: int) -> None:
+        row = self.session.scalar(select(FileRow).where(FileRow.path == old))
+        if row is not None:
+            row.path, row.size, row.mtime_ns = new, size, mtime_ns
+
+    def record_failure(self, path: str, reason: str, kind: str = "failed") -> None:
+        self.session.merge(FailureRow(path=path, reason=reason, kind=kind))
+
+    def clear_failure(self, path: str) -> None:
+        self.session.execute(delete(FailureRow).where(FailureRow.path == path))
+
+
+class Store:
+    """Open with :meth:`open` or :meth:`create`; search and write through one object."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, readonly: bool = False) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.readonly = readonly
+        self.engine = create_engine(f"sqlite:///{root / DATABASE}")
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock_fd: int | None = None
+        self.index = self._load_index()
+        self._dirty = False
+        self.reconcile()
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, manifest: Manifest) -> "Store":
+        root = Path(root)
+        if (root / MANIFEST).exists():
+            raise StoreError(f"{root} already holds a store; open it instead")
+        if root.exists() and any(root.iterdir()):
+            raise StoreError(f"{root} exists and is not empty; choose a new folder for the store")
+        root.mkdir(parents=True, exist_ok=True)
+        new_index(manifest.index_type, manifest.dim)  # validate before writing anything
+        manifest.write(root / MANIFEST)
+        return cls(root, manifest)
+
+    @classmethod
+    def open(cls, root: str | Path, *, readonly: bool = False) -> "Store":
+        root = Path(root)
+        if not (root / MANIFEST).is_file():
+            raise StoreError(f"no store at {root} (no {MANIFEST}); create one with "
+                             f"`medsearch index PATH --store {root}`")
+        return cls(root, Manifest.read(root / MANIFEST), readonly=readonly)
+
+    @classmethod
+    def open_or_create(cls, root: str | Path, manifest: Manifest) -> "Store":
+        root = Path(root)
+        if (root / MANIFEST).is_file():
+            store = cls.open(root)
+            store.check_compatible(manifest)
+            return store
+        return cls.create(root, manifest)
+
+    def check_compatible(self, other: Manifest) -> None:
+        """Refuse vectors from another model, weights, dimension or preprocessing."""
+        mine = self.manifest
+        for name in ("model_fingerprint", "dim", "preprocessing_version"):
+            if getattr(mine, name) != getattr(other, name):
+                raise StoreError(
+                    f"store {self.root} was built with model {mine.model!r} "
+                    f"({name}={getattr(mine, name)!r}); this run uses {other.model!r} "
+                    f"({name}={getattr(other, name)!r}). Vectors of different models cannot be "
+                    "mixed: use --model to match the store, or index into a new --store.")
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def _load_index(self) -> faiss.Index:
+        path = self.root / INDEX_FILE
+        if path.is_file():
+            try:
+                return faiss.read_index(str(path))
+            except RuntimeError:
+                pass  # damaged cache: rebuilt from the vectors below
+        return new_index(self.manifest.index_type, self.dim)
+
+    # -- consistency -----------------------------------------------------------------------
+    def reconcile(self) -> None:
+        """Make the in-memory index hold exactly the ids that have vectors in SQLite."""
+        with self.sessions() as session:
+            db_ids = np.fromiter(session.scalars(select(VectorRow.image_id)), dtype=np.int64)
+        index_ids = _index_ids(self.index)
+        extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
+        missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
+        if extra.size and not _supports_removal(self.index):
+            self.rebuild(self.manifest.index_type)
+            return
+        if extra.size:
+            self.index.remove_ids(extra)
+        if missing.size:
+            self._add_to_index(missing, self.vectors(missing))
+        self._dirty = bool(extra.size or missing.size)
+
+    def _add_to_index(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if not self.index.is_trained:
+            self.rebuild(self.manifest.index_type)
+            return
+        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                                np.ascontiguousarray(ids, np.int64))
+
+    def rebuild(self, index_type: str) -> None:
+        """Build a fresh index of ``index_type`` from the stored raw vectors."""
+        index = new_index(index_type, self.dim)
+        ids, vectors = self.all_vectors()
+        if not index.is_trained:
+            if len(ids) == 0:
+                raise StoreError(f"index type {index_type!r} needs training vectors; "
+                                 "index some images first")
+            index.train(vectors)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        self.index = index
+        if index_type != self.manifest.index_type:
+            self.manifest.index_type = index_type
+            if not self.readonly:
+                self.manifest.write(self.root / MANIFEST)
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the index atomically if it changed; a kill mid-save keeps the old file."""
+        if self.readonly or not self._dirty:
+            return
+        tmp = self.root / (INDEX_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.root / INDEX_FILE)
+        _fsync_dir(self.root)
+        self._dirty = False
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator[StoreWriter]:
+        """A transaction; on success the FAISS index follows the committed rows."""
+        if self.readonly:
+            raise StoreError(f"store {self.root} was opened read-only")
+        with self.sessions() as session, session.begin():
+            writer = StoreWriter(self, session)
+            yield writer
+        if writer.removed:
+            ids = np.asarray(writer.removed, np.int64)
+            if _supports_removal(self.index):
+                self.index.remove_ids(ids)
+            else:
+                self.rebuild(self.manifest.index_type)
+            self._dirty = True
+        if writer.added:
+            ids = np.fromiter((i for i, _ in writer.added), dtype=np.int64)
+            self._add_to_index(ids, np.stack([v for _, v in writer.added]))
+            self._dirty = True
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Only one writing process at a time (readers never wait)."""
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"another process is writing to {self.root}; wait for it "
+                                 "to finish") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        with self.sessions() as session:
+            row = session.get(SettingRow, key)
+            return row.value if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.sessions() as session, session.begin():
+            session.merge(SettingRow(key=key, value=value))
+
+    def secret(self, key: str) -> bytes:
+        """A random per-store secret (e.g. for the PHI HMAC), created on first use."""
+        value = self.setting(key)
+        if value is None:
+            value = secrets.token_hex(32)
+            self.set_setting(key, value)
+        return bytes.fromhex(value)
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Raw vectors for ``ids``, in that order (missing ids raise)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        with self.sessions() as session:
+            for start in range(0, len(ids), 900):
+                chunk = ids[start:start + 900]
+                for image_id, blob in session.execute(
+                        select(VectorRow.image_id, VectorRow.vector)
+                        .where(VectorRow.image_id.in_(chunk))):
+                    found[image_id] = blob
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise StoreError(f"no stored vector for id(s) {missing[:10]}")
+        return vectors_from_blobs([found[i] for i in ids], self.dim)
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        with self.sessions() as session:
+            rows = session.execute(select(VectorRow.image_id, VectorRow.vector)
+                                   .order_by(VectorRow.image_id)).all()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return ids, vectors_from_blobs([r[1] for r in rows], self.dim)
+
+    def matching_ids(self, filters: Filters) -> np.ndarray:
+        with self.sessions() as session:
+            return np.fromiter(session.scalars(filters.query()), dtype=np.int64)
+
+    def search(self, queries: np.ndarray, k: int,
+               filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row; ids are -1 where fewer than k exist."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise StoreError(f"query vectors are {queries.shape[1]}-d, the store holds {self.dim}-d")
+        k = max(1, int(k))
+        if filters is None or filters.empty:
+            return self.index.search(queries, k)
+        allowed = self.matching_ids(filters)
+        if allowed.size == 0:
+            return (np.full((len(queries), k), -np.inf, np.float32),
+                    np.full((len(queries), k), -1, np.int64))
+        if allowed.size <= EXACT_SUBSET_LIMIT and not _is_flat(self.index):
+            return exact_search(queries, self.vectors(allowed), allowed, k)
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        return self.index.search(queries, k, params=params)
+
+    def rows(self, ids: list[int]) -> dict[int, dict]:
+        """Metadata of images by id, as plain dicts (path and frame included)."""
+        if not ids:
+            return {}
+        with self.sessions() as session:
+            images = session.scalars(select(ImageRow).where(ImageRow.id.in_(ids))).all()
+            labels: dict[int, list] = {}
+            for row in session.scalars(select(LabelRow).where(LabelRow.image_id.in_(ids))):
+                labels.setdefault(row.image_id, []).append(
+                    {"label": row.label, "score": row.score, "source": row.source})
+            return {img.id: image_dict(img, labels.get(img.id, [])) for img in images}
+
+    def stats(self) -> dict:
+        with self.sessions() as session:
+            files = session.scalar(select(func.count()).select_from(FileRow))
+            rows = session.scalar(select(func.count()).select_from(ImageRow))
+            failures = session.scalar(select(func.count()).select_from(FailureRow))
+            modalities = dict(session.execute(
+                select(ImageRow.modality, func.count()).group_by(ImageRow.modality)).all())
+        return {"files": files, "images": rows, "failures": failures,
+                "modalities": {str(k): v for k, v in modalities.items()}}
+
+    def close(self) -> None:
+        self.save()
+        self.engine.dispose()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_flat(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(faiss.downcast_index(index).index), faiss.IndexFlat)
+
+
+def exact_search(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner product over a small candidate set, padded like FAISS (-1 ids)."""
+    scores = queries @ vectors.T
+    take = min(k, len(ids))
+    top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1)
+    out_scores = np.full((len(queries), k), -np.inf, np.float32)
+    out_ids = np.full((len(queries), k), -1, np.int64)
+    out_scores[:, :take] = np.take_along_axis(top_scores, order, axis=1)
+    out_ids[:, :take] = ids[np.take_along_axis(top, order, axis=1)]
+    return out_scores, out_ids
+
+
+def image_dict(img: ImageRow, labels: list[dict]) -> dict:
+    meta = {c: getattr(img, c) for c in (
+        "width", "height", "modality", "body_part", "study_date", "study_description",
+        "series_description", "view_position", "manufacturer", "study_uid", "series_uid",
+        "sop_uid", "patient_sex", "patient_age", "patient_key")}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    meta["source_kind"] = img.file.source_kind
+    meta["labels"] = labels
+    return {"id": img.id, "path": img.file.path, "frame": img.frame, "metadata": meta}
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")      # readers keep working while an index run writes
+    cursor.execute("PRAGMA synchronous=NORMAL")    # WAL + NORMAL survives a killed process
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def known_files(store: Store, roots: list[str]) -> dict[str, tuple[int, int, str]]:
+    """path → (size, mtime_ns, content_hash) of stored sources under any of ``roots``."""
+    from sqlalchemy import or_
+
+    clauses = []
+    for root in roots:
+        prefix = root.rstrip(os.sep) + os.sep
+        clauses += [FileRow.path == root, func.substr(FileRow.path, 1, len(prefix)) == prefix]
+    with store.sessions() as session:
+        rows = session.execute(select(FileRow.path, FileRow.size, FileRow.mtime_ns,
+                                      FileRow.content_hash).where(or_(*clauses))).all()
+    return {path: (size, mtime, digest) for path, size, mtime, digest in rows}

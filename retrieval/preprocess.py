@@ -66,9 +66,10 @@ def resize_square(chw: torch.Tensor, size: int) -> torch.Tensor:
 
 def unit_rgb_to_model_input(unit_rgb: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """H×W×3 float in [0, 1] → 3×size×size float32 in [-1, 1]."""
-    chw = torch.as_tensor(np.ascontiguousarray(unit_rgb), dtype=torch.float32).permute(2, 0, 1)
+    # float64 interpolation: the float32 kernel's coordinate rounding alone moves pixels ~4e-5.
+    chw = torch.as_tensor(np.ascontiguousarray(unit_rgb), dtype=torch.float64).permute(2, 0, 1)
     square = resize_square(pad_to_square(chw), size)
-    return square * 2.0 - 1.0
+    return (square * 2.0 - 1.0).to(torch.float32)
 
 
 def model_input(pixels: np.ndarray, size: int) -> torch.Tensor:

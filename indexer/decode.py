@@ -10,7 +10,8 @@ import numpy as np
 
 from retrieval.preprocess import model_input
 
-from .dicom import NoImage, dicom_frames, dicom_metadata, frame_count, read_dataset
+from .dicom import (NoImage, dicom_frames, dicom_metadata, frame_count, no_image_reason,
+                    read_dataset)
 from .images import DecodeError, image_frames
 from .sources import SourceFile
 
@@ -23,6 +24,7 @@ class DecodeOptions:
     frames: str = "middle"         # all | first | middle | N (at most N, evenly spaced)
     phi_policy: str = "hash"       # hash | keep | drop
     phi_secret: bytes = b""
+    window: str = "file"           # file | auto | a CT preset (indexer.pixels.PRESETS)
 
 
 @dataclass
@@ -81,15 +83,25 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
     """Never raises for bad input: the reason goes into ``error`` or ``skipped``."""
     result = Decoded(source)
     try:
-        if source.size == 0:
+        if source.kind == "dicomweb":  # a PACS instance: fetched here, in the worker
+            from .dicomweb import retrieve_instance
+
+            data = retrieve_instance(source.path)
+            result.content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
+            ds, path = read_dataset(data), None
+        elif source.size == 0:
             raise DecodeError("empty file (0 bytes)")
-        result.content_hash = content_hash(source.path)
+        else:
+            result.content_hash = content_hash(source.path)
         if source.kind == "dicom":
-            ds = read_dataset(source.path)
+            ds, path = read_dataset(source.path), source.path
+        if source.kind in ("dicom", "dicomweb"):
             result.metadata = dicom_metadata(ds, options.phi_policy, options.phi_secret)
+            if (reason := no_image_reason(ds)) is not None:
+                raise NoImage(reason)
             wanted = select_frames(frame_count(ds), options.frames)
             result.frames = [_frame(i, px, options.image_size)
-                             for i, px in dicom_frames(ds, source.path, wanted)]
+                             for i, px in dicom_frames(ds, path, wanted, options.window)]
         else:
             frames = list(image_frames(source.path))
             wanted = select_frames(len(frames), options.frames)

@@ -1,108 +1,328 @@
 """DICOM objects to display-ready frames and PHI-safe metadata.
 
-Order as a reading workstation: modality LUT (rescale) → VOI LUT or window → MONOCHROME1
-inverted once; colour stays colour. Values come out as float32 in [0, 1].
+Reading is lenient (files without file meta or preamble, big endian, implicit VR) but never
+silent: an object that cannot become an image raises :class:`DecodeError` (broken) or
+:class:`NoImage` (valid, nothing to show), each with a reason a user can act on.
+
+Decoding tries pydicom's plugins first (pylibjpeg with openjpeg and RLE, pyjpegls, Pillow,
+python-gdcm), then GDCM directly (12-bit JPEG Extended and other gaps of the plugins), then a
+per-frame decode for whole-slide tiles encoded smaller than the tile size. The display steps
+live in :mod:`indexer.pixels`; values come out as float32 in [0, 1].
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian)
 
 from retrieval.schema import DICOM_FIELDS
 
 from .images import DecodeError
+from .pixels import colour_to_unit, grey_to_unit, palette_to_unit
+
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Above this, multi-frame files are read frame by frame from disk instead of into memory.
+DEFER_BYTES = 16 * 1024 * 1024
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+#: Elements that describe how to display a frame; copied into a per-frame view.
+_DISPLAY_KEYWORDS = (
+    "Modality", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "SamplesPerPixel", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "ModalityLUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
+)
+#: Enhanced multi-frame functional groups that carry rescale and window per frame.
+_FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 
 
 class NoImage(Exception):
     """A valid DICOM object without pixels (SR, RT, presentation state …): skipped, not failed."""
 
 
-def read_dataset(path: str | Path) -> pydicom.Dataset:
+# -- reading -------------------------------------------------------------------------------
+def read_dataset(source: str | Path | bytes) -> Dataset:
+    """Read a file (or the bytes of one) leniently; fill in a missing transfer syntax."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError) as exc:
+            if isinstance(source, (bytes, bytearray)):
+                ds = pydicom.dcmread(io.BytesIO(source), force=True)
+            else:
+                ds = pydicom.dcmread(source, force=True, defer_size=DEFER_BYTES)
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
+            AttributeError, NotImplementedError) as exc:
         raise DecodeError(f"not a readable DICOM file: {exc}") from None
-    if len(ds) == 0 or ("SOPClassUID" not in ds and "PixelData" not in ds
-                        and "DirectoryRecordSequence" not in ds):
+    if len(ds) == 0:
         raise DecodeError("not a DICOM file (no DICOM elements could be read; truncated?)")
+    if "SOPClassUID" not in ds and not _has_pixels(ds) and not is_dicomdir(ds):
+        raise DecodeError(f"incomplete DICOM object: {len(ds)} element(s), no SOP Class UID "
+                          "and no pixel data (truncated, or a fragment rather than a file)")
+    _infer_transfer_syntax(ds)
     return ds
 
 
-def _has_pixels(ds: pydicom.Dataset) -> bool:
-    return any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
-
-
-def frame_count(ds: pydicom.Dataset) -> int:
-    return int(getattr(ds, "NumberOfFrames", 1) or 1)
-
-
-def to_display(ds: pydicom.Dataset, raw: np.ndarray) -> np.ndarray:
-    """One decoded frame → float32 [0, 1], windowed and with MONOCHROME1 inverted."""
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if raw.ndim == 3 and raw.shape[-1] in (3, 4):  # colour: already RGB (pydicom converts YBR)
-        if photometric == "PALETTE COLOR":
-            raise DecodeError("unexpected palette data")
-        maxval = float(2 ** int(getattr(ds, "BitsStored", 8)) - 1)
-        return np.clip(raw[..., :3].astype(np.float32) / maxval, 0.0, 1.0)
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        rgb = apply_color_lut(raw, ds).astype(np.float32)
-        return rgb / (65535.0 if rgb.max() > 255 else 255.0)
-    values = apply_modality_lut(raw, ds).astype(np.float64)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        try:
-            values = apply_voi_lut(values, ds, index=0).astype(np.float64)
-        except Exception:
-            pass  # a broken window is no reason to lose the image: fall back to min/max
-    finite = values[np.isfinite(values)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    unit = np.nan_to_num((values - lo) / (hi - lo) if hi > lo else np.zeros_like(values), nan=0.0)
-    if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return np.clip(unit, 0.0, 1.0).astype(np.float32)
-
-
-def dicom_frames(ds: pydicom.Dataset, path: str | Path, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode only the wanted frames (never the whole multi-frame array at once)."""
-    if not _has_pixels(ds):
-        raise NoImage(f"no pixel data ({getattr(ds, 'Modality', '?')} "
-                      f"{_sop_class_name(ds)})")
-    from pydicom.pixels import pixel_array
-
-    for index in indices:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                raw = pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
-        except Exception as exc:  # decoders raise many types; all mean "cannot decode"
-            raise DecodeError(f"cannot decode pixel data "
-                              f"({_transfer_syntax(ds)}): {exc}") from None
-        yield index, to_display(ds, raw)
-
-
-def _transfer_syntax(ds: pydicom.Dataset) -> str:
+def _infer_transfer_syntax(ds: Dataset) -> None:
+    """Files without file meta (or without its TransferSyntaxUID): use what the reader found."""
     meta = getattr(ds, "file_meta", None)
-    uid = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = True, True
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(tag in ds for tag in PIXEL_TAGS)
+
+
+def frame_count(ds: Dataset) -> int:
+    value = ds.get("NumberOfFrames", 1)
+    try:
+        count = int(value or 1)
+    except (TypeError, ValueError):
+        raise DecodeError(f"invalid NumberOfFrames {str(value)!r} in the header") from None
+    if count < 1:
+        raise DecodeError(f"invalid NumberOfFrames {count} in the header")
+    return count
+
+
+def transfer_syntax(ds: Dataset) -> str:
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return getattr(uid, "name", str(uid)) if uid else "unknown transfer syntax"
 
 
-def _sop_class_name(ds: pydicom.Dataset) -> str:
-    uid = getattr(ds, "SOPClassUID", None)
-    return getattr(uid, "name", str(uid)) if uid else "unknown SOP class"
+def sop_class_name(ds: Dataset) -> str:
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None),
+                                           "MediaStorageSOPClassUID", None)
+    return UID(str(uid)).name if uid else "unknown SOP class"
 
 
+def is_dicomdir(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    return ("DirectoryRecordSequence" in ds
+            or str(getattr(meta, "MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY)
+
+
+def no_image_reason(ds: Dataset) -> str | None:
+    """Why a readable object has nothing to embed, or None when it has pixels."""
+    if is_dicomdir(ds):
+        return ("DICOMDIR (media directory): the image files it references are indexed "
+                "on their own")
+    if _has_pixels(ds):
+        return None
+    modality = str(ds.get("Modality", "") or "").strip() or "no modality"
+    name = sop_class_name(ds)
+    if "Image Storage" in name:
+        return f"header only: {name} ({modality}) without pixel data"
+    return f"no pixel data: {name} ({modality})"
+
+
+def check_pixel_module(ds: Dataset) -> None:
+    """Pixel data is meaningless without the Image Pixel module's geometry."""
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
+    if missing:
+        raise DecodeError(f"pixel data without {', '.join(missing)}: the Image Pixel module is "
+                          "incomplete, so the pixels cannot be interpreted")
+
+
+# -- per-frame display attributes --------------------------------------------------------
+def frame_view(ds: Dataset, index: int) -> Dataset:
+    """The display attributes that hold for one frame: top level, then shared, then per-frame
+    functional groups (enhanced multi-frame CT/MR/PET keep rescale and window there)."""
+    if "SharedFunctionalGroupsSequence" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
+    view = Dataset()
+    for keyword in _DISPLAY_KEYWORDS:
+        if keyword in ds:
+            view[keyword] = ds[keyword]
+    groups = []
+    for keyword, item in (("SharedFunctionalGroupsSequence", 0),
+                          ("PerFrameFunctionalGroupsSequence", index)):
+        seq = ds.get(keyword)
+        if seq is not None and len(seq) > item:
+            groups.append(seq[item])
+    for group in groups:
+        for keyword in _FRAME_GROUPS:
+            seq = group.get(keyword)
+            if seq:
+                for element in seq[0]:
+                    view[element.tag] = element
+    view.file_meta = ds.file_meta
+    view.set_original_encoding(*ds.original_encoding)
+    return view
+
+
+# -- decoding ------------------------------------------------------------------------------
+def _decode_with_pydicom(ds: Dataset, path: str | Path | None, index: int, frames: int) -> np.ndarray:
+    from pydicom.pixels import pixel_array
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path is not None and frames > 1 and _is_deferred(ds):
+            # large multi-frame file: read only this frame's bytes from disk
+            return pixel_array(os.fspath(path), index=index)
+        return pixel_array(ds, index=index if frames > 1 else None)
+
+
+def _is_deferred(ds: Dataset) -> bool:
+    for tag in PIXEL_TAGS:
+        if tag in ds:
+            raw = ds.get_item(tag)
+            return getattr(raw, "value", b"") is None
+    return False
+
+
+def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.ndarray:
+    """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse."""
+    import gdcm
+
+    tmp = None
+    if path is None or not Path(path).is_file():
+        fd, tmp = tempfile.mkstemp(suffix=".dcm")
+        os.close(fd)
+        ds.save_as(tmp, enforce_file_format=False)
+        path = tmp
+    try:
+        reader = gdcm.ImageReader()
+        reader.SetFileName(os.fspath(path))
+        if not reader.Read():
+            raise DecodeError("GDCM could not read the file")
+        image = reader.GetImage()
+        buffer = image.GetBuffer()
+        if buffer is None:
+            raise DecodeError("GDCM could not decode the pixel data")
+        data = buffer.encode("utf-8", "surrogateescape") if isinstance(buffer, str) else buffer
+        scalar = image.GetPixelFormat().GetScalarTypeAsString()
+        dtype = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
+                 "UINT32": np.uint32, "INT32": np.int32, "FLOAT32": np.float32,
+                 "FLOAT64": np.float64}.get(scalar)
+        if dtype is None:
+            raise DecodeError(f"GDCM returned unsupported pixel type {scalar}")
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        per_frame = rows * cols * samples
+        flat = np.frombuffer(data, dtype=dtype)
+        if flat.size < per_frame * (index + 1):
+            raise DecodeError("GDCM returned fewer pixels than the header describes")
+        frame = flat[per_frame * index: per_frame * (index + 1)]
+        if samples == 1:
+            return frame.reshape(rows, cols)
+        if int(ds.get("PlanarConfiguration", 0) or 0) == 1 and not _is_encapsulated(ds):
+            return frame.reshape(samples, rows, cols).transpose(1, 2, 0)
+        return frame.reshape(rows, cols, samples)
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def _is_encapsulated(ds: Dataset) -> bool:
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return bool(uid) and UID(str(uid)).is_compressed
+
+
+def _decode_edge_tile(ds: Dataset, index: int, frames: int) -> np.ndarray:
+    """Whole-slide edge tiles encoded smaller than Rows×Columns: decode alone, pad with black."""
+    from PIL import Image
+    from pydicom.encaps import get_frame
+
+    if not _is_encapsulated(ds):
+        raise DecodeError("not an encapsulated frame")
+    data = get_frame(ds.PixelData, index, number_of_frames=frames)
+    with Image.open(io.BytesIO(data)) as img:
+        tile = np.asarray(img.convert("RGB") if img.mode in ("YCbCr", "P", "CMYK") else img)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if tile.shape[0] > rows or tile.shape[1] > cols:
+        raise DecodeError(f"frame {index} is {tile.shape[1]}×{tile.shape[0]}, larger than the "
+                          f"header's {cols}×{rows}")
+    padded = np.zeros((rows, cols, *tile.shape[2:]), dtype=tile.dtype)
+    padded[:tile.shape[0], :tile.shape[1]] = tile
+    return padded
+
+
+def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarray:
+    """One frame's stored values (YBR already RGB), trying every decoder we have.
+
+    Raises DecodeError naming the transfer syntax and every decoder's complaint.
+    """
+    frames = frame_count(ds)
+    if not 0 <= index < frames:
+        raise DecodeError(f"frame {index} does not exist (the object has {frames})")
+    complaints = []
+    for name, decode in (("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),
+                         ("gdcm", lambda: _decode_with_gdcm(ds, path, index)),
+                         ("tile", lambda: _decode_edge_tile(ds, index, frames))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                array = decode()
+            return _gdcm_colour(ds, array) if name == "gdcm" else array
+        except MemoryError:
+            raise
+        except Exception as exc:  # decoders raise many types; all mean "cannot decode"
+            complaints.append(f"{name}: {_first_line(exc)}")
+    raise DecodeError(f"cannot decode pixel data ({transfer_syntax(ds)}): " + "; ".join(complaints))
+
+
+def _gdcm_colour(ds: Dataset, array: np.ndarray) -> np.ndarray:
+    """GDCM leaves uncompressed YBR as stored; convert once, as pydicom would have."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if array.ndim == 3 and photometric in ("YBR_FULL", "YBR_FULL_422") and not _is_encapsulated(ds):
+        from pydicom.pixels import convert_color_space
+
+        return convert_color_space(array, photometric, "RGB")
+    return array
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def to_display(ds: Dataset, stored: np.ndarray, index: int = 0, window: str = "file") -> np.ndarray:
+    """One decoded frame → float32 [0, 1] (H×W grey or H×W×3 colour), as a workstation shows it."""
+    view = frame_view(ds, index)
+    photometric = str(view.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR" and stored.ndim == 2:
+        return palette_to_unit(stored, ds)
+    if stored.ndim == 3 and stored.shape[-1] in (3, 4):
+        return colour_to_unit(stored, view)
+    if stored.ndim == 3 and stored.shape[-1] == 1:
+        stored = stored[..., 0]
+    if stored.ndim != 2:
+        raise DecodeError(f"unexpected decoded frame shape {stored.shape}")
+    return grey_to_unit(stored, view, window)
+
+
+def dicom_frames(ds: Dataset, path: str | Path | None, indices: list[int],
+                 window: str = "file") -> Iterator[tuple[int, np.ndarray]]:
+    """Decode only the wanted frames (never the whole multi-frame array at once)."""
+    reason = no_image_reason(ds)
+    if reason:
+        raise NoImage(reason)
+    check_pixel_module(ds)
+    for index in indices:
+        stored = decode_stored(ds, path, index)
+        yield index, to_display(ds, stored, index, window)
+
+
+# -- metadata and patient identity ---------------------------------------------------------
 def patient_key(patient_id: str | None, policy: str, secret: bytes) -> str | None:
     """PHI policy: 'hash' → keyed HMAC (stable within a store, useless outside it)."""
     if not patient_id or policy == "drop":
@@ -112,16 +332,33 @@ def patient_key(patient_id: str | None, policy: str, secret: bytes) -> str | Non
     return hmac.new(secret, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def dicom_metadata(ds: pydicom.Dataset, phi_policy: str, secret: bytes) -> dict:
-    """Only the allowed fields (schema.DICOM_FIELDS) plus the patient key; never names etc."""
+def dicom_metadata(ds: Dataset, phi_policy: str, secret: bytes) -> dict:
+    """Only the allowed fields (schema.DICOM_FIELDS) plus the patient key; never names etc.
+
+    Under ``drop`` the patient key is absent; PatientName, birth date, address, accession
+    number and the other PS3.15 direct identifiers are never read into the result.
+    """
+    if phi_policy not in ("hash", "keep", "drop"):
+        raise ValueError(f"PHI policy must be hash, keep or drop, got {phi_policy!r}")
     meta = {}
     for column, keyword in DICOM_FIELDS.items():
-        value = ds.get(keyword)
+        try:
+            value = ds.get(keyword)
+        except Exception:  # an unparseable element is treated as absent
+            continue
         if value is None or value == "":
             continue
         text = str(value).strip()
-        if column in ("modality", "body_part", "view_position"):
+        if not text:
+            continue
+        if column in ("modality", "body_part", "view_position", "patient_sex"):
             text = text.upper()
-        meta[column] = text[:64] if column.endswith("uid") else text
-    meta["patient_key"] = patient_key(str(ds.get("PatientID", "") or ""), phi_policy, secret)
+        meta[column] = text[:64] if column.endswith("uid") or column in (
+            "modality", "body_part", "view_position", "patient_sex", "patient_age",
+            "study_date") else text
+    if "study_date" in meta and not (len(meta["study_date"]) == 8 and meta["study_date"].isdigit()):
+        meta.pop("study_date")  # a malformed date would break date filters
+    key = patient_key(str(ds.get("PatientID", "") or "").strip(), phi_policy, secret)
+    if key is not None:
+        meta["patient_key"] = key
     return meta

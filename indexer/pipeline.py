@@ -24,6 +24,8 @@ from retrieval.model import VisionEncoder
 from retrieval.store import NewImage, Store, known_files
 
 from .decode import Decoded, DecodeOptions, decode_source
+from .dicomdir import expand_dicomdirs, is_dicomdir_path
+from .dicomweb import is_dicomweb, list_instances, removal_allowed
 from .sources import SourceFile, walk
 
 #: Save the FAISS file at least this often during long runs (the DB is committed per batch).
@@ -44,6 +46,7 @@ class IndexReport:
     failures: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    series: int = 0   # series-level vectors written (--series-vectors)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -64,13 +67,17 @@ class Indexer:
 
     def __init__(self, store: Store, encoder: VisionEncoder, *, workers: int | None = None,
                  batch_size: int = 8, frames: str = "middle", phi_policy: str = "hash",
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, window: str = "file",
+                 series_vectors: bool = False, dicomweb_query=None) -> None:
         self.store, self.encoder = store, encoder
         self.workers = default_workers() if workers is None else workers
         self.batch_size = max(1, batch_size)
         self.progress = progress
         self.options = DecodeOptions(image_size=encoder.image_size, frames=frames,
-                                     phi_policy=phi_policy, phi_secret=store.secret("phi_hmac_key"))
+                                     phi_policy=phi_policy, phi_secret=store.secret("phi_hmac_key"),
+                                     window=window)
+        self.series_vectors, self.dicomweb_query = series_vectors, dicomweb_query
+        self.touched_series: set[str] = set()
 
     # -- decoding ---------------------------------------------------------------------------
     def _decoded(self, sources: list[SourceFile]) -> Iterator[Decoded]:
@@ -99,16 +106,26 @@ class Indexer:
     # -- the run ----------------------------------------------------------------------------
     def run(self, roots: Iterable[str | Path]) -> IndexReport:
         started = time.perf_counter()
-        roots = [str(Path(r).expanduser().absolute()) for r in roots]
+        roots = list(roots)
+        web_roots = [str(r).rstrip("/") for r in roots if is_dicomweb(str(r))]
+        roots = [str(Path(r).expanduser().absolute()) for r in roots
+                 if not is_dicomweb(str(r))] + web_roots
         report = IndexReport()
-        sources = list(walk(roots))
+        sources = list(expand_dicomdirs(walk(r for r in roots if r not in web_roots)))
+        for web_root in web_roots:  # a PACS: QIDO-RS lists its instances
+            sources += list_instances(web_root, self.dicomweb_query)
         report.total = len(sources)
         known = known_files(self.store, roots)
         todo = [s for s in sources if known.get(s.path, (None, None))[:2] != (s.size, s.mtime_ns)]
         report.unchanged = report.total - len(todo)
         seen = {s.path for s in sources}
-        gone = {path: digest for path, (_, _, digest) in known.items() if path not in seen}
+        gone = {path: digest for path, (_, _, digest) in known.items()
+                if path not in seen and removal_allowed(path, self.dicomweb_query)}
         gone_by_hash = {digest: path for path, digest in gone.items()}
+        # files a DICOMDIR given directly references lie beside it, outside the walked roots
+        beside = [str(Path(r).parent) for r in roots if Path(r).is_file() and is_dicomdir_path(r)]
+        if beside:
+            known.update(known_files(self.store, beside))
 
         batch: list[Decoded] = []
         ops: list[tuple] = []  # touches, renames and failures, written with the next batch
@@ -134,6 +151,11 @@ class Indexer:
                         writer.remove_file(path)
                         writer.clear_failure(path)
                 report.removed = len(gone)
+            if self.series_vectors:
+                from .series import stale_series, update_series_vectors
+
+                report.series = update_series_vectors(
+                    self.store, self.touched_series | set(stale_series(self.store)))
         finally:
             bar.close()
             self.store.save()
@@ -187,6 +209,7 @@ class Indexer:
                                 content_hash=decoded.content_hash, source_kind=src.kind,
                                 images=images)
         report.indexed += len(batch)
+        self.touched_series.update(d.metadata.get("series_uid") for d in batch)
         report.images += row
 
     def _embed(self, tensors: list[np.ndarray]) -> np.ndarray:

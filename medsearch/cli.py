@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands to `app`.
-from .commands import core, demo  # noqa: E402,F401
+from .commands import classify, core, demo, dicom, serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,6 +48,3 @@ def _fail(message: str, kind: str, as_json: bool, code: int = 2) -> None:
         print(json.dumps({"error": message, "type": kind}))
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()

@@ -98,3 +98,27 @@ class Searcher:
         """Reuses the stored vector: no decoding, no model."""
         exclude = None if include_self else {image_id}
         return self.by_vector(self.id_vector(image_id), k, filters, min_score, exclude)
+
+    # -- query arithmetic (retrieval.query) ----------------------------------------------------
+    def terms_vector(self, terms: list, image_vector=None) -> np.ndarray:
+        """Combine weighted text / #id / image terms; ``image_vector(term)`` embeds file or
+        upload terms (the caller decodes them: retrieval never reads arbitrary files)."""
+        from .query import query_vector
+
+        def vector_of(term) -> np.ndarray:
+            if term.kind == "text":
+                return self.text_vector(term.value)
+            if term.kind == "id":
+                return self.id_vector(int(term.value))
+            if image_vector is None:
+                raise InputError(f"image term {term.value!r} cannot be used here")
+            return image_vector(term)
+
+        return query_vector(terms, vector_of)
+
+    def query(self, terms: list, k: int = 10, filters: Filters | None = None,
+              min_score: float | None = None, image_vector=None) -> list[Result]:
+        """Search with query arithmetic; indexed images given as positive #id terms are left out."""
+        exclude = {int(t.value) for t in terms if t.kind == "id" and t.weight > 0}
+        return self.by_vector(self.terms_vector(terms, image_vector), k, filters, min_score,
+                              exclude or None)

@@ -54,7 +54,8 @@ def _index_human(d: dict) -> str:
 
 @app.command("index")
 def index_cmd(
-    paths: Annotated[list[str], typer.Argument(help="Files and folders to index.")],
+    paths: Annotated[list[str], typer.Argument(
+        help="Files and folders to index, or a PACS: dicomweb+http://HOST:PORT/dicom-web.")],
     store: StoreOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -64,9 +65,20 @@ def index_cmd(
     phi: Annotated[Optional[str], typer.Option("--phi", help="Patient key policy: hash|keep|drop.")] = None,
     index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string for a new store.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
+    window: Annotated[str, typer.Option(
+        help="DICOM grey window: file (the file's first window), auto (percentiles), or a CT "
+             "preset: lung, mediastinum, bone, brain, abdomen, liver.")] = "file",
+    series_vectors: Annotated[bool, typer.Option(
+        "--series-vectors", help="Also store one vector per DICOM series (mean of its frames).")] = False,
+    study: Annotated[Optional[str], typer.Option(help="DICOMweb: only this StudyInstanceUID.")] = None,
+    modality_filter: Annotated[Optional[str], typer.Option(
+        "--modality", help="DICOMweb: only this modality, e.g. CT.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="DICOMweb: studies on or after YYYY-MM-DD.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS into the store (incremental and resumable)."""
+    from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
+    from indexer.pixels import check_window_choice
     from indexer.pipeline import Indexer
 
     cfg = settings()
@@ -74,7 +86,14 @@ def index_cmd(
     phi_policy = phi or cfg.phi_policy
     if phi_policy not in ("hash", "keep", "drop"):
         raise InputError(f"--phi must be hash, keep or drop, not {phi_policy!r}")
-    missing = [p for p in paths if not Path(p).expanduser().exists()]
+    try:
+        window = check_window_choice(window)
+        query = DicomWebQuery(study, modality_filter, dicom_date(since) if since else None)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if query.filtered and not any(is_dicomweb(p) for p in paths):
+        raise InputError("--study, --modality and --since apply to dicomweb+http:// sources only")
+    missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
     if missing:
         raise InputError(f"no such file or folder: {', '.join(missing)}")
     encoder = VisionEncoder.load(model or _store_model(root) or cfg.model, device or cfg.device)
@@ -83,8 +102,12 @@ def index_cmd(
         note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
         indexer = Indexer(st, encoder, workers=cfg.workers if workers is None else workers,
                           batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
-                          phi_policy=phi_policy, progress=progress)
-        report = indexer.run(paths)
+                          phi_policy=phi_policy, progress=progress, window=window,
+                          series_vectors=series_vectors, dicomweb_query=query)
+        try:
+            report = indexer.run(paths)
+        except ConnectionError as exc:
+            raise InputError(f"{exc}; is the server running and the address right?") from None
     st.close()
     emit(report.to_json(), json_out, _index_human)
 
@@ -103,16 +126,22 @@ def _open_searcher(store: Path | None, model: str | None, device: str | None) ->
 
 @app.command("search")
 def search_cmd(
-    text: Annotated[str, typer.Argument(help="What to look for, e.g. 'left pneumothorax'.")],
+    text: Annotated[str, typer.Argument(help="What to look for, e.g. 'left pneumothorax'; "
+                                        "arithmetic works: '\"pleural effusion\" - \"chest tube\"', "
+                                        "'2:\"effusion\" + scan.png', '#17 - \"tube\"'.")],
     store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
     label: LabelOpt = None, json_out: JsonOpt = False,
 ) -> None:
-    """Find images by a text description."""
+    """Find images by a text description (or weighted text/image terms: query arithmetic)."""
+    from retrieval.query import parse_query
+
+    terms = parse_query(text, allow_files=True)
     searcher = _open_searcher(store, model, device)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    results = searcher.text(text, k or settings().k, filters, min_score)
+    results = searcher.query(terms, k or settings().k, filters, min_score, image_vector=lambda t:
+                             query_image_vector(searcher.vision_encoder, Path(t.value)))
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
 

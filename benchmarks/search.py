@@ -1,0 +1,272 @@
+"""Search benchmark: index types on clustered synthetic unit vectors (d=1152).
+
+For each index type: build seconds, bytes per vector, queries/s for single queries and for one
+batch, recall@10 against exact search, and filtered recall@10 at 1% and 10% selectivity. The
+FAISS rows go through `retrieval.index_choice.search`, the code path the store uses; numpy
+brute force, FAISS's own IndexFlatIP search and hnswlib are baselines.
+
+    python benchmarks/search.py --json            # 100,000 vectors
+    python benchmarks/search.py --full --json     # 1,000,000 vectors (~4.6 GB of float32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import faiss  # noqa: E402
+import torch  # noqa: E402
+
+from retrieval import index_choice  # noqa: E402
+from retrieval.exact import exact_topk  # noqa: E402
+from retrieval.store import new_index  # noqa: E402
+
+K = 10
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def clustered_vectors(n: int, dim: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors around random centres (as embeddings of related images cluster), plus
+    held-out queries from the same distribution."""
+    rng = np.random.default_rng(seed)
+    clusters = max(64, n // 500)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    spread = rng.uniform(0.6, 1.2, clusters).astype(np.float32)
+
+    def draw(count: int) -> np.ndarray:
+        out = np.empty((count, dim), np.float32)
+        for start in range(0, count, 65536):
+            m = min(65536, count - start)
+            which = rng.integers(0, clusters, m)
+            noise = rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+            block = centres[which] + noise * spread[which, None] * 1.5
+            out[start:start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        return out
+
+    return draw(n), draw(n_queries)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth))
+    return round(hits / max(1, sum(int((t >= 0).sum()) for t in truth)), 4)
+
+
+def timed(fn, repeat: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def qps_single(search_one, queries: np.ndarray, budget_s: float = 4.0) -> float:
+    search_one(queries[0])  # warm-up
+    done, start = 0, time.perf_counter()
+    while done < len(queries) and (time.perf_counter() - start < budget_s or done < 5):
+        search_one(queries[done])
+        done += 1
+    return round(done / (time.perf_counter() - start), 1)
+
+
+def make_subsets(n: int, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: np.sort(rng.choice(n, max(K, int(n * frac)), replace=False)).astype(np.int64)
+            for name, frac in (("filtered_recall_1pct", 0.01), ("filtered_recall_10pct", 0.10))}
+
+
+def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+              subsets: dict, subset_truth: dict, rerank: int = 0) -> dict:
+    """One FAISS index type through the store's search path (ids = row numbers)."""
+    n, dim = x.shape
+    ids = np.arange(n, dtype=np.int64)
+    index = index_choice.configure(new_index(name, dim))
+    start = time.perf_counter()
+    if not index.is_trained:
+        sample = x[np.random.default_rng(2).choice(n, min(n, 256 * 1024), replace=False)]
+        index.train(sample)
+    for s in range(0, n, 100_000):
+        index.add_with_ids(x[s:s + 100_000], ids[s:s + 100_000])
+    build_s = time.perf_counter() - start
+    fetch = (lambda wanted: x[wanted])  # the store reads these from SQLite
+    size = faiss.serialize_index(index).nbytes if n <= 2_000_000 else None
+    search = (lambda q, **kw: index_choice.search(index, q, K, fetch_vectors=fetch,
+                                                   rerank=rerank, **kw))
+    row = {"index": name, "build_s": round(build_s, 2),
+           "bytes_per_vector": round(size / n, 1) if size else
+           round(index_choice.estimated_bytes_per_vector(name, dim), 1)}
+    row["qps_single"] = qps_single(lambda q: search(q[None]), queries)
+    _, found = search(queries)
+    row["qps_batch"] = round(len(queries) / timed(lambda: search(queries), 2), 1)
+    row["recall_at_10"] = recall(found, truth)
+    for key, allowed in subsets.items():
+        _, found = search(queries, allowed=allowed)
+        row[key] = recall(found, subset_truth[key])
+    if rerank:
+        row["rerank"] = rerank
+    del index
+    gc.collect()
+    return row
+
+
+def numpy_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, subsets: dict,
+              subset_truth: dict) -> dict:
+    """What rclip-style brute force does: one matmul and argpartition."""
+    def search(q: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        data = x if rows is None else x[rows]
+        scores = q @ data.T
+        top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+        best = np.take_along_axis(top, order, 1)
+        return best if rows is None else rows[best]
+
+    row = {"index": "numpy", "build_s": 0.0, "bytes_per_vector": float(x.shape[1] * 4)}
+    row["qps_single"] = qps_single(lambda q: search(q[None]), queries)
+    row["qps_batch"] = round(len(queries) / timed(lambda: search(queries), 2), 1)
+    row["recall_at_10"] = recall(search(queries), truth)
+    for key, allowed in subsets.items():
+        row[key] = recall(search(queries, allowed), subset_truth[key])
+    return row
+
+
+def faiss_flat_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> dict:
+    """FAISS's own IndexFlatIP search, to show what the exact path replaces."""
+    index = faiss.IndexFlatIP(x.shape[1])
+    start = time.perf_counter()
+    index.add(x)
+    row = {"index": "IndexFlatIP (faiss search)", "build_s": round(time.perf_counter() - start, 2),
+           "bytes_per_vector": float(x.shape[1] * 4)}
+    row["qps_single"] = qps_single(lambda q: index.search(q[None], K), queries)
+    row["qps_batch"] = round(len(queries) / timed(lambda: index.search(queries, K), 1), 1)
+    row["recall_at_10"] = recall(index.search(queries, K)[1], truth)
+    del index
+    return row
+
+
+def hnswlib_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, subsets: dict,
+                subset_truth: dict, threads: int) -> dict | None:
+    try:
+        import hnswlib
+    except ImportError:
+        log("hnswlib is not installed: `pip install hnswlib` for its baseline row")
+        return None
+    n, dim = x.shape
+    index = hnswlib.Index(space="ip", dim=dim)
+    start = time.perf_counter()
+    index.init_index(max_elements=n, M=index_choice.HNSW_M,
+                     ef_construction=index_choice.HNSW_EF_CONSTRUCTION)
+    index.add_items(x, np.arange(n), num_threads=threads)
+    build_s = time.perf_counter() - start
+    index.set_ef(index_choice.HNSW_EF_SEARCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        index.save_index(f"{tmp}/h.bin")
+        size = os.path.getsize(f"{tmp}/h.bin")
+    row = {"index": "hnswlib", "build_s": round(build_s, 2), "bytes_per_vector": round(size / n, 1)}
+    row["qps_single"] = qps_single(lambda q: index.knn_query(q[None], K, num_threads=1), queries)
+    row["qps_batch"] = round(len(queries) / timed(
+        lambda: index.knn_query(queries, K, num_threads=threads), 2), 1)
+    row["recall_at_10"] = recall(index.knn_query(queries, K, num_threads=threads)[0].astype(np.int64), truth)
+    for key, allowed in subsets.items():
+        members = np.zeros(n, bool)
+        members[allowed] = True
+        # the same widening rule as the FAISS graph gets
+        index.set_ef(index_choice.widened_ef(index_choice.HNSW_EF_SEARCH, K, allowed.size / n))
+        labels, _ = index.knn_query(queries, K, num_threads=1, filter=lambda i: bool(members[i]))
+        row[key] = recall(labels.astype(np.int64), subset_truth[key])
+        index.set_ef(index_choice.HNSW_EF_SEARCH)
+    del index
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--full", action="store_true", help="1,000,000 vectors")
+    parser.add_argument("--dim", type=int, default=1152)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--indexes", default="",
+                        help="comma-free list separated by ';' of FAISS types (default: a set by size)")
+    parser.add_argument("--skip-hnswlib", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    n = 1_000_000 if args.full else args.n
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+
+    log(f"generating {n}×{args.dim} clustered unit vectors ({n * args.dim * 4 / 2**30:.2f} GiB)")
+    x, queries = clustered_vectors(n, args.dim, args.queries)
+    _, truth = exact_topk(queries, x, None, K)
+    subsets = make_subsets(n)
+    subset_truth = {key: exact_topk(queries, x[rows], rows, K)[1] for key, rows in subsets.items()}
+    choice = index_choice.choose_index(n, args.dim)
+    nlist = index_choice.ivf_lists(n)
+    types = [t for t in args.indexes.split(";") if t] or [
+        "Flat", "HNSW32", "HNSW32,SQ8", f"IVF{nlist},Flat", f"IVF{nlist},SQ8"]
+    if choice.index_type not in types:
+        types.append(choice.index_type)
+
+    rows = []
+    for name in types:
+        log(f"{name} …")
+        rerank = choice.rerank if name == choice.index_type else 0
+        rows.append(faiss_row(name, x, queries, truth, subsets, subset_truth, rerank))
+        log(f"  {rows[-1]}")
+    log("numpy …")
+    rows.append(numpy_row(x, queries, truth, subsets, subset_truth))
+    log(f"  {rows[-1]}")
+    log("faiss IndexFlatIP …")
+    rows.append(faiss_flat_row(x, queries, truth))
+    log(f"  {rows[-1]}")
+    if not args.skip_hnswlib:
+        log("hnswlib …")
+        row = hnswlib_row(x, queries, truth, subsets, subset_truth, args.threads)
+        if row:
+            rows.append(row)
+            log(f"  {rows[-1]}")
+    doc = {"n": n, "dim": args.dim, "default_index": choice.index_type,
+           "default_reason": choice.reason, "queries": args.queries, "k": K,
+           "threads": args.threads, "machine": machine(), "rows": rows}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(table(doc))
+    return doc
+
+
+def machine() -> str:
+    import platform
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu or platform.processor()}, {os.cpu_count()} cores, torch {torch.__version__}, faiss {faiss.__version__}"
+
+
+def table(doc: dict) -> str:
+    cols = ["index", "build_s", "bytes_per_vector", "qps_single", "qps_batch", "recall_at_10",
+            "filtered_recall_1pct", "filtered_recall_10pct"]
+    lines = [f"n={doc['n']} dim={doc['dim']} default={doc['default_index']} ({doc['default_reason']})",
+             " | ".join(cols)]
+    for row in doc["rows"]:
+        lines.append(" | ".join(str(row.get(c, "")) for c in cols))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m medsearch` runs the same CLI as the `medsearch` script."""
+
+from medsearch.cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""The service commands: `serve` (HTTP API + web page) and `export` (a cohort to a file)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from retrieval.errors import InputError
+from retrieval.query import Term, parse_query
+
+from ..cli import app
+from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
+                       settings, store_path)
+from ..output import RESEARCH_NOTICE, emit, note
+
+MIN_TOKEN_LENGTH = 16
+_UPLOAD_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
+
+
+# -- decoding, injected into the server (retrieval never imports indexer) -----------------------
+def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
+    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files."""
+    from indexer.decode import DecodeOptions, decode_source
+    from indexer.sources import SourceFile
+
+    with tempfile.TemporaryDirectory(prefix="medsearch-upload-") as folder:
+        path = Path(folder) / f"upload{_UPLOAD_SUFFIX[kind]}"
+        path.write_bytes(content)
+        decoded = decode_source(
+            SourceFile(str(path), len(content), 0, "dicom" if kind == "dicom" else "image"),
+            DecodeOptions(image_size=size, frames="middle", phi_policy="drop"))
+    if decoded.error or decoded.skipped or not decoded.frames:
+        raise InputError(decoded.error or decoded.skipped or "no frames")
+    return decoded.frames[0].tensor
+
+
+def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
+    """An indexed source's frame → model input (for previews); the path comes from the store."""
+    from indexer.dicom import NoImage, dicom_frames, read_dataset
+    from indexer.images import DecodeError, image_frames
+    from indexer.sources import classify
+    from retrieval.preprocess import model_input
+
+    source = Path(path)
+    if not source.is_file():
+        raise InputError("the source file is no longer there")
+    try:
+        if classify(source) == "dicom":
+            ds = read_dataset(source)
+            pixels = next(px for _, px in dicom_frames(ds, source, [frame]))
+        else:
+            pixels = next(px for i, px in enumerate(image_frames(source)) if i == frame)
+    except (DecodeError, NoImage, OSError, StopIteration) as exc:
+        raise InputError(f"cannot decode it again: {exc or 'frame not found'}") from None
+    return model_input(pixels, size).numpy()
+
+
+# -- serve -------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuse to expose an archive without a token, or with a guessable one."""
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise InputError(f"the token is too short ({len(token)} characters); use at least "
+                         f"{MIN_TOKEN_LENGTH}, e.g. python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'")
+    if not is_loopback(host) and not token:
+        raise InputError(
+            f"refusing to listen on {host} without a token: anyone who can reach that address "
+            "could search the archive. Set --token or MEDSEARCH_TOKEN (at least "
+            f"{MIN_TOKEN_LENGTH} characters), or keep the default --host 127.0.0.1.")
+
+
+@app.command("serve")
+def serve_cmd(
+    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; other than loopback needs a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar="MEDSEARCH_TOKEN", show_envvar=True,
+        help="Bearer token required on every route but /health.")] = None,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, MB.")] = 64,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve the HTTP API and the web page for a store (the model loads once)."""
+    import uvicorn
+
+    from retrieval.server import create_app
+
+    check_exposure(host, token)
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise InputError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    cfg = settings()
+    root = store_path(store, cfg)
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    web = create_app(root, model=model, device=device or cfg.device, token=token,
+                     max_upload_bytes=max_bytes, decode_upload=decode_upload,
+                     decode_stored=decode_stored)
+    shown = f"[{host}]" if ":" in host else host
+    doc = {"url": f"http://{shown}:{port}/", "store": str(root), "auth": bool(token),
+           "max_upload_bytes": max_bytes, "count": web.state.engine.store.count}
+    note(f"medsearch: serving {doc['count']} vectors from {root} on {doc['url']} "
+         f"(token {'required' if token else 'not set: loopback only'}). {RESEARCH_NOTICE}")
+    if json_out:
+        emit(doc, True)
+    uvicorn.run(web, host=host.strip("[]"), port=port, log_level=log_level,
+                server_header=False, proxy_headers=False)
+
+
+# -- export ------------------------------------------------------------------------------------
+def _export_human(d: dict) -> str:
+    lines = [f"wrote {d['rows']} row(s) to {d['out']} ({d['format']})"]
+    if d.get("files"):
+        f = d["files"]
+        lines.append(f"{f['mode']}: {f['placed']} file(s) into {f['folder']}, "
+                     f"{len(f['skipped'])} skipped")
+        lines += [f"  skipped id={s['id']}: {s['reason']}" for s in f["skipped"]]
+    return "\n".join(lines)
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="FILE.csv, FILE.json or FILE.parquet.")],
+    query: Annotated[Optional[str], typer.Option(
+        "--query", "-q", help="Text, or arithmetic: '\"pleural effusion\" - \"chest tube\"', "
+                              "'2:\"effusion\" + scan.png', '#17 - \"tube\"'.")] = None,
+    similar: Annotated[Optional[Path], typer.Option("--similar", help="Query image file.")] = None,
+    image_id: Annotated[Optional[int], typer.Option("--id", help="An indexed image's id.")] = None,
+    copy_to: Annotated[Optional[Path], typer.Option("--copy-to", help="Copy the source files here.")] = None,
+    link_to: Annotated[Optional[Path], typer.Option("--link-to", help="Symlink the source files here.")] = None,
+    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
+    min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
+    date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
+    label: LabelOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Write a cohort (one row per result: score and stored metadata) to CSV, JSON or Parquet."""
+    from retrieval import export as cohort
+    from retrieval.search import Searcher
+    from retrieval.store import Store
+
+    from .core import query_image_vector
+
+    if sum(x is not None for x in (query, similar, image_id)) != 1:
+        raise InputError("give exactly one of --query TEXT, --similar FILE or --id N")
+    if copy_to is not None and link_to is not None:
+        raise InputError("give --copy-to or --link-to, not both")
+    fmt = cohort.format_for(out)
+    if query is not None:
+        terms = parse_query(query, allow_files=True)
+    elif similar is not None:
+        terms = [Term("file", str(similar), 1.0)]
+    else:
+        terms = [Term("id", image_id, 1.0)]
+    cfg = settings()
+    searcher = Searcher(Store.open(store_path(store, cfg), readonly=True), model,
+                        device or cfg.device)
+    filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
+    results = searcher.query(
+        terms, k or cfg.k, filters, min_score,
+        image_vector=lambda term: query_image_vector(searcher.vision_encoder, Path(term.value)))
+    rows = cohort.cohort_rows(r.to_json() for r in results)
+    written = cohort.write_rows(rows, out)
+    doc = {"out": str(written.absolute()), "format": fmt, "rows": len(rows), "files": None}
+    folder, mode = (copy_to, "copy") if copy_to is not None else (link_to, "link")
+    if folder is not None:
+        report = cohort.place_files(rows, folder, mode)
+        doc["files"] = {"mode": mode, "folder": str(Path(folder).absolute()), **report.to_json()}
+    emit(doc, json_out, _export_human)

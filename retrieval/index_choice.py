@@ -1,0 +1,280 @@
+"""Which FAISS index a store should use, why, and how to search it (plain and filtered).
+
+The rules come from `benchmarks/search.py` on the 2-core reference machine (d=1152, unit
+vectors, k=10); see benchmarks/README.md for the figures:
+
+* exact (``Flat``) while one query's full scan stays short: it reads n·d·4 bytes per query
+  (≈ 40 ms at 100k×1152 on ~10 GB/s), so beyond ~20k vectors a graph answers far faster;
+* ``HNSW32`` (raw float32 vectors + graph, ~4.9 KB/vector at d=1152) while it fits the memory
+  budget: highest queries/s at recall@10 ≥ 0.99 at 100k and 1M;
+* ``HNSW32,SQ8`` (8-bit codes, ~1.4 KB/vector) when float32 does not fit;
+* ``IVF{nlist},SQ8`` from a few million vectors, where graph building on few cores takes hours;
+* ``IVF{nlist}_HNSW32,PQ{m}x8`` for tens of millions or a tight budget, with exact re-ranking
+  of the candidates from the raw vectors the store keeps in SQLite.
+
+Filtered search keeps its recall by answering exactly over the selected subset when it is
+small, and otherwise by widening the graph/list search in proportion to the selectivity.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from .exact import exact_topk, flat_storage
+
+AUTO = "auto"
+#: Exact search while one query scans at most this many bytes of raw vectors (~10 ms).
+EXACT_MAX_BYTES = 96 * 1024 * 1024
+#: Graph indexes up to this many vectors; beyond, building one on a few cores takes hours.
+GRAPH_MAX_VECTORS = 4_000_000
+#: Beyond this many vectors (or when SQ8 does not fit), PQ codes with exact re-ranking.
+PQ_MIN_VECTORS = 20_000_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 64
+IVF_NPROBE = 16
+RERANK_FACTOR = 4
+#: A filtered query over at most this many selected rows is answered exactly from raw vectors.
+EXACT_SUBSET_LIMIT = 20_000
+MAX_EF_SEARCH = 4096
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    """A FAISS factory string with the reason it was chosen, as stored in the manifest."""
+
+    index_type: str
+    reason: str
+    exact: bool
+    bytes_per_vector: float
+    rerank: int = 0          # re-rank this many × k candidates exactly (0 = no re-ranking)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def default_memory_budget() -> int:
+    """Half of the machine's physical memory: the index must leave room for everything else."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def ivf_lists(n: int) -> int:
+    """About 4·√n inverted lists, a power of two (stable between rebuilds of similar size)."""
+    target = 4 * math.sqrt(max(n, 1))
+    return int(max(16, min(65536, 2 ** round(math.log2(target)))))
+
+
+def estimated_bytes_per_vector(index_type: str, dim: int) -> float:
+    """Memory per vector of a factory string (codes + graph links + ids), for the budget."""
+    spec = index_type.replace(" ", "")
+    per = 16.0  # IndexIDMap2: id array + reverse map
+    storage = spec.split(",")[-1]
+    if storage == "Flat" or storage.startswith("HNSW") and "," not in spec:
+        per += 4 * dim
+    elif storage == "SQ8":
+        per += dim
+    elif storage in ("SQfp16", "SQ16"):
+        per += 2 * dim
+    elif m := re.match(r"PQ(\d+)(?:x(\d+))?", storage):
+        per += int(m.group(1)) * int(m.group(2) or 8) / 8
+    else:
+        per += 4 * dim
+    if hnsw := re.match(r"HNSW(\d+)", spec):
+        per += int(hnsw.group(1)) * 2 * 4 * 1.1  # level-0 links plus the upper levels
+    if spec.startswith("IVF"):
+        per += 8  # inverted-list ids
+    return per
+
+
+def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexChoice:
+    """The index type for ``n`` vectors of ``dim`` within ``memory_budget`` bytes."""
+    budget = memory_budget or default_memory_budget()
+    n = max(0, int(n))
+    raw = n * dim * 4
+    gib = budget / 2**30
+    if raw <= EXACT_MAX_BYTES:
+        return IndexChoice("Flat", f"{n} vectors: an exact scan reads {raw / 2**20:.0f} MiB per "
+                           f"query (≤ {EXACT_MAX_BYTES >> 20} MiB), fast enough and exact", True,
+                           estimated_bytes_per_vector("Flat", dim))
+    candidates: list[tuple[str, str, int]] = []
+    if n <= GRAPH_MAX_VECTORS:
+        candidates.append((f"HNSW{HNSW_M}", "graph over float32 vectors: the fastest at recall "
+                           "≥ 0.99 in the search benchmark", 0))
+        candidates.append((f"HNSW{HNSW_M},SQ8", "graph over 8-bit codes: float32 would not fit "
+                           "the memory budget", 0))
+    if n < PQ_MIN_VECTORS:
+        nlist = ivf_lists(n)
+        candidates.append((f"IVF{nlist},SQ8", f"{n} vectors: inverted lists with 8-bit codes "
+                           "(a graph takes hours to build at this size on few cores)", 0))
+    nlist = ivf_lists(n)
+    m = max(8, dim // 16)
+    while dim % m:
+        m -= 1
+    candidates.append((f"IVF{nlist}_HNSW32,PQ{m}x8", f"{n} vectors: product-quantised codes "
+                       f"with exact re-ranking of {RERANK_FACTOR}·k candidates from the stored "
+                       "raw vectors", RERANK_FACTOR))
+    for index_type, why, rerank in candidates:
+        per = estimated_bytes_per_vector(index_type, dim)
+        if per * n <= budget:
+            return IndexChoice(index_type, f"{why}; ~{per * n / 2**30:.2f} GiB of "
+                               f"{gib:.1f} GiB budget", False, per, rerank)
+    index_type, why, rerank = candidates[-1]
+    per = estimated_bytes_per_vector(index_type, dim)
+    return IndexChoice(index_type, f"{why}; ~{per * n / 2**30:.2f} GiB exceeds the "
+                       f"{gib:.1f} GiB budget, but nothing smaller keeps recall", False, per, rerank)
+
+
+def configure(index: faiss.Index) -> faiss.Index:
+    """Set build-time parameters a factory string cannot express (HNSW efConstruction)."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIDMap):
+        base = faiss.downcast_index(base.index)
+    if isinstance(base, faiss.IndexHNSW):
+        base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        base.hnsw.efSearch = HNSW_EF_SEARCH
+    elif isinstance(base, faiss.IndexIVF):
+        base.nprobe = IVF_NPROBE
+        quantizer = faiss.downcast_index(base.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * IVF_NPROBE)
+    return index
+
+
+def inner_index(index: faiss.Index) -> faiss.Index:
+    """The index inside an IndexIDMap/IDMap2 wrapper (or the index itself)."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIDMap):
+        return faiss.downcast_index(base.index)
+    return base
+
+
+def search_parameters(index: faiss.Index, k: int, selectivity: float = 1.0,
+                      selector: faiss.IDSelector | None = None):
+    """Search parameters widened for a filter that lets ``selectivity`` of the rows through.
+
+    A graph or inverted-list search visits a fixed number of candidates; when a filter drops
+    most of them, fewer than k good ones survive. Widening in proportion to 1/selectivity
+    keeps the number of *surviving* candidates about what an unfiltered search sees.
+    """
+    base = inner_index(index)
+    if isinstance(base, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(
+            efSearch=widened_ef(max(base.hnsw.efSearch, HNSW_EF_SEARCH), k, selectivity), sel=selector)
+    if isinstance(base, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(
+            nprobe=widened_nprobe(max(base.nprobe, 1), base.nlist, selectivity), sel=selector)
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def widened_ef(ef: int, k: int, selectivity: float = 1.0) -> int:
+    """HNSW efSearch for a filter passing ``selectivity`` of the rows (any HNSW library)."""
+    widen = 1.0 / max(selectivity, 1e-6)
+    ef = max(ef, k)
+    return int(min(MAX_EF_SEARCH, max(ef, math.ceil(ef * widen ** 0.75), 4 * k * widen ** 0.5)))
+
+
+def widened_nprobe(nprobe: int, nlist: int, selectivity: float = 1.0) -> int:
+    """IVF lists to probe for a filter passing ``selectivity`` of the rows."""
+    widen = 1.0 / max(selectivity, 1e-6)
+    return int(min(nlist, math.ceil(nprobe * widen ** 0.75)))
+
+
+def index_positions(index: faiss.Index) -> np.ndarray | None:
+    """Row position → id of an IndexIDMap(2), as a zero-copy view (None when not wrapped)."""
+    base = faiss.downcast_index(index)
+    if not isinstance(base, faiss.IndexIDMap):
+        return None
+    if base.id_map.size() == 0:
+        return np.zeros(0, np.int64)
+    return faiss.rev_swig_ptr(base.id_map.data(), base.id_map.size()).view(np.int64)
+
+
+@contextmanager
+def _threads_for(nq: int):
+    """One OpenMP thread for tiny batches: a parallel region whose second thread waits for a
+    busy core costs milliseconds (measured: 1 query through IndexIDMap2 took 10 ms, 2 ms
+    without its parallel id translation)."""
+    if nq >= 8:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, *,
+           allowed: np.ndarray | None = None,
+           fetch_vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+           rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids), best first, for an (optionally id-mapped) FAISS index.
+
+    Flat indexes are answered by :func:`exact_topk` over their storage (faster than FAISS's
+    own flat search). Others are searched directly (ids translated here, not by FAISS's
+    wrapper). ``allowed`` restricts the result to those ids: exactly over the subset when it
+    is small and ``fetch_vectors`` (ids → raw vectors) is given, else through a bitmap
+    selector with a search widened for the selectivity. ``rerank`` re-scores rerank·k
+    candidates exactly from ``fetch_vectors``.
+    """
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    nq, k = len(queries), max(1, int(k))
+    n = int(index.ntotal)
+    base = inner_index(index)
+    positions = index_positions(index)
+    storage = flat_storage(base)
+    if allowed is not None:
+        allowed = np.asarray(allowed, np.int64)
+        if allowed.size == 0 or n == 0:
+            return _empty(nq, k)
+    if storage is not None:
+        if allowed is None:
+            return exact_topk(queries, storage, positions, k)
+        keep = np.flatnonzero(np.isin(positions, allowed)) if positions is not None else allowed
+        return exact_topk(queries, storage[keep], keep if positions is None else positions[keep], k)
+    if allowed is not None and allowed.size <= EXACT_SUBSET_LIMIT and fetch_vectors is not None:
+        return exact_topk(queries, fetch_vectors(allowed), allowed, k)
+    selector, selectivity, bitmap = None, 1.0, None
+    if allowed is not None:
+        mask = np.isin(positions, allowed) if positions is not None else np.isin(np.arange(n), allowed)
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+        selectivity = max(int(mask.sum()), 1) / n
+    params = search_parameters(base, k, selectivity, selector)
+    fetch = k * rerank if rerank and fetch_vectors is not None else k
+    with _threads_for(nq):
+        scores, found = base.search(queries, fetch, params=params)
+    del bitmap  # the selector read it during the search
+    if positions is not None:
+        found = np.where(found >= 0, positions[np.maximum(found, 0)], -1)
+    if fetch == k:
+        return scores, found
+    return _rerank(queries, found, k, fetch_vectors)
+
+
+def _rerank(queries: np.ndarray, candidates: np.ndarray, k: int,
+            fetch_vectors: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for row, (query, cand) in enumerate(zip(queries, candidates)):
+        cand = cand[cand >= 0]
+        if cand.size:
+            s, i = exact_topk(query[None], fetch_vectors(cand), cand, k)
+            out_s[row], out_i[row] = s[0], i[0]
+    return out_s, out_i

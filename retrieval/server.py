@@ -1,0 +1,669 @@
+"""The HTTP service: search, similar cases, export, previews and the web page over one store.
+
+``create_app`` builds a FastAPI app for a store. The towers load once, when the app is made;
+each tower is used under its own lock (torch modules are not safe to share between threads
+mid-forward) and the FAISS index under a third, so a text search never waits behind an image
+upload's encoding. An index run in another process may write to the same store meanwhile:
+every request checks SQLite's ``PRAGMA data_version`` (one cheap statement) and reconciles the
+in-memory index when rows were committed.
+
+``retrieval`` never imports ``indexer``, so decoding is injected: ``decode_upload`` turns an
+uploaded file's bytes into the model's input tensor and ``decode_stored`` does the same for an
+indexed path (for previews). The CLI wires both from ``indexer``. No path from a request ever
+reaches the filesystem: previews decode only paths read from the store by id.
+
+Security (see README): a bearer token (or HTTP Basic with the token as password, for
+browsers) guards every route but ``/health`` when set; bodies over the upload limit are
+answered 413 from Content-Length or as soon as the streamed count passes it; uploads are
+recognised by their bytes; errors are JSON without tracebacks; query text is never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import export as cohort
+from .errors import InputError, MedsearchError, ModelUnavailableError, StoreError
+from .filters import Filters
+from .query import MAX_TERMS, Term, parse_query
+from .search import Result, Searcher
+from .store import DATABASE, Store
+
+log = logging.getLogger("medsearch.server")
+
+DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
+STATIC = Path(__file__).parent / "static"
+#: (content, kind "png" | "jpeg" | "dicom", model image size) → 3×S×S float32 model input.
+DecodeUpload = Callable[[bytes, str, int], np.ndarray]
+#: (indexed path, frame number, model image size) → 3×S×S float32 model input.
+DecodeStored = Callable[[str, int, int], np.ndarray]
+
+
+# -- errors ------------------------------------------------------------------------------------
+class NotFound(MedsearchError):
+    """An id that is not in the store (404)."""
+
+
+class UnsupportedMedia(MedsearchError):
+    """An upload whose bytes are not PNG, JPEG or DICOM (415)."""
+
+
+class UndecodableImage(MedsearchError):
+    """An upload of a known kind that cannot be decoded (422)."""
+
+
+_STATUS = [(NotFound, 404), (UnsupportedMedia, 415), (UndecodableImage, 422),
+           (ModelUnavailableError, 503), (StoreError, 503), (InputError, 400),
+           (MedsearchError, 400)]
+
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "type": kind}, status_code=status, headers=headers)
+
+
+# -- uploads -----------------------------------------------------------------------------------
+def sniff(data: bytes) -> str | None:
+    """What an upload is, by its first bytes (never by its name)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    # DICOM without preamble: starts with a little-endian group 0002 or 0008 element whose
+    # VR (explicit) is two capital letters, or with an implicit-VR length.
+    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
+        return "dicom"
+    return None
+
+
+# -- request and response bodies ---------------------------------------------------------------
+class FiltersBody(BaseModel, extra="forbid"):
+    """Metadata filters; lists match any of their values."""
+
+    modality: list[str] | str | None = None
+    body_part: list[str] | str | None = None
+    date_from: str | None = Field(None, description="YYYY-MM-DD or YYYYMMDD")
+    date_to: str | None = None
+    path_glob: str | None = None
+    label: list[str] | str | None = None
+    min_label_score: float | None = None
+
+    def to_filters(self) -> Filters:
+        return Filters.from_dict(self.model_dump(exclude_none=True))
+
+
+class TermBody(BaseModel, extra="forbid"):
+    """One weighted query term: a text or an indexed image id."""
+
+    text: str | None = Field(None, max_length=1000)
+    id: int | None = Field(None, ge=0)
+    weight: float = Field(1.0, ge=-100, le=100)
+
+
+class SearchBody(BaseModel, extra="forbid"):
+    """Text search; ``query`` may use arithmetic, e.g. ``"pleural effusion" - "chest tube"``
+    or ``2:"effusion" + #17`` (#N is indexed image N)."""
+
+    query: str | None = Field(None, max_length=2000, examples=['"pleural effusion" - "chest tube"'])
+    terms: list[TermBody] | None = Field(None, max_length=MAX_TERMS)
+    k: int = Field(10, ge=1, le=1000)
+    filters: FiltersBody | None = None
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class SimilarBody(BaseModel, extra="forbid"):
+    """Similar cases for an indexed image, optionally shifted by a query expression."""
+
+    id: int = Field(ge=0)
+    query: str | None = Field(None, max_length=2000, description="extra terms, e.g. '- \"tube\"'")
+    k: int = Field(10, ge=1, le=1000)
+    filters: FiltersBody | None = None
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class ExportBody(SearchBody):
+    """Anything /search or /similar (by id) takes; the rows of the results as a file."""
+
+    id: int | None = Field(None, ge=0)
+
+
+class UploadFields(BaseModel, extra="forbid"):
+    """Form fields that accompany an uploaded ``file``."""
+
+    query: str | None = Field(None, max_length=2000)
+    weight: float = Field(1.0, ge=-100, le=100)
+    k: int = Field(10, ge=1, le=1000)
+    filters: FiltersBody | None = None
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class ResultBody(BaseModel):
+    id: int
+    path: str
+    frame: int
+    score: float
+    metadata: dict
+
+
+class ResultsBody(BaseModel):
+    results: list[ResultBody]
+
+
+@dataclass
+class QuerySpec:
+    """A query as the engine runs it, whichever route and body it came from."""
+
+    terms: list[Term] = field(default_factory=list)
+    upload: tuple[bytes, str] | None = None     # (content, kind)
+    k: int = 10
+    filters: Filters | None = None
+    min_score: float | None = None
+
+
+def _text_terms(query: str | None) -> list[Term]:
+    return parse_query(query, allow_files=False) if query and query.strip() else []
+
+
+def _leading_op(query: str | None) -> str | None:
+    """Extra terms after an image: ``- "tube"`` as is, a bare ``"effusion"`` as ``+ "effusion"``."""
+    if not query or not query.strip():
+        return None
+    q = query.strip()
+    return q if q[0] in "+-" else "+ " + q
+
+
+def spec_from_search(body: SearchBody) -> QuerySpec:
+    if body.query and body.terms:
+        raise InputError("give either query or terms, not both")
+    if body.terms:
+        terms = []
+        for t in body.terms:
+            if (t.text is None) == (t.id is None):
+                raise InputError("each term needs exactly one of text or id")
+            terms.append(Term("text", t.text, t.weight) if t.text is not None
+                         else Term("id", t.id, t.weight))
+    else:
+        terms = _text_terms(body.query)
+    if not terms:
+        raise InputError("the query is empty: give query (text) or terms")
+    return QuerySpec(terms, None, body.k, body.filters.to_filters() if body.filters else None,
+                     body.min_score)
+
+
+def spec_from_similar(body: SimilarBody) -> QuerySpec:
+    extra = _text_terms(_leading_op(body.query))
+    return QuerySpec([Term("id", body.id, 1.0)] + extra, None, body.k,
+                     body.filters.to_filters() if body.filters else None, body.min_score)
+
+
+def spec_from_upload(content: bytes, kind: str, fields: UploadFields) -> QuerySpec:
+    extra = _text_terms(_leading_op(fields.query))
+    return QuerySpec([Term("upload", "file", fields.weight)] + extra, (content, kind), fields.k,
+                     fields.filters.to_filters() if fields.filters else None, fields.min_score)
+
+
+# -- the engine: store + towers + locks --------------------------------------------------------
+class Engine:
+    """Everything a request needs, shared by all requests of one process."""
+
+    def __init__(self, store: Store, searcher: Searcher, decode_upload: DecodeUpload | None,
+                 decode_stored: DecodeStored | None, preview_cache: int = 512) -> None:
+        self.store, self.searcher = store, searcher
+        self.decode_upload, self.decode_stored = decode_upload, decode_stored
+        self.text_lock = threading.Lock()
+        self.vision_lock = threading.Lock()
+        self.store_lock = threading.RLock()
+        self._version_db = sqlite3.connect(store.root / DATABASE, check_same_thread=False)
+        self._version = self._data_version()
+        self._previews: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._preview_lock = threading.Lock()
+        self._preview_limit = preview_cache
+        self.started = time.time()
+
+    @property
+    def image_size(self) -> int:
+        return self.searcher.vision_encoder.image_size
+
+    def _data_version(self) -> int:
+        return int(self._version_db.execute("PRAGMA data_version").fetchone()[0])
+
+    def refresh(self) -> None:
+        """Pick up rows another process committed since the last request."""
+        with self.store_lock:
+            version = self._data_version()
+            if version == self._version:
+                return
+            try:
+                self.store.reconcile()
+            except StoreError as exc:  # a write landed mid-read: try again next request
+                log.warning("store refresh deferred: %s", exc)
+                return
+            self._version = version
+            log.info("store changed on disk; index now holds %d vectors", self.store.count)
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if ids:
+            with self.store_lock:
+                found = self.store.rows(ids)
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFound(f"no indexed image with id {missing[0]}")
+
+    def _embed_upload(self, content: bytes, kind: str) -> np.ndarray:
+        import torch
+
+        if self.decode_upload is None:
+            raise UnsupportedMedia("this server was started without an image decoder; "
+                                   "search by text or by indexed id")
+        try:
+            tensor = self.decode_upload(content, kind, self.image_size)
+        except MedsearchError as exc:
+            raise UndecodableImage(f"the uploaded {kind.upper()} could not be decoded: {exc}") from None
+        with self.vision_lock:
+            return self.searcher.vision_encoder.embed_batch(torch.from_numpy(tensor[None]))[0]
+
+    def run(self, spec: QuerySpec) -> list[Result]:
+        self.refresh()
+        self._check_ids([int(t.value) for t in spec.terms if t.kind == "id"])
+        upload_vector = self._embed_upload(*spec.upload) if spec.upload else None
+        with self.text_lock:
+            vector = self.searcher.terms_vector(spec.terms, lambda term: upload_vector)
+        exclude = {int(t.value) for t in spec.terms if t.kind == "id" and t.weight > 0}
+        with self.store_lock:
+            return self.searcher.by_vector(vector, spec.k, spec.filters, spec.min_score,
+                                           exclude or None)
+
+    def row(self, image_id: int) -> dict:
+        self.refresh()
+        with self.store_lock:
+            rows = self.store.rows([image_id])
+        if image_id not in rows:
+            raise NotFound(f"no indexed image with id {image_id}")
+        return rows[image_id]
+
+    def stats(self) -> dict:
+        self.refresh()
+        with self.store_lock:
+            m = self.store.manifest
+            return {"model": m.model, "dim": m.dim, "count": self.store.count,
+                    "index_type": m.index_type, "model_revision": m.model_revision,
+                    "preprocessing_version": m.preprocessing_version, **self.store.stats()}
+
+    def preview(self, image_id: int, size: int | None) -> bytes:
+        """PNG of exactly what the model saw for this image, optionally scaled down."""
+        from PIL import Image
+
+        from .preprocess import model_input_to_uint8
+
+        size = min(size or self.image_size, self.image_size)
+        key = (image_id, size)
+        with self._preview_lock:
+            if key in self._previews:
+                self._previews.move_to_end(key)
+                return self._previews[key]
+        row = self.row(image_id)
+        if self.decode_stored is None:
+            raise NotFound("previews are not available: the server has no image decoder")
+        try:
+            tensor = self.decode_stored(row["path"], int(row["frame"]), self.image_size)
+        except MedsearchError as exc:
+            raise NotFound(f"the source of image {image_id} can no longer be read: {exc}") from None
+        import torch
+
+        image = Image.fromarray(model_input_to_uint8(torch.from_numpy(np.asarray(tensor))))
+        if size < image.width:
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        data = out.getvalue()
+        with self._preview_lock:
+            self._previews[key] = data
+            while len(self._previews) > self._preview_limit:
+                self._previews.popitem(last=False)
+        return data
+
+
+# -- the ASGI guard: auth, upload limit, metrics, last-resort errors ---------------------------
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry: several apps may share a process)."""
+
+    def __init__(self, engine: Engine) -> None:
+        from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                                       disable_created_metrics)
+
+        disable_created_metrics()  # the *_created series only double the scrape
+        self.registry = CollectorRegistry()
+        self.requests = Counter("medsearch_requests", "HTTP requests", ["route", "method", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("medsearch_request_seconds", "Request latency", ["route"],
+                                 registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.rejected = Counter("medsearch_rejected_requests", "Requests refused before routing",
+                                ["reason"], registry=self.registry)
+        images = Gauge("medsearch_index_vectors", "Vectors in the in-memory index",
+                       registry=self.registry)
+        images.set_function(lambda: engine.store.count)
+        uptime = Gauge("medsearch_uptime_seconds", "Seconds since the app was made",
+                       registry=self.registry)
+        uptime.set_function(lambda: time.time() - engine.started)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Guard:
+    """Outermost app middleware; pure ASGI so it can refuse a body before it is read."""
+
+    OPEN_PATHS = {"/health"}
+
+    def __init__(self, app, *, token: str | None, max_body: int, metrics: Metrics) -> None:
+        self.app, self.token, self.max_body, self.metrics = app, token, max_body, metrics
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        value = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, credential = value.partition(" ")
+        credential = credential.strip()
+        if scheme.lower() == "basic":  # browsers: any user name, the token as password
+            try:
+                credential = base64.b64decode(credential, validate=True).decode().partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credential.encode(), self.token.encode())
+
+    async def _send_error(self, send, status: int, message: str, kind: str,
+                          headers: dict | None = None) -> None:
+        response = _error(status, message, kind, headers)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        state = {"status": 500, "started": False, "rejected": False}
+
+        async def finish(route: str) -> None:
+            self.metrics.requests.labels(route, scope["method"], str(state["status"])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+        if self.token and scope["path"] not in self.OPEN_PATHS and not self._authorised(headers):
+            browser = b"text/html" in headers.get(b"accept", b"")
+            challenge = 'Basic realm="medsearch"' if browser else 'Bearer realm="medsearch"'
+            state["status"] = 401
+            self.metrics.rejected.labels("unauthorised").inc()
+            await self._send_error(send, 401, "missing or wrong token: send "
+                                   "'Authorization: Bearer <token>'", "Unauthorized",
+                                   {"WWW-Authenticate": challenge})
+            await finish("unauthorised")
+            return
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                state["status"] = 400
+                await self._send_error(send, 400, "invalid Content-Length", "BadRequest")
+                await finish("invalid")
+                return
+            if int(length) > self.max_body:
+                state["status"] = 413
+                self.metrics.rejected.labels("too_large").inc()
+                await self._send_error(send, 413, self._too_large(), "PayloadTooLarge")
+                await finish("too_large")
+                return
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    state["rejected"] = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def watched_send(message) -> None:
+            if state["rejected"]:
+                return  # the app's answer to a body we cut off is replaced by the 413
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [
+                    (b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            log.error("unhandled error on %s %s", scope["method"], _route_of(scope), exc_info=True)
+            if not state["started"] and not state["rejected"]:
+                state["status"] = 500
+                await self._send_error(send, 500, "internal error; the server log has details",
+                                       "InternalError")
+        if state["rejected"]:
+            state["status"] = 413
+            self.metrics.rejected.labels("too_large").inc()
+            await self._send_error(send, 413, self._too_large(), "PayloadTooLarge")
+        await finish(_route_of(scope))
+
+    def _too_large(self) -> str:
+        return f"request body over the upload limit of {self.max_body} bytes"
+
+
+def _route_of(scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+# -- the app -----------------------------------------------------------------------------------
+async def _json_body(request: Request) -> dict:
+    try:
+        data = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InputError("the request body must be a JSON object")
+    return data
+
+
+def _validated(model: type[BaseModel], data: dict) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def _upload_spec(request: Request) -> QuerySpec:
+    """A multipart body: one ``file`` (PNG, JPEG or DICOM, by its bytes) and optional fields."""
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except _BodyTooLarge:
+        raise
+    except Exception as exc:
+        raise InputError(f"the multipart body could not be read: {exc}") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise InputError("the multipart body needs a 'file' part with the image")
+    content = await upload.read()
+    if not content:
+        raise InputError("the uploaded file is empty")
+    kind = sniff(content)
+    if kind is None:
+        raise UnsupportedMedia("the upload is not a PNG, JPEG or DICOM file (checked by its "
+                               "content, not its name)")
+    fields = {k: v for k, v in form.items() if k != "file" and v != ""}
+    if "filters" in fields:
+        try:
+            fields["filters"] = json.loads(fields["filters"])
+        except ValueError:
+            raise InputError("the 'filters' field must be a JSON object") from None
+    return spec_from_upload(content, kind, _validated(UploadFields, fields))
+
+
+def _openapi_query_body(json_model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "PNG, JPEG or DICOM"},
+                           "query": {"type": "string", "description": "extra terms"},
+                           "weight": {"type": "number", "default": 1.0},
+                           "k": {"type": "integer", "default": 10},
+                           "min_score": {"type": "number"},
+                           "filters": {"type": "string", "description": "JSON object"}}}}}}}
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def create_app(store: str | Path, *, model: str | None = None, device: str = "auto",
+               token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               decode_upload: DecodeUpload | None = None,
+               decode_stored: DecodeStored | None = None) -> FastAPI:
+    """Open the store read-only, load both towers once, and build the app."""
+    st = Store.open(store, readonly=True)
+    searcher = Searcher(st, model, device)
+    _ = (searcher.text_encoder, searcher.vision_encoder)  # load now: errors show at start-up
+    engine = Engine(st, searcher, decode_upload, decode_stored)
+    metrics = Metrics(engine)
+
+    app = FastAPI(title="medsearch", version="0.1.0",
+                  description="Search medical images by text, image or indexed id. "
+                              "For research use only; not for diagnosis.")
+    app.state.engine = engine
+    app.add_middleware(Guard, token=token, max_body=max_upload_bytes, metrics=metrics)
+
+    @app.exception_handler(MedsearchError)
+    async def _medsearch_error(_request: Request, exc: MedsearchError):
+        status = next(code for cls, code in _STATUS if isinstance(exc, cls))
+        return _error(status, str(exc), type(exc).__name__)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            return _error(400, "the request body is not valid JSON", "InputError")
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in exc.errors())
+        return _error(422, f"invalid request: {problems}", "ValidationError")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "HTTPError", getattr(exc, "headers", None))
+
+    def results(found: list[Result]) -> dict:
+        return {"results": [r.to_json() for r in found]}
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict:
+        """Liveness (no token needed, no data)."""
+        return {"status": "ok"}
+
+    @app.get("/stats", tags=["service"])
+    def stats() -> dict:
+        """Model, dimension, counts and index type of the store (as `medsearch info`)."""
+        return engine.stats()
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text format."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/search", tags=["search"], response_model=ResultsBody)
+    def search(body: SearchBody) -> dict:
+        """Text search, with query arithmetic, filters and a score threshold."""
+        return results(engine.run(spec_from_search(body)))
+
+    @app.post("/similar", tags=["search"], response_model=ResultsBody,
+              openapi_extra=_openapi_query_body(SimilarBody))
+    async def similar(request: Request) -> dict:
+        """Similar cases for an uploaded image (multipart ``file``) or an indexed id (JSON)."""
+        if _is_multipart(request):
+            spec = await _upload_spec(request)
+        else:
+            spec = spec_from_similar(_validated(SimilarBody, await _json_body(request)))
+        return results(await run_in_threadpool(engine.run, spec))
+
+    @app.post("/export", tags=["search"], openapi_extra=_openapi_query_body(ExportBody),
+              response_class=Response)
+    async def export(request: Request,
+                     format: Literal["csv", "json", "parquet"] = Query("csv")) -> Response:
+        """The cohort of a query (as /search, /similar) as CSV, JSON or Parquet rows."""
+        if _is_multipart(request):
+            spec = await _upload_spec(request)
+        else:
+            body = _validated(ExportBody, await _json_body(request))
+            if body.id is not None:
+                spec = spec_from_similar(SimilarBody(id=body.id, query=body.query, k=body.k,
+                                                     filters=body.filters,
+                                                     min_score=body.min_score))
+            else:
+                spec = spec_from_search(body)
+        found = await run_in_threadpool(engine.run, spec)
+        rows = cohort.cohort_rows(r.to_json() for r in found)
+        data = await run_in_threadpool(cohort.to_bytes, rows, format)
+        return Response(data, media_type=cohort.MEDIA_TYPES[format], headers={
+            "Content-Disposition": f'attachment; filename="medsearch-cohort.{format}"'})
+
+    @app.get("/images/{image_id}", tags=["images"])
+    def image(image_id: int) -> dict:
+        """Stored metadata of one indexed image."""
+        return engine.row(image_id)
+
+    @app.get("/images/{image_id}/preview", tags=["images"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
+    def preview(image_id: int, size: int | None = Query(None, ge=16, le=4096)) -> Response:
+        """PNG of the model input (padded, resized) of one indexed image."""
+        return Response(engine.preview(image_id, size), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                       "style-src 'self'; script-src 'self'; object-src 'none'; "
+                                       "frame-ancestors 'none'",
+            "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

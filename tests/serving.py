@@ -1,0 +1,64 @@
+"""Helpers for the service tests: index a store through the CLI, run uvicorn on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cli(*args: str) -> dict:
+    """Run a medsearch command in-process (the real CLI path) and return its JSON document."""
+    import io
+    from contextlib import redirect_stdout
+
+    from medsearch.cli import app
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        app(args=[*args, "--json"], standalone_mode=False, prog_name="medsearch")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def index_store(store: Path, folder: Path, model: Path) -> dict:
+    return cli("index", str(folder), "--store", str(store), "--model", str(model),
+               "--workers", "0", "--no-progress")
+
+
+@contextmanager
+def running(app, port: int | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the base URL."""
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           server_header=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def make_app(store: Path, **kwargs):
+    from medsearch.commands.serve import decode_stored, decode_upload
+    from retrieval.server import create_app
+
+    return create_app(store, decode_upload=decode_upload, decode_stored=decode_stored, **kwargs)

@@ -1,0 +1,150 @@
+"""A real Orthanc server with its DICOMweb plugin as a source: QIDO-RS listing, WADO-RS
+retrieval in the workers, incremental re-runs by SOP Instance UID, query filters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import sys
+
+import httpx
+import pytest
+
+from indexer.dicomweb import DicomWebQuery, list_instances
+from indexer.pipeline import Indexer
+from retrieval.model import VisionEncoder
+from retrieval.store import Store
+
+from .conftest import PYDICOM_TEST_FILES
+
+CLI = (sys.executable, "-c", "from medsearch.cli import main; main()")
+PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+#: A mix: CT, MR, 12-bit JPEG and JPEG 2000 NM, colour, an SR (no image), a multi-frame US.
+UPLOAD = ("CT_small.dcm", "MR_small.dcm", "JPGExtended.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
+          "test-SR.dcm", "examples_ybr_color.dcm")
+
+
+def _dicomweb_plugin() -> str | None:
+    for folder in PLUGIN_DIRS:
+        candidate = Path(folder) / "libOrthancDicomWeb.so"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """Orthanc on a free loopback port with a temporary configuration and storage."""
+    exe, plugin = shutil.which("Orthanc"), _dicomweb_plugin()
+    if exe is None or plugin is None:
+        pytest.skip("Orthanc or its DICOMweb plugin is not installed "
+                    "(scripts/install-test-services.sh installs orthanc and orthanc-dicomweb)")
+    folder = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {"Name": "medsearch-test", "StorageDirectory": str(folder / "db"),
+              "IndexDirectory": str(folder / "db"), "HttpPort": port,
+              "DicomServerEnabled": False, "DicomPort": _free_port(),
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "wb")
+    process = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log,
+                               stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/system", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:])
+            time.sleep(0.2)
+        for name in UPLOAD:
+            reply = httpx.post(f"{base}/instances", content=(PYDICOM_TEST_FILES / name).read_bytes(),
+                               timeout=30)
+            assert reply.status_code == 200, (name, reply.text)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _index(store_dir: Path, model: Path, source: str, query: DicomWebQuery | None = None,
+           workers: int = 1):
+    encoder = VisionEncoder.load(str(model), "cpu")
+    import medsearch.cli  # noqa: F401  (registers the commands; avoids a circular import)
+    from medsearch.commands.core import manifest_for
+
+    store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
+    try:
+        return Indexer(store, encoder, workers=workers, batch_size=4, progress=False,
+                       dicomweb_query=query).run([source]), store.stats()
+    finally:
+        store.close()
+
+
+def test_qido_lists_every_uploaded_instance(orthanc):
+    sources = list_instances(f"dicomweb+{orthanc}/dicom-web")
+    assert len(sources) == len(UPLOAD)
+    assert all(s.kind == "dicomweb" and "/instances/" in s.path for s in sources)
+    ct = list_instances(f"dicomweb+{orthanc}/dicom-web", DicomWebQuery(modality="CT"))
+    assert len(ct) == 1
+
+
+def test_index_over_dicomweb_then_incremental(orthanc, tiny_model, tmp_path):
+    source = f"dicomweb+{orthanc}/dicom-web"
+    report, stats = _index(tmp_path / "store", tiny_model, source)
+    doc = report.to_json()
+    assert doc["failed"] == 0, doc["failures"]
+    assert doc["indexed"] == len(UPLOAD) - 1          # everything but the SR
+    assert [s["reason"] for s in doc["skipped"]] == ["no pixel data: Comprehensive SR Storage (SR)"]
+    assert stats["images"] == len(UPLOAD) - 1
+    assert stats["modalities"] == {"CT": 1, "MR": 1, "NM": 2, "OT": 1, "US": 1}
+
+    again, stats2 = _index(tmp_path / "store", tiny_model, source)
+    assert again.indexed == 0 and again.images == 0 and again.removed == 0
+    assert again.unchanged == len(UPLOAD) - 1
+    assert stats2["images"] == stats["images"]
+
+
+def test_filtered_query_indexes_part_and_removes_nothing(orthanc, tiny_model, tmp_path):
+    source = f"dicomweb+{orthanc}/dicom-web"
+    report, _ = _index(tmp_path / "store", tiny_model, source, workers=0)
+    assert report.indexed == len(UPLOAD) - 1
+    mr, stats = _index(tmp_path / "store", tiny_model, source, DicomWebQuery(modality="MR"),
+                       workers=0)
+    assert mr.total == 1 and mr.unchanged == 1 and mr.removed == 0
+    assert stats["images"] == len(UPLOAD) - 1
+
+
+def test_cli_index_dicomweb_json(orthanc, tiny_model, tmp_path):
+    store = tmp_path / "cli-store"
+    completed = subprocess.run(
+        [*CLI, "index", f"dicomweb+{orthanc}/dicom-web",
+         "--store", str(store), "--model", str(tiny_model), "--modality", "CT", "--workers", "0",
+         "--json"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    doc = json.loads(completed.stdout)
+    assert doc["indexed"] == 1 and doc["failed"] == 0
+    bad = subprocess.run([*CLI, "index",
+                          "dicomweb+http://127.0.0.1:9/dicom-web", "--store", str(store),
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "DICOMweb search" in json.loads(bad.stdout)["error"]

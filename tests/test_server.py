@@ -1,0 +1,368 @@
+"""The HTTP service on loopback: routes, same results as the CLI, auth, limits, errors, load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from medsearch.commands.serve import check_exposure
+from retrieval.errors import InputError
+
+from .conftest import PYDICOM_TEST_FILES, write_images
+from .serving import cli, free_port, index_store, make_app, running
+
+TOKEN = "test-token-0123456789abcdef"
+LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("server")
+    images = root / "images"
+    write_images(images, 9, seed=1)
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(PYDICOM_TEST_FILES / name, images / name)
+    index_store(root / "store", images, tiny_model)
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(data):
+    with running(make_app(data / "store")) as url, httpx.Client(base_url=url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def guarded(data):
+    """A second server on the same store with a token and a small upload limit."""
+    app = make_app(data / "store", token=TOKEN, max_upload_bytes=LIMIT)
+    with running(app) as url:
+        yield url
+
+
+def _store_args(data):
+    return ("--store", str(data / "store"))
+
+
+def _id_of(client, path: Path) -> int:
+    hits = client.post("/similar", files={"file": ("q", path.read_bytes())}, data={"k": "1"}).json()
+    return hits["results"][0]["id"]
+
+
+# -- routes and result shape ---------------------------------------------------------------------
+def test_health_stats_metrics_docs(client, data):
+    assert client.get("/health").json() == {"status": "ok"}
+    stats = client.get("/stats").json()
+    assert stats == cli("info", *_store_args(data))
+    assert stats["count"] == 11 and stats["modalities"]["CT"] == 1
+    openapi = client.get("/openapi.json").json()
+    for path in ("/search", "/similar", "/export", "/images/{image_id}", "/images/{image_id}/preview",
+                 "/stats", "/health", "/metrics"):
+        assert path in openapi["paths"]
+    assert "multipart/form-data" in openapi["paths"]["/similar"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+    client.post("/search", json={"query": "a"})
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'medsearch_requests_total{method="POST",route="/search",status="200"}' in metrics.text
+    assert "medsearch_index_vectors 11.0" in metrics.text
+
+
+def test_search_equals_cli(client, data):
+    for query, extra in [("pleural effusion", []), ('"pleural effusion" - "chest tube"', []),
+                         ("scan", ["--modality", "CT", "--modality", "MR"])]:
+        body = {"query": query, "k": 5}
+        if extra:
+            body["filters"] = {"modality": ["CT", "MR"]}
+        api = client.post("/search", json=body)
+        assert api.status_code == 200
+        assert api.json() == cli("search", query, "-k", "5", *extra, *_store_args(data))
+    min_score = client.post("/search", json={"query": "a", "k": 11, "min_score": 0.1}).json()["results"]
+    assert all(r["score"] >= 0.1 for r in min_score)
+
+
+def test_terms_and_id_arithmetic(client, data):
+    by_terms = client.post("/search", json={"terms": [
+        {"text": "pleural effusion", "weight": 2}, {"id": 3, "weight": -1}], "k": 4}).json()
+    by_text = client.post("/search", json={"query": '2:"pleural effusion" - #3', "k": 4}).json()
+    assert by_terms == by_text
+    assert by_text == cli("search", '2:"pleural effusion" - #3', "-k", "4", *_store_args(data))
+    refused = client.post("/search", json={"query": '"a" + /etc/passwd.png'})
+    assert refused.status_code == 400 and "names a file" in refused.json()["error"]
+
+
+def test_similar_by_id_and_upload(client, data):
+    assert client.post("/similar", json={"id": 2, "k": 4}).json() == \
+        cli("similar", "--id", "2", "-k", "4", *_store_args(data))
+    for path in sorted((data / "images").iterdir()):
+        found = client.post("/similar", files={"file": ("x", path.read_bytes())}, data={"k": "3"})
+        assert found.status_code == 200, found.text
+        top = found.json()["results"][0]
+        assert top["path"] == str(path.absolute()) and top["score"] > 0.9999, path.name
+    ct = data / "images" / "CT_small.dcm"
+    filtered = client.post("/similar", files={"file": ("x.png", ct.read_bytes())},
+                           data={"k": "5", "filters": '{"modality": ["MR"]}'}).json()["results"]
+    assert [r["metadata"]["modality"] for r in filtered] == ["MR"]
+    shifted = client.post("/similar", files={"file": ("x", ct.read_bytes())},
+                          data={"k": "1", "query": '- "chest tube"'}).json()["results"]
+    assert shifted[0]["path"] == str(ct.absolute()) and shifted[0]["score"] < 0.9999
+
+
+def test_images_and_previews(client, data):
+    from indexer.decode import DecodeOptions, decode_path
+    from retrieval.preprocess import model_input_to_uint8
+    import torch
+
+    path = data / "images" / "MR_small.dcm"
+    image_id = _id_of(client, path)
+    meta = client.get(f"/images/{image_id}").json()
+    assert meta["path"] == str(path.absolute()) and meta["metadata"]["modality"] == "MR"
+    png = client.get(f"/images/{image_id}/preview")
+    assert png.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(png.content)))
+    size = client.app if False else shown.shape[0]
+    decoded = decode_path(path, DecodeOptions(image_size=size, phi_policy="drop"))
+    assert np.array_equal(shown, model_input_to_uint8(torch.from_numpy(decoded.frames[0].tensor)))
+    thumb = Image.open(io.BytesIO(client.get(f"/images/{image_id}/preview?size=64").content))
+    assert thumb.size == (64, 64)
+    assert client.get("/images/9999").status_code == 404
+    assert client.get("/images/9999/preview").status_code == 404
+    assert client.get("/images/abc").status_code == 422
+    for probe in ("/images/..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd/preview",
+                  "/static/..%2F..%2Fserver.py", "/static/../server.py"):
+        response = client.get(probe)
+        assert response.status_code in (404, 422) and b"import" not in response.content, probe
+
+
+def test_bad_requests_get_json_errors(client, data):
+    png = sorted((data / "images").glob("*.png"))[0].read_bytes()
+    cases = [
+        (client.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (client.post("/search", json={"query": ""}), 400),
+        (client.post("/search", json={"query": "a", "k": 0}), 422),
+        (client.post("/search", json={"query": "a", "filters": {"colour": "red"}}), 422),
+        (client.post("/search", json={"query": "a", "filters": {"date_from": "yesterday"}}), 400),
+        (client.post("/search", json={"query": '"a" - "a"'}), 400),
+        (client.post("/similar", json={"id": 9999}), 404),
+        (client.post("/similar", json={"k": 3}), 422),
+        (client.post("/similar", files={"file": ("scan.png", b"just some text, not an image")}), 415),
+        (client.post("/similar", files={"file": ("scan.png", png[: len(png) // 3])}), 422),
+        (client.post("/similar", files={"file": ("scan.png", b"")}), 400),
+        (client.post("/similar", files={"other": ("scan.png", png)}), 400),
+        (client.post("/similar", files={"file": ("scan.png", png)}, data={"k": "many"}), 422),
+        (client.get("/nowhere"), 404),
+        (client.delete("/search"), 405),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        body = response.json()
+        assert set(body) == {"error", "type"} and body["error"]
+        assert "Traceback" not in response.text and 'File "' not in response.text
+    # The name does not matter, the bytes do: a JPEG named .dcm is searched as a JPEG.
+    jpeg = sorted((data / "images").glob("*.jpg"))[0]
+    named_wrong = client.post("/similar", files={"file": ("scan.dcm", jpeg.read_bytes())})
+    assert named_wrong.json()["results"][0]["path"] == str(jpeg.absolute())
+
+
+def test_internal_errors_say_nothing(data):
+    app = make_app(data / "store")
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("secret detail /data/patient-name")
+
+    app.state.engine.searcher.by_vector = boom
+    with running(app) as url:
+        response = httpx.post(f"{url}/search", json={"query": "a"}, timeout=60)
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error; the server log has details",
+                               "type": "InternalError"}
+
+
+# -- security ----------------------------------------------------------------------------------
+def test_token_guards_every_route_but_health(guarded):
+    assert httpx.get(f"{guarded}/health").status_code == 200
+    for method, path in [("GET", "/"), ("GET", "/stats"), ("GET", "/metrics"), ("GET", "/docs"),
+                         ("GET", "/openapi.json"), ("GET", "/images/1"), ("GET", "/images/1/preview"),
+                         ("GET", "/static/app.js"), ("POST", "/search"), ("POST", "/similar"),
+                         ("POST", "/export")]:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
+                        {"Authorization": TOKEN}, {"Authorization": f"Token {TOKEN}"}):
+            response = httpx.request(method, f"{guarded}{path}", headers=headers)
+            assert response.status_code == 401, (method, path, headers)
+            assert response.json()["type"] == "Unauthorized"
+    challenge = httpx.get(f"{guarded}/stats").headers["www-authenticate"]
+    assert challenge.startswith("Bearer")
+    browser = httpx.get(f"{guarded}/", headers={"Accept": "text/html"}).headers["www-authenticate"]
+    assert browser.startswith("Basic")  # lets a browser prompt for the token
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"{guarded}/stats", headers=bearer).status_code == 200
+    assert httpx.post(f"{guarded}/search", json={"query": "a"}, headers=bearer).status_code == 200
+    basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
+    assert httpx.get(f"{guarded}/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+
+
+def _raw(url: str, head: bytes, body_chunks=()) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        for chunk in body_chunks:
+            sock.sendall(chunk)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+        return data
+
+
+def test_upload_limit_is_answered_before_the_body(guarded, data):
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    # Declared too large: 413 at once, without a byte of body sent.
+    started = time.monotonic()
+    reply = _raw(guarded, b"POST /similar HTTP/1.1\r\nHost: x\r\n" + auth +
+                 b"Content-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 5000000000\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 413") and b"upload limit" in reply
+    assert time.monotonic() - started < 5
+    # Streamed without a length: cut off as soon as the count passes the limit.
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    chunk = b"x" * 65536
+    chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in [part] + [chunk] * (LIMIT // len(chunk) + 1)]
+    reply = _raw(guarded, b"POST /similar HTTP/1.1\r\nHost: x\r\n" + auth +
+                 b"Content-Type: multipart/form-data; boundary=b\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert reply.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in reply
+    # Under the limit an upload works on the same server.
+    png = sorted((data / "images").glob("*.png"))[0].read_bytes()
+    assert len(png) < LIMIT
+    ok = httpx.post(f"{guarded}/similar", files={"file": ("a", png)},
+                    headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert ok.status_code == 200
+    too_big = httpx.post(f"{guarded}/similar", files={"file": ("a", png + b"\0" * LIMIT)},
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert too_big.status_code == 413
+
+
+def test_exposure_rules():
+    check_exposure("127.0.0.1", None)
+    check_exposure("::1", None)
+    check_exposure("localhost", None)
+    for host in ("0.0.0.0", "192.0.2.10", "::", "example.org"):
+        with pytest.raises(InputError, match="refusing to listen on .* without a token"):
+            check_exposure(host, None)
+        check_exposure(host, TOKEN)
+    with pytest.raises(InputError, match="too short"):
+        check_exposure("0.0.0.0", "short")
+
+
+def _medsearch() -> str:
+    return str(Path(sys.executable).parent / "medsearch")
+
+
+def test_serve_command_end_to_end(data):
+    """The real `medsearch serve`: refuses an open bind, serves, logs no query text or PHI."""
+    env = {**os.environ, "MEDSEARCH_TOKEN": ""}
+    env.pop("MEDSEARCH_TOKEN")
+    refused = subprocess.run([_medsearch(), "serve", "--store", str(data / "store"), "--host",
+                              "0.0.0.0", "--json"], capture_output=True, text=True, env=env,
+                             timeout=120)
+    assert refused.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in refused.stderr
+    assert "Traceback" not in refused.stderr + refused.stdout
+
+    port = free_port()
+    server = subprocess.Popen([_medsearch(), "serve", "--store", str(data / "store"), "--port",
+                               str(port), "--log-level", "info"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.3)
+        secret_query = "zebra-stripes-4711 effusion"
+        assert httpx.post(f"{url}/search", json={"query": secret_query}).status_code == 200
+        ct = (data / "images" / "CT_small.dcm").read_bytes()
+        assert httpx.post(f"{url}/similar", files={"file": ("CompressedSamples.dcm", ct)},
+                          timeout=60).status_code == 200
+        assert httpx.post(f"{url}/search", json={"query": "x", "k": -1}).status_code == 422
+        assert httpx.get(f"{url}/").text.startswith("<!doctype html>")
+    finally:
+        server.terminate()
+        out, err = server.communicate(timeout=30)
+    assert "POST /search HTTP/1.1\" 200" in err  # INFO access log is on …
+    for secret in ("zebra-stripes", "CompressedSamples", "1CT1"):
+        assert secret not in out + err  # … and says nothing about queries or patients
+
+
+# -- concurrency and a store that grows while serving -----------------------------------------
+def test_concurrent_requests_give_serial_answers(client, data):
+    images = sorted((data / "images").iterdir())
+    jobs = [("search", {"query": f"finding {i % 5}", "k": 5}) for i in range(12)] + \
+           [("similar", {"id": 1 + i % 11, "k": 5}) for i in range(8)] + \
+           [("upload", images[i % len(images)]) for i in range(6)]
+
+    def call(job):
+        kind, arg = job
+        if kind == "upload":
+            r = client.post("/similar", files={"file": ("f", arg.read_bytes())}, data={"k": "5"})
+        else:
+            r = client.post(f"/{kind}", json=arg)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    serial = [call(job) for job in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(call, jobs * 2))
+    assert parallel == serial * 2
+
+
+def test_search_keeps_answering_while_an_index_run_writes(data, tiny_model, tmp_path):
+    root = tmp_path / "live"
+    write_images(root / "first", 4, seed=11)
+    write_images(root / "second", 6, seed=12)
+    index_store(root / "store", root / "first", tiny_model)
+    with running(make_app(root / "store")) as url, httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/stats").json()["count"] == 4
+        stop, errors, answered = threading.Event(), [], []
+
+        def hammer():
+            while not stop.is_set():
+                r = c.post("/search", json={"query": "growing store", "k": 20})
+                (answered if r.status_code == 200 else errors).append(r.status_code)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        run = subprocess.run([_medsearch(), "index", str(root / "second"), "--store",
+                              str(root / "store"), "--workers", "0", "--batch-size", "2",
+                              "--no-progress", "--json"], capture_output=True, text=True,
+                             timeout=300)
+        time.sleep(0.5)
+        stop.set()
+        thread.join()
+        assert run.returncode == 0, run.stderr
+        assert not errors and len(answered) > 0
+        assert c.get("/stats").json()["count"] == 10
+        found = c.post("/search", json={"query": "growing store", "k": 20}).json()["results"]
+        assert len(found) == 10
+        assert {Path(r["path"]).parent.name for r in found} == {"first", "second"}

@@ -1,0 +1,131 @@
+"""The store on its own: filters inside the FAISS search, manifests, atomic saves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.errors import StoreError
+from retrieval.filters import Filters
+from retrieval.store import Manifest, NewImage, Store
+
+DIM = 16
+
+
+def manifest(**kw) -> Manifest:
+    base = dict(model="m", model_revision="local", model_fingerprint="abc", dim=DIM,
+                preprocessing_version="v1")
+    return Manifest(**{**base, **kw})
+
+
+def unit(rng, n=1):
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """200 images: modality alternates CT/MR/CR/US, dates across 2020-2023, labels on some."""
+    rng = np.random.default_rng(0)
+    st = Store.create(tmp_path / "store", manifest())
+    modalities = ["CT", "MR", "CR", "US"]
+    with st.writer() as w:
+        for i in range(200):
+            meta = {"modality": modalities[i % 4], "body_part": "CHEST" if i % 5 == 0 else "HEAD",
+                    "study_date": f"{2020 + i % 4}0{1 + i % 9}15"}
+            labels = ["effusion"] if i % 10 == 0 else []
+            w.add_file(path=f"/archive/{'derm' if i % 7 == 0 else 'rad'}/f{i}.png", size=1,
+                       mtime_ns=1, content_hash=f"h{i}", source_kind="image",
+                       images=[NewImage(0, 8, 8, unit(rng)[0], meta, labels)])
+    return st
+
+
+def test_filters_return_only_matching_rows_and_k_when_k_exist(store):
+    rng = np.random.default_rng(1)
+    q = unit(rng)
+    cases = [
+        (Filters(modality=["CT"]), lambda r: r["metadata"]["modality"] == "CT", 50),
+        (Filters(modality=["ct", "MR"]), lambda r: r["metadata"]["modality"] in ("CT", "MR"), 100),
+        (Filters(body_part=["chest"]), lambda r: r["metadata"]["body_part"] == "CHEST", 40),
+        (Filters(date_from="2021-01-01", date_to="2021-12-31"),
+         lambda r: r["metadata"]["study_date"].startswith("2021"), 50),
+        (Filters(path_glob="*/derm/*"), lambda r: "/derm/" in r["path"], 29),
+        (Filters(label=["effusion"]), lambda r: any(l["label"] == "effusion" for l in r["metadata"]["labels"]), 20),
+        (Filters(modality=["CT"], body_part=["CHEST"]),
+         lambda r: r["metadata"]["modality"] == "CT" and r["metadata"]["body_part"] == "CHEST", 10),
+    ]
+    for filters, ok, n_matching in cases:
+        assert len(store.matching_ids(filters)) == n_matching, filters
+        for k in (5, n_matching, n_matching + 7):
+            scores, ids = store.search(q, k, filters)
+            got = [int(i) for i in ids[0] if i >= 0]
+            assert len(got) == min(k, n_matching), (filters, k)
+            rows = store.rows(got)
+            assert all(ok(rows[i]) for i in got), filters
+            assert np.all(np.diff(scores[0][: len(got)]) <= 1e-6)  # best first
+
+
+def test_filtered_search_is_exact_within_the_subset(store):
+    rng = np.random.default_rng(2)
+    q = unit(rng)
+    filters = Filters(modality=["US"])
+    allowed = store.matching_ids(filters)
+    expected = allowed[np.argsort(-(store.vectors(allowed) @ q[0]))[:10]]
+    _, ids = store.search(q, 10, filters)
+    assert list(ids[0]) == list(expected)
+
+
+def test_no_match_gives_no_results(store):
+    _, ids = store.search(unit(np.random.default_rng(3)), 5, Filters(modality=["PT"]))
+    assert (ids == -1).all()
+
+
+def test_store_refuses_vectors_of_another_model(store, tmp_path):
+    with pytest.raises(StoreError, match="cannot be\\s+mixed"):
+        Store.open_or_create(tmp_path / "store", manifest(model_fingerprint="other"))
+    with pytest.raises(StoreError, match="preprocessing_version"):
+        Store.open_or_create(tmp_path / "store", manifest(preprocessing_version="v2"))
+    with pytest.raises(StoreError, match="16-d"):
+        with store.writer() as w:
+            w.add_file(path="/x.png", size=1, mtime_ns=1, content_hash="x", source_kind="image",
+                       images=[NewImage(0, 1, 1, np.ones(8, np.float32))])
+
+
+def test_a_failed_transaction_changes_nothing(store):
+    before = store.count
+    with pytest.raises(RuntimeError):
+        with store.writer() as w:
+            w.remove_file("/archive/rad/f1.png")
+            raise RuntimeError("killed mid-batch")
+    assert store.count == before == store.stats()["images"]
+
+
+def test_save_is_atomic_and_reopen_agrees(store, tmp_path):
+    store.save()
+    assert not list((tmp_path / "store").glob("*.tmp"))
+    reopened = Store.open(tmp_path / "store")
+    assert reopened.count == 200
+    ids, vectors = reopened.all_vectors()
+    _, found = reopened.search(vectors[:3], 1)
+    assert list(found[:, 0]) == list(ids[:3])
+
+
+def test_rebuild_with_another_index_type_keeps_results(store, tmp_path):
+    _, vectors = store.all_vectors()
+    store.rebuild("HNSW16")
+    store.save()
+    reopened = Store.open(tmp_path / "store")
+    assert reopened.manifest.index_type == "HNSW16" and reopened.count == 200
+    _, ids = reopened.search(vectors[:5], 1)
+    assert list(ids[:, 0]) == [1, 2, 3, 4, 5]
+    with pytest.raises(StoreError, match="invalid FAISS index type"):
+        reopened.rebuild("NotAnIndex42")
+
+
+def test_bad_filter_values_are_named():
+    from retrieval.errors import InputError
+
+    with pytest.raises(InputError, match="date_from"):
+        Filters(date_from="last tuesday")
+    with pytest.raises(InputError, match="colour"):
+        Filters.from_dict({"colour": "red"})

@@ -6,14 +6,12 @@ at any point resumes without duplicates: committed files count as unchanged next
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from functools import partial
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -27,6 +25,7 @@ from .decode import Decoded, DecodeOptions, decode_source
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
 from .dicomweb import is_dicomweb, list_instances, removal_allowed
 from .sources import SourceFile, walk
+from .workers import SupervisedPool
 
 #: Save the FAISS file at least this often during long runs (the DB is committed per batch).
 SAVE_EVERY_S = 300.0
@@ -62,17 +61,23 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one decode per process; the encoder owns the other cores
 
 
+def _failed(source: SourceFile, reason: str) -> Decoded:
+    return Decoded(source, error=reason)
+
+
 class Indexer:
     """Index paths into a store with a vision encoder; one instance per run."""
 
     def __init__(self, store: Store, encoder: VisionEncoder, *, workers: int | None = None,
                  batch_size: int = 8, frames: str = "middle", phi_policy: str = "hash",
                  progress: bool | None = None, window: str = "file",
-                 series_vectors: bool = False, dicomweb_query=None) -> None:
+                 series_vectors: bool = False, dicomweb_query=None,
+                 decode_timeout_s: float = 300.0) -> None:
         self.store, self.encoder = store, encoder
         self.workers = default_workers() if workers is None else workers
         self.batch_size = max(1, batch_size)
         self.progress = progress
+        self.decode_timeout_s = decode_timeout_s
         self.options = DecodeOptions(image_size=encoder.image_size, frames=frames,
                                      phi_policy=phi_policy, phi_secret=store.secret("phi_hmac_key"),
                                      window=window)
@@ -86,22 +91,11 @@ class Indexer:
             for source in sources:
                 yield decode_source(source, self.options)
             return
-        context = multiprocessing.get_context("forkserver")
-        window = max(4, self.workers * 4, self.batch_size * 2)
-        todo = deque(sources)
-        with ProcessPoolExecutor(self.workers, mp_context=context,
-                                 initializer=_init_worker) as pool:
-            running: set[Future] = set()
-            try:
-                while todo or running:
-                    while todo and len(running) < window:
-                        running.add(pool.submit(decode_source, todo.popleft(), self.options))
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield future.result()
-            finally:
-                for future in running:
-                    future.cancel()
+        pool = SupervisedPool(partial(decode_source, options=self.options), _failed,
+                              workers=self.workers,
+                              window=max(4, self.workers * 4, self.batch_size * 2),
+                              timeout_s=self.decode_timeout_s, initializer=_init_worker)
+        yield from pool.map(sources)
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, roots: Iterable[str | Path]) -> IndexReport:
@@ -220,3 +214,12 @@ class Indexer:
             chunk = torch.from_numpy(np.stack(tensors[start:start + self.batch_size]))
             out.append(self.encoder.embed_batch(chunk))
         return np.concatenate(out)
+
+
+def query_image_vector(encoder: VisionEncoder, file: str | Path, frames: str = "middle") -> np.ndarray:
+    """Decode a query file exactly as indexing does and embed its first selected frame."""
+    from .decode import decode_path
+
+    decoded = decode_path(file, DecodeOptions(image_size=encoder.image_size, frames=frames,
+                                              phi_policy="drop"))
+    return encoder.embed_batch(torch.from_numpy(decoded.frames[0].tensor[None]))[0]

@@ -61,6 +61,11 @@ class IndexChoice:
         return asdict(self)
 
 
+def rerank_for(index_type: str) -> int:
+    """Candidates per result re-scored exactly: PQ codes lose too much to rank by alone."""
+    return RERANK_FACTOR if re.search(r",PQ\d", index_type.replace(" ", "")) else 0
+
+
 def default_memory_budget() -> int:
     """Half of the machine's physical memory: the index must leave room for everything else."""
     try:

@@ -149,6 +149,27 @@ class ExportBody(SearchBody):
     id: int | None = Field(None, ge=0)
 
 
+class ClassifyBody(BaseModel, extra="forbid"):
+    """Zero-shot scores of an indexed image: explicit labels (≥ 2) or a preset."""
+
+    id: int = Field(ge=0)
+    labels: list[str] | None = Field(None, max_length=200, examples=[["pleural effusion", "normal"]])
+    preset: str | None = Field(None, description="cxr, derm, fundus or pathology")
+    templates: list[str] | None = Field(None, max_length=20, description="prompt templates with {}")
+    max_entropy: float = Field(0.8, ge=0.0, le=1.0)
+    min_margin: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class ClassifyUploadFields(BaseModel, extra="forbid"):
+    """Form fields that accompany an uploaded ``file`` for /classify."""
+
+    labels: str | None = Field(None, max_length=20000, description="comma-separated")
+    preset: str | None = None
+    templates: list[str] | None = Field(None, max_length=20)
+    max_entropy: float = Field(0.8, ge=0.0, le=1.0)
+    min_margin: float = Field(0.1, ge=0.0, le=1.0)
+
+
 class UploadFields(BaseModel, extra="forbid"):
     """Form fields that accompany an uploaded ``file``."""
 
@@ -241,6 +262,7 @@ class Engine:
         self._preview_lock = threading.Lock()
         self._preview_limit = preview_cache
         self.started = time.time()
+        self._classifier = None
 
     @property
     def image_size(self) -> int:
@@ -294,6 +316,29 @@ class Engine:
         with self.store_lock:
             return self.searcher.by_vector(vector, spec.k, spec.filters, spec.min_score,
                                            exclude or None)
+
+    def classify(self, image_id: int | None, upload: tuple[bytes, str] | None,
+                 labels: list[str] | None, preset: str | None, templates: list[str] | None,
+                 max_entropy: float, min_margin: float) -> dict:
+        """Zero-shot scores (retrieval.zeroshot) of a stored vector or an uploaded image."""
+        from .zeroshot import (ReviewThresholds, ZeroShotClassifier, classifications,
+                               read_logit_scalars, resolve_labels)
+
+        chosen, prompts = resolve_labels(labels, preset, templates)
+        self.refresh()
+        if upload is not None:
+            vector = self._embed_upload(*upload)
+        else:
+            self._check_ids([image_id])
+            vector = self.store.vectors([image_id])[0]
+        with self.text_lock:
+            if self._classifier is None:
+                text = self.searcher.text_encoder
+                self._classifier = ZeroShotClassifier(text, read_logit_scalars(text.checkpoint))
+            if len(self._classifier._label_cache) > 64:  # bound memory under arbitrary labels
+                self._classifier._label_cache.clear()
+            scores = self._classifier.scores(vector[None, :], chosen, prompts)
+        return classifications(scores, ReviewThresholds(max_entropy, min_margin))[0].to_json()
 
     def row(self, image_id: int) -> dict:
         self.refresh()
@@ -511,6 +556,12 @@ def _validated(model: type[BaseModel], data: dict) -> BaseModel:
 
 async def _upload_spec(request: Request) -> QuerySpec:
     """A multipart body: one ``file`` (PNG, JPEG or DICOM, by its bytes) and optional fields."""
+    content, kind, fields = await _read_upload(request)
+    return spec_from_upload(content, kind, _validated(UploadFields, fields))
+
+
+async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
+    """The uploaded ``file`` (checked by its bytes), its kind, and the other form fields."""
     try:
         form = await request.form(max_files=1, max_fields=16)
     except _BodyTooLarge:
@@ -527,13 +578,17 @@ async def _upload_spec(request: Request) -> QuerySpec:
     if kind is None:
         raise UnsupportedMedia("the upload is not a PNG, JPEG or DICOM file (checked by its "
                                "content, not its name)")
-    fields = {k: v for k, v in form.items() if k != "file" and v != ""}
-    if "filters" in fields:
-        try:
-            fields["filters"] = json.loads(fields["filters"])
-        except ValueError:
-            raise InputError("the 'filters' field must be a JSON object") from None
-    return spec_from_upload(content, kind, _validated(UploadFields, fields))
+    fields: dict = {}
+    for key, value in form.multi_items():
+        if key == "file" or value == "":
+            continue
+        if key in ("filters", "templates"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InputError(f"the {key!r} field must be JSON") from None
+        fields[key] = value
+    return content, kind, fields
 
 
 def _openapi_query_body(json_model: type[BaseModel]) -> dict:
@@ -548,6 +603,26 @@ def _openapi_query_body(json_model: type[BaseModel]) -> dict:
                            "k": {"type": "integer", "default": 10},
                            "min_score": {"type": "number"},
                            "filters": {"type": "string", "description": "JSON object"}}}}}}}
+
+
+def _openapi_classify_body() -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyBody"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary"},
+                           "labels": {"type": "string", "description": "comma-separated"},
+                           "preset": {"type": "string"},
+                           "templates": {"type": "string", "description": "JSON list"}}}}}}}
+
+
+def _has_zeroshot() -> bool:
+    """/classify exists where the zero-shot module does."""
+    try:
+        from . import zeroshot  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _is_multipart(request: Request) -> bool:
@@ -645,6 +720,23 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
         return Response(data, media_type=cohort.MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="medsearch-cohort.{format}"'})
 
+    if _has_zeroshot():
+        @app.post("/classify", tags=["search"], openapi_extra=_openapi_classify_body())
+        async def classify(request: Request) -> dict:
+            """Zero-shot scores of an indexed image (JSON ``id``) or an upload (multipart
+            ``file``): softmax across the labels and a sigmoid per label. Research use only."""
+            if _is_multipart(request):
+                content, kind, fields = await _read_upload(request)
+                body = _validated(ClassifyUploadFields, fields)
+                labels = [body.labels] if body.labels else None
+                args = (None, (content, kind), labels, body.preset, body.templates,
+                        body.max_entropy, body.min_margin)
+            else:
+                body = _validated(ClassifyBody, await _json_body(request))
+                args = (body.id, None, body.labels, body.preset, body.templates,
+                        body.max_entropy, body.min_margin)
+            return await run_in_threadpool(engine.classify, *args)
+
     @app.get("/images/{image_id}", tags=["images"])
     def image(image_id: int) -> dict:
         """Stored metadata of one indexed image."""
@@ -666,4 +758,25 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
             "Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _document_bodies(app, [SimilarBody, ExportBody, ClassifyBody, FiltersBody, TermBody])
     return app
+
+
+def _document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Put the JSON bodies that routes read themselves (JSON or multipart) into the schema."""
+    from fastapi.openapi.utils import get_openapi
+
+    def build() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in body.pop("$defs", {}).items():
+                    components.setdefault(name, sub)
+                components.setdefault(model.__name__, body)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build

@@ -23,7 +23,9 @@ import numpy as np
 from sqlalchemy import create_engine, delete, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import index_choice
 from .errors import StoreError
+from .exact import exact_topk
 from .filters import Filters
 from .schema import (SCHEMA_VERSION, Base, FailureRow, FileRow, ImageRow, LabelRow, SettingRow,
                      VectorRow)
@@ -34,8 +36,6 @@ DATABASE = "meta.sqlite"
 INDEX_FILE = "index.faiss"
 LOCK_FILE = "write.lock"
 DEFAULT_INDEX_TYPE = "Flat"
-#: Below this many candidate rows a filtered query is answered exactly from the raw vectors.
-EXACT_SUBSET_LIMIT = 4096
 
 
 @dataclass
@@ -48,6 +48,8 @@ class Manifest:
     dim: int
     preprocessing_version: str
     index_type: str = DEFAULT_INDEX_TYPE
+    index_auto: bool = False        # re-chosen from the vector count (retrieval.index_choice)
+    index_reason: str = ""          # why this index type (shown by `medsearch info`)
     format_version: int = FORMAT_VERSION
     schema_version: int = SCHEMA_VERSION
     created_at: float = field(default_factory=time.time)
@@ -63,6 +65,17 @@ class Manifest:
 
     def write(self, path: Path) -> None:
         _atomic_write_bytes(path, json.dumps(asdict(self), indent=2).encode())
+
+
+def manifest_for(encoder, index_type: str) -> Manifest:
+    """The manifest for vectors made by a VisionEncoder (local folders by absolute path)."""
+    from .preprocess import PREPROCESSING_VERSION
+
+    ckpt = encoder.checkpoint
+    name = str(ckpt.path) if ckpt.revision == "local" else ckpt.name
+    return Manifest(model=name, model_revision=ckpt.revision, model_fingerprint=ckpt.fingerprint,
+                    dim=encoder.dim, preprocessing_version=PREPROCESSING_VERSION,
+                    index_type=index_type)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -85,12 +98,14 @@ def _fsync_dir(folder: Path) -> None:
 
 def new_index(index_type: str, dim: int) -> faiss.Index:
     """An empty index of a FAISS factory type, addressed by our row ids (IDMap2 wrapper)."""
+    if index_type == index_choice.AUTO:
+        index_type = index_choice.choose_index(0, dim).index_type
     try:
         base = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise StoreError(f"invalid FAISS index type {index_type!r}: "
                          f"{str(exc).splitlines()[-1]}") from None
-    return faiss.IndexIDMap2(base)
+    return faiss.IndexIDMap2(index_choice.configure(base))
 
 
 def _index_ids(index: faiss.Index) -> np.ndarray:
@@ -206,6 +221,10 @@ class Store:
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{root} exists and is not empty; choose a new folder for the store")
         root.mkdir(parents=True, exist_ok=True)
+        if manifest.index_type == index_choice.AUTO:
+            choice = index_choice.choose_index(0, manifest.dim)
+            manifest.index_type, manifest.index_auto = choice.index_type, True
+            manifest.index_reason = f"auto: {choice.reason}"
         new_index(manifest.index_type, manifest.dim)  # validate before writing anything
         manifest.write(root / MANIFEST)
         return cls(root, manifest)
@@ -276,9 +295,17 @@ class Store:
                                 np.ascontiguousarray(ids, np.int64))
 
     def rebuild(self, index_type: str) -> None:
-        """Build a fresh index of ``index_type`` from the stored raw vectors."""
-        index = new_index(index_type, self.dim)
+        """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
+        stored raw vectors."""
         ids, vectors = self.all_vectors()
+        auto = index_type == index_choice.AUTO or (
+            self.manifest.index_auto and index_type == self.manifest.index_type)
+        if index_type == index_choice.AUTO:
+            choice = index_choice.choose_index(len(ids), self.dim)
+            index_type, reason = choice.index_type, f"auto: {choice.reason}"
+        else:
+            reason = self.manifest.index_reason if auto else "chosen by the user"
+        index = new_index(index_type, self.dim)
         if not index.is_trained:
             if len(ids) == 0:
                 raise StoreError(f"index type {index_type!r} needs training vectors; "
@@ -287,8 +314,9 @@ class Store:
         if len(ids):
             index.add_with_ids(vectors, ids)
         self.index = index
-        if index_type != self.manifest.index_type:
-            self.manifest.index_type = index_type
+        new = (index_type, auto, reason)
+        if new != (self.manifest.index_type, self.manifest.index_auto, self.manifest.index_reason):
+            self.manifest.index_type, self.manifest.index_auto, self.manifest.index_reason = new
             if not self.readonly:
                 self.manifest.write(self.root / MANIFEST)
         self._dirty = True
@@ -297,6 +325,10 @@ class Store:
         """Write the index atomically if it changed; a kill mid-save keeps the old file."""
         if self.readonly or not self._dirty:
             return
+        if self.manifest.index_auto:
+            wanted = index_choice.choose_index(self.count, self.dim).index_type
+            if wanted != self.manifest.index_type:
+                self.rebuild(index_choice.AUTO)  # the collection outgrew (or shrank below) it
         tmp = self.root / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as fh:
@@ -396,16 +428,12 @@ class Store:
         if queries.shape[1] != self.dim:
             raise StoreError(f"query vectors are {queries.shape[1]}-d, the store holds {self.dim}-d")
         k = max(1, int(k))
-        if filters is None or filters.empty:
-            return self.index.search(queries, k)
-        allowed = self.matching_ids(filters)
-        if allowed.size == 0:
-            return (np.full((len(queries), k), -np.inf, np.float32),
-                    np.full((len(queries), k), -1, np.int64))
-        if allowed.size <= EXACT_SUBSET_LIMIT and not _is_flat(self.index):
-            return exact_search(queries, self.vectors(allowed), allowed, k)
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        return self.index.search(queries, k, params=params)
+        allowed = None if filters is None or filters.empty else self.matching_ids(filters)
+        # exact path for Flat, bitmap filters with widened HNSW/IVF search, exact re-ranking
+        # for PQ codes: see retrieval/index_choice.py
+        return index_choice.search(self.index, queries, k, allowed=allowed,
+                                   fetch_vectors=self.vectors,
+                                   rerank=index_choice.rerank_for(self.manifest.index_type))
 
     def rows(self, ids: list[int]) -> dict[int, dict]:
         """Metadata of images by id, as plain dicts (path and frame included)."""
@@ -440,23 +468,10 @@ class Store:
         self.close()
 
 
-def _is_flat(index: faiss.Index) -> bool:
-    return isinstance(faiss.downcast_index(faiss.downcast_index(index).index), faiss.IndexFlat)
-
-
 def exact_search(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray,
                  k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner product over a small candidate set, padded like FAISS (-1 ids)."""
-    scores = queries @ vectors.T
-    take = min(k, len(ids))
-    top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1)
-    out_scores = np.full((len(queries), k), -np.inf, np.float32)
-    out_ids = np.full((len(queries), k), -1, np.int64)
-    out_scores[:, :take] = np.take_along_axis(top_scores, order, axis=1)
-    out_ids[:, :take] = ids[np.take_along_axis(top, order, axis=1)]
-    return out_scores, out_ids
+    """Brute-force inner product over candidate vectors, padded like FAISS (-1 ids)."""
+    return exact_topk(queries, vectors, ids, k)
 
 
 def image_dict(img: ImageRow, labels: list[dict]) -> dict:

@@ -66,8 +66,8 @@ def tag_store(store: Store, classifier: ZeroShotClassifier, labels: list[str],
             session.add_all(LabelRow(image_id=int(chunk[r]), label=labels[c],
                                      score=float(probs[r, c]), source=source)
                             for r, c in zip(rows, cols))
-            for c in cols:
-                report.per_label[labels[c]] += 1
+            for c, n in enumerate(np.bincount(cols, minlength=len(labels))):
+                report.per_label[labels[c]] += int(n)
             report.written += len(rows)
         report.images = len(ids)
     store.set_setting(f"tags:{source}", json.dumps({

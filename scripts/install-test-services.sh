@@ -8,6 +8,7 @@ packages=()
 # Each feature adds the Debian packages its tests need:
 # (issue 3) Orthanc with its DICOMweb plugin; DCMTK as an independent renderer
 # (issue 6) headless Chromium for the web page's end-to-end test
+packages+=(chromium chromium-driver)
 
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -119,7 +119,7 @@ def test_index_over_dicomweb_then_incremental(orthanc, tiny_model, tmp_path):
     assert stats["images"] == len(UPLOAD) - 1
     assert stats["modalities"] == {"CT": 1, "MR": 1, "NM": 2, "OT": 1, "US": 1}
 
-    again, stats2 = _index(tmp_path / "store", tiny_model, source)
+    again, stats2 = _index(tmp_path / "store", tiny_model, source, workers=0)
     assert again.indexed == 0 and again.images == 0 and again.removed == 0
     assert again.unchanged == len(UPLOAD) - 1
     assert stats2["images"] == stats["images"]

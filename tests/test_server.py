@@ -310,7 +310,7 @@ def test_serve_command_end_to_end(data):
     finally:
         server.terminate()
         out, err = server.communicate(timeout=30)
-    assert "POST /search HTTP/1.1\" 200" in err  # INFO access log is on …
+    assert "POST /search HTTP/1.1\" 200" in out + err  # INFO access log is on …
     for secret in ("zebra-stripes", "CompressedSamples", "1CT1"):
         assert secret not in out + err  # … and says nothing about queries or patients
 
@@ -366,3 +366,31 @@ def test_search_keeps_answering_while_an_index_run_writes(data, tiny_model, tmp_
         found = c.post("/search", json={"query": "growing store", "k": 20}).json()["results"]
         assert len(found) == 10
         assert {Path(r["path"]).parent.name for r in found} == {"first", "second"}
+
+
+def test_classify_by_id_and_upload(client, data):
+    pytest.importorskip("retrieval.zeroshot")
+    from retrieval.zeroshot import ReviewThresholds, ZeroShotClassifier, read_logit_scalars
+    from retrieval.model import TextEncoder, resolve_checkpoint
+    from retrieval.store import Store
+
+    labels = ["pleural effusion", "normal", "pneumothorax"]
+    by_id = client.post("/classify", json={"id": 2, "labels": labels})
+    assert by_id.status_code == 200, by_id.text
+    doc = by_id.json()
+    assert sorted(r["label"] for r in doc["results"]) == sorted(labels)
+    assert sum(r["softmax"] for r in doc["results"]) == pytest.approx(1.0, abs=1e-5)
+    # The same numbers as the zero-shot module gives for the stored vector.
+    st = Store.open(data / "store", readonly=True)
+    checkpoint = resolve_checkpoint(st.manifest.model)
+    expected = ZeroShotClassifier(TextEncoder(checkpoint, "cpu"), read_logit_scalars(checkpoint),
+                                  ReviewThresholds()).classify(st.vectors([2]), labels,
+                                                               ["a medical image showing {}"])[0]
+    assert doc == expected.to_json()
+    mr = (data / "images" / "MR_small.dcm").read_bytes()
+    upload = client.post("/classify", files={"file": ("x", mr)}, data={"labels": ",".join(labels)})
+    assert upload.status_code == 200 and upload.json() == doc  # MR_small is image 2 … same vector
+    preset = client.post("/classify", json={"id": 1, "preset": "cxr"}).json()
+    assert len(preset["results"]) == 13
+    assert client.post("/classify", json={"id": 1, "labels": ["only one"]}).status_code == 400
+    assert client.post("/classify", json={"id": 9999, "labels": labels}).status_code == 404

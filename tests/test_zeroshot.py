@@ -155,19 +155,35 @@ def test_labels_presets_and_templates():
 
 
 # -- tagging a store -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tagged_store(planted_model, tmp_path_factory):
-    from indexer.pipeline import Indexer
-    from medsearch.commands.core import manifest_for
-    from retrieval.store import Store
+def build_store(folder: Path, model: Path, n: int, labels: dict[int, list[str]] | None = None) -> Path:
+    """A store of ``n`` written images, embedded here and written through the store's writer
+    (independent of the indexing pipeline); ``labels``: image number → user labels."""
+    from PIL import Image
 
-    folder = tmp_path_factory.mktemp("tag")
-    write_images(folder / "images", 8)
-    encoder = VisionEncoder.load(str(planted_model), device="cpu")
-    store = Store.create(folder / "store", manifest_for(encoder, "Flat"))
-    Indexer(store, encoder, workers=0, batch_size=4).run([folder / "images"])
+    from retrieval.preprocess import PREPROCESSING_VERSION
+    from retrieval.store import Manifest, NewImage, Store
+
+    paths = write_images(folder / "images", n)
+    encoder = VisionEncoder.load(str(model), device="cpu")
+    ckpt = encoder.checkpoint
+    store = Store.create(folder / "store", Manifest(
+        model=str(ckpt.path), model_revision=ckpt.revision, model_fingerprint=ckpt.fingerprint,
+        dim=encoder.dim, preprocessing_version=PREPROCESSING_VERSION))
+    with store.writer() as writer:
+        for i, path in enumerate(paths):
+            pixels = np.asarray(Image.open(path))
+            vector = encoder.embed_pixels([pixels])[0]
+            writer.add_file(path=str(path.absolute()), size=path.stat().st_size, mtime_ns=0,
+                            content_hash=f"h{i}", source_kind="image",
+                            images=[NewImage(0, pixels.shape[1], pixels.shape[0], vector,
+                                             labels=(labels or {}).get(i, []))])
     store.close()
     return folder / "store"
+
+
+@pytest.fixture(scope="module")
+def tagged_store(planted_model, tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("tag"), planted_model, 8)
 
 
 def _label_rows(store_dir: Path, source: str) -> dict[tuple[int, str], float]:

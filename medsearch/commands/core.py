@@ -9,9 +9,10 @@ import typer
 
 from retrieval.errors import InputError
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
-from retrieval.preprocess import PREPROCESSING_VERSION
 from retrieval.search import Searcher
-from retrieval.store import Manifest, Store
+from retrieval.store import Manifest, Store, manifest_for
+
+from indexer.pipeline import query_image_vector
 
 from ..cli import app
 from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
@@ -31,14 +32,6 @@ def make_test_model_cmd(
     path = make_test_model(directory)
     emit({"path": str(path.absolute())}, json_out,
          lambda d: f"tiny random SigLIP written to {d['path']} (not a real model: for testing only)")
-
-
-def manifest_for(encoder: VisionEncoder, index_type: str) -> Manifest:
-    ckpt = encoder.checkpoint
-    name = str(ckpt.path) if ckpt.revision == "local" else ckpt.name
-    return Manifest(model=name, model_revision=ckpt.revision, model_fingerprint=ckpt.fingerprint,
-                    dim=encoder.dim, preprocessing_version=PREPROCESSING_VERSION,
-                    index_type=index_type)
 
 
 def _index_human(d: dict) -> str:
@@ -166,17 +159,6 @@ def similar_cmd(
         vector = query_image_vector(searcher.vision_encoder, file)
         results = searcher.by_vector(vector, k, filters, min_score)
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
-
-
-def query_image_vector(encoder: VisionEncoder, file: Path, frames: str = "middle"):
-    """Decode a query file exactly as the indexer does and embed its (first selected) frame."""
-    import torch
-
-    from indexer.decode import DecodeOptions, decode_path
-
-    decoded = decode_path(file, DecodeOptions(image_size=encoder.image_size, frames=frames,
-                                              phi_policy="drop"))
-    return encoder.embed_batch(torch.from_numpy(decoded.frames[0].tensor[None]))[0]
 
 
 @app.command("info")

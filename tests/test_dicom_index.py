@@ -1,0 +1,172 @@
+"""DICOM through the indexer: metadata and the PHI policy, DICOMDIR, series vectors, preview."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from .conftest import PYDICOM_TEST_FILES as TF
+
+CLI = (sys.executable, "-c", "from medsearch.cli import main; main()")
+
+
+def _index(tmp_path: Path, model: Path, roots: list, **options):
+    import medsearch.cli  # noqa: F401  (command registration; avoids a circular import)
+    from indexer.pipeline import Indexer
+    from medsearch.commands.core import manifest_for
+    from retrieval.model import VisionEncoder
+    from retrieval.store import Store
+
+    encoder = VisionEncoder.load(str(model), "cpu")
+    store = Store.open_or_create(tmp_path / "store", manifest_for(encoder, "Flat"))
+    report = Indexer(store, encoder, workers=0, batch_size=8, progress=False, **options).run(roots)
+    return store, report
+
+
+def _all_rows(store) -> list[dict]:
+    ids = list(store.all_vectors()[0])
+    return list(store.rows([int(i) for i in ids]).values())
+
+
+@pytest.mark.parametrize("policy", ["hash", "keep", "drop"])
+def test_phi_policy_and_direct_identifiers_never_stored(tiny_model, tmp_path, policy):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds = pydicom.dcmread(TF / "CT_small.dcm")
+    ds.PatientName, ds.PatientID = "Secretname^Alice", "MRN-0042"
+    ds.PatientBirthDate, ds.PatientAddress = "19700101", "1 Hidden Street"
+    ds.AccessionNumber, ds.InstitutionName = "ACC-9876", "Hospital of Secrets"
+    ds.ReferringPhysicianName, ds.OperatorsName = "Refer^Bob", "Oper^Carol"
+    ds.BodyPartExamined, ds.ViewPosition, ds.PatientAge = "chest", "ap", "045Y"
+    ds.save_as(folder / "ct.dcm")
+    store, report = _index(tmp_path, tiny_model, [folder], phi_policy=policy)
+    assert report.indexed == 1
+    (row,) = _all_rows(store)
+    meta = row["metadata"]
+    assert meta["modality"] == "CT" and meta["body_part"] == "CHEST" and meta["view_position"] == "AP"
+    assert meta["patient_age"] == "045Y" and meta["study_uid"] == str(ds.StudyInstanceUID)
+    if policy == "hash":
+        assert len(meta["patient_key"]) == 32 and "MRN" not in meta["patient_key"]
+    elif policy == "keep":
+        assert meta["patient_key"] == "MRN-0042"
+    else:
+        assert "patient_key" not in meta
+    store.close()
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "store").rglob("*") if p.is_file())
+    for secret in (b"Secretname", b"19700101", b"Hidden Street", b"ACC-9876", b"Secrets",
+                   b"Refer^Bob", b"Oper^Carol"):
+        assert secret not in raw, secret
+    assert (b"MRN-0042" in raw) == (policy == "keep")
+
+
+def test_hash_key_is_stable_in_a_store_and_differs_between_stores(tiny_model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(TF / name, folder / name)
+    store_a, _ = _index(tmp_path / "a", tiny_model, [folder])
+    store_b, _ = _index(tmp_path / "b", tiny_model, [folder])
+    keys_a = {r["metadata"]["sop_uid"]: r["metadata"].get("patient_key") for r in _all_rows(store_a)}
+    keys_b = {r["metadata"]["sop_uid"]: r["metadata"].get("patient_key") for r in _all_rows(store_b)}
+    assert keys_a.keys() == keys_b.keys() and all(keys_a.values())
+    assert not set(keys_a.values()) & set(keys_b.values())   # a per-store secret
+    store_a.close(), store_b.close()
+
+
+def test_dicomdir_is_followed_and_skipped_itself(tiny_model, tmp_path):
+    from indexer.dicomdir import referenced_files
+
+    src = TF / "dicomdirtests"
+    folder = tmp_path / "media"
+    for patient in ("77654033", "98892001", "98892003"):
+        shutil.copytree(src / patient, folder / patient)
+    shutil.copy(src / "DICOMDIR", folder / "DICOMDIR")
+    referenced = referenced_files(folder / "DICOMDIR")
+    assert len(referenced) == 31                       # every record's file exists
+    # index the DICOMDIR alone: its referenced files come along
+    store, report = _index(tmp_path, tiny_model, [folder / "DICOMDIR"])
+    assert report.total == 1 + len(referenced)
+    assert [Path(s["path"]).name for s in report.skipped] == ["DICOMDIR"]
+    assert "media directory" in report.skipped[0]["reason"]
+    assert report.indexed + report.failed == len(referenced) and report.indexed > 20
+    store.close()
+    # a second run finds them unchanged
+    store, again = _index(tmp_path, tiny_model, [folder / "DICOMDIR"])
+    assert again.indexed == 0 and again.unchanged == report.indexed
+    store.close()
+
+
+def test_series_vectors(tiny_model, tmp_path):
+    from indexer.series import SOURCE_KIND, series_path
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    base = pydicom.dcmread(TF / "CT_small.dcm")
+    series_uid = pydicom.uid.generate_uid()
+    arr = base.pixel_array
+    for i in range(3):                                 # one CT series of three slices
+        ds = pydicom.dcmread(TF / "CT_small.dcm")
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        ds.PixelData = np.roll(arr, 7 * i, axis=0).astype(arr.dtype).tobytes()
+        ds.save_as(folder / f"slice{i}.dcm")
+    shutil.copy(TF / "MR_small.dcm", folder / "mr.dcm")   # a series of one: no series vector
+    store, report = _index(tmp_path, tiny_model, [folder], series_vectors=True)
+    assert report.indexed == 4 and report.series == 1
+    rows = _all_rows(store)
+    series = [r for r in rows if r["metadata"]["source_kind"] == SOURCE_KIND]
+    assert len(series) == 1 and series[0]["frame"] == -1 and series[0]["path"] == series_path(series_uid)
+    assert series[0]["metadata"]["modality"] == "CT" and "sop_uid" not in series[0]["metadata"]
+    members = [r["id"] for r in rows if r["metadata"].get("series_uid") == series_uid
+               and r["metadata"]["source_kind"] != SOURCE_KIND]
+    mean = store.vectors(members).mean(axis=0)
+    np.testing.assert_allclose(store.vectors([series[0]["id"]])[0], mean / np.linalg.norm(mean),
+                               atol=1e-5)
+    store.close()
+    # removing a slice updates the series vector; removing all but one drops it
+    (folder / "slice2.dcm").unlink()
+    store, report = _index(tmp_path, tiny_model, [folder], series_vectors=True)
+    assert report.removed == 1 and report.series == 1
+    (folder / "slice1.dcm").unlink()
+    store.close()
+    store, report = _index(tmp_path, tiny_model, [folder], series_vectors=True)
+    assert not [r for r in _all_rows(store) if r["metadata"]["source_kind"] == SOURCE_KIND]
+    store.close()
+
+
+def test_preview_writes_what_the_model_sees(tmp_path):
+    import torch
+
+    from indexer.decode import DecodeOptions, decode_path
+    from retrieval.preprocess import model_input_to_uint8
+
+    out = tmp_path / "ybr.png"
+    done = subprocess.run([*CLI, "preview", str(TF / "examples_ybr_color.dcm"), "--out", str(out),
+                           "--size", "64", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["frame"] == 15 and doc["frames"] == 30 and doc["size"] == 64
+    shown = np.asarray(Image.open(out))
+    decoded = decode_path(TF / "examples_ybr_color.dcm", DecodeOptions(image_size=64))
+    np.testing.assert_array_equal(shown, model_input_to_uint8(torch.from_numpy(decoded.frames[0].tensor)))
+    # the padding of a non-square image is black, the image centred
+    assert shown[:5].max() == 0 and shown[-5:].max() == 0 and shown[32].max() > 0
+
+    frame0 = tmp_path / "f0.png"
+    assert subprocess.run([*CLI, "preview", str(TF / "examples_ybr_color.dcm"), "--frame", "0",
+                           "--out", str(frame0), "--size", "64"], timeout=120).returncode == 0
+    assert not np.array_equal(np.asarray(Image.open(frame0)), shown)
+    bad = subprocess.run([*CLI, "preview", str(TF / "test-SR.dcm"), "--out", str(tmp_path / "x.png"),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no pixel data" in json.loads(bad.stdout)["error"]
+    lung = subprocess.run([*CLI, "preview", str(TF / "CT_small.dcm"), "--window", "nope",
+                           "--out", str(tmp_path / "y.png")], capture_output=True, text=True,
+                          timeout=120)
+    assert lung.returncode == 2 and "window must be one of" in lung.stderr

@@ -1,0 +1,127 @@
+"""Automatic index choice, the store's use of it, and filtered search that keeps its recall."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from retrieval import index_choice
+from retrieval.exact import exact_topk
+from retrieval.index_choice import choose_index, estimated_bytes_per_vector
+from retrieval.store import Manifest, NewImage, Store, new_index
+
+GIB = 2**30
+
+
+def test_choice_follows_size_and_budget():
+    small = choose_index(10_000, 1152, 8 * GIB)
+    assert small.index_type == "Flat" and small.exact and "exact" in small.reason
+    mid = choose_index(100_000, 1152, 8 * GIB)
+    assert mid.index_type == "HNSW32" and not mid.exact
+    million = choose_index(1_000_000, 1152, 12 * GIB)
+    assert million.index_type == "HNSW32"
+    tight = choose_index(1_000_000, 1152, 2 * GIB)  # float32 (4.6 GB) does not fit
+    assert tight.index_type == "HNSW32,SQ8" and tight.bytes_per_vector <= 1536
+    big = choose_index(8_000_000, 1152, 64 * GIB)
+    assert big.index_type.startswith("IVF") and big.index_type.endswith(",SQ8")
+    huge = choose_index(50_000_000, 1152, 64 * GIB)
+    assert ",PQ" in huge.index_type and huge.rerank > 0
+    assert index_choice.rerank_for(huge.index_type) == huge.rerank
+    for choice in (small, mid, million, tight, big, huge):
+        faiss.index_factory(1152, choice.index_type, faiss.METRIC_INNER_PRODUCT)  # valid strings
+        assert choice.to_json()["reason"]
+
+
+def test_bytes_per_vector_estimates_match_faiss():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 64)).astype(np.float32)
+    for spec in ("Flat", "HNSW16", "HNSW16,SQ8", "IVF16,SQ8"):
+        index = new_index(spec, 64)
+        index.train(x)
+        index.add_with_ids(x, np.arange(len(x)))
+        real = faiss.serialize_index(index).nbytes / len(x)
+        assert abs(estimated_bytes_per_vector(spec, 64) - real) / real < 0.35, spec
+
+
+def clustered(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, d)).astype(np.float32)
+    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def recall(found, truth):
+    return np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])
+
+
+@pytest.mark.parametrize("spec", ["HNSW16", "IVF64,Flat", "Flat"])
+@pytest.mark.parametrize("fraction", [0.01, 0.10])
+def test_filtered_search_keeps_recall(spec, fraction, monkeypatch):
+    monkeypatch.setattr(index_choice, "EXACT_SUBSET_LIMIT", 0)  # force the selector route
+    x = clustered(8000, 32)
+    q = clustered(30, 32, seed=1)
+    ids = np.arange(100_000, 108_000, dtype=np.int64)
+    index = new_index(spec, 32)
+    index.train(x)
+    index.add_with_ids(x, ids)
+    allowed = np.sort(np.random.default_rng(2).choice(ids, int(len(ids) * fraction), replace=False))
+    rows = np.searchsorted(ids, allowed)
+    _, truth = exact_topk(q, x[rows], allowed, 10)
+    _, found = index_choice.search(index, q, 10, allowed=allowed)
+    assert np.isin(found[found >= 0], allowed).all()
+    assert recall(found, truth) >= 0.95
+
+
+def test_small_subsets_are_answered_exactly_and_pq_is_reranked():
+    x = clustered(6000, 32)
+    q = clustered(10, 32, seed=1)
+    ids = np.arange(len(x), dtype=np.int64)
+    index = new_index("IVF32,PQ4x8", 32)
+    index.train(x)
+    index.add_with_ids(x, ids)
+    fetch = lambda wanted: x[wanted]  # noqa: E731  (the store reads SQLite here)
+    allowed = ids[::50]
+    _, truth = exact_topk(q, x[allowed], allowed, 10)
+    _, found = index_choice.search(index, q, 10, allowed=allowed, fetch_vectors=fetch)
+    assert recall(found, truth) == 1.0
+    _, truth = exact_topk(q, x, ids, 10)
+    plain = recall(index_choice.search(index, q, 10)[1], truth)
+    reranked = recall(index_choice.search(index, q, 10, fetch_vectors=fetch, rerank=4)[1], truth)
+    assert reranked > plain
+
+
+def manifest(index_type):
+    return Manifest(model="m", model_revision="local", model_fingerprint="f", dim=16,
+                    preprocessing_version="p", index_type=index_type)
+
+
+def add(store, vectors, start=0):
+    with store.writer() as writer:
+        for i, v in enumerate(vectors):
+            writer.add_file(path=f"/data/{start + i}.png", size=1, mtime_ns=1, content_hash=str(i),
+                            source_kind="image", images=[NewImage(0, 1, 1, v)])
+
+
+def test_store_auto_index_is_rechosen_as_it_grows(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_choice, "EXACT_MAX_BYTES", 16 * 4 * 100)  # exact up to 100 vectors
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((160, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store = Store.create(tmp_path / "s", manifest("auto"))
+    assert store.manifest.index_type == "Flat" and store.manifest.index_auto
+    add(store, vectors[:50])
+    store.save()
+    assert store.manifest.index_type == "Flat"
+    add(store, vectors[50:], start=50)
+    store.close()
+    reopened = Store.open(tmp_path / "s", readonly=True)
+    assert reopened.manifest.index_type == "HNSW32"
+    assert "auto:" in reopened.manifest.index_reason
+    scores, ids = reopened.search(vectors[:3], 1)
+    assert list(ids[:, 0]) == [1, 2, 3] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    reopened.close()
+    pinned = Store.open(tmp_path / "s")
+    pinned.rebuild("Flat")
+    assert not pinned.manifest.index_auto and pinned.manifest.index_reason == "chosen by the user"
+    pinned.close()

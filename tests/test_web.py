@@ -1,0 +1,221 @@
+"""The web page end to end in headless Chromium (Debian's chromium + chromium-driver).
+
+Screenshots land in test-output/web/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from .conftest import PYDICOM_TEST_FILES, write_images
+from .serving import index_store, make_app, running
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "web"
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         "--disable-dev-shm-usage", "--window-size=1400,1000")
+TOKEN = "web-token-0123456789abcdef"
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+    reason="needs Debian's chromium and chromium-driver (scripts/install-test-services.sh)")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("web")
+    write_images(root / "images", 9, seed=2)
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(PYDICOM_TEST_FILES / name, root / "images" / name)
+    index_store(root / "store", root / "images", tiny_model)
+    with running(make_app(root / "store")) as url:
+        yield root, url
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    pytest.importorskip("selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium fetch a driver or browser
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior",
+                           {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.downloads = downloads
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def wait(condition, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cards(driver) -> list[dict]:
+    return driver.execute_script("""
+        return [...document.querySelectorAll('#results .card')].map(c => ({
+          id: Number(c.dataset.id), score: c.querySelector('.score').textContent,
+          tags: c.querySelector('.tags').textContent,
+          loaded: c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}));""")
+
+
+def results_after(driver, action, what) -> list[dict]:
+    """Do ``action`` and wait for a new result grid with every thumbnail loaded."""
+    driver.execute_script("document.getElementById('results').dataset.old = '1';"
+                          "document.getElementById('status').textContent = '';")
+    action()
+    wait(lambda: "result" in driver.find_element("id", "status").text
+         or not driver.find_element("id", "error").get_attribute("hidden"), what=what)
+    error = driver.find_element("id", "error")
+    assert error.get_attribute("hidden"), error.text
+    wait(lambda: all(c["loaded"] for c in cards(driver)), what=f"thumbnails of {what}")
+    return cards(driver)
+
+
+def set_value(driver, element_id: str, value: str) -> None:
+    driver.execute_script("document.getElementById(arguments[0]).value = arguments[1];",
+                          element_id, value)
+
+
+def api(url: str, path: str, **kwargs) -> list[dict]:
+    return httpx.post(f"{url}{path}", timeout=60, **kwargs).json()["results"]
+
+
+def test_search_filter_similar_drop_and_export(site, browser):
+    root, url = site
+    driver = browser
+    driver.get(url + "/")
+    assert driver.title == "medsearch"
+    wait(lambda: "11 images" in driver.find_element("id", "store-info").text, what="store stats")
+
+    # Text search: the grid shows the API's results in order, with scores and thumbnails.
+    box = driver.find_element("id", "query")
+    box.send_keys("pleural effusion")
+    found = results_after(driver, lambda: driver.find_element("id", "search-button").click(),
+                          "text search")
+    expected = api(url, "/search", json={"query": "pleural effusion", "k": 24})
+    assert [c["id"] for c in found] == [r["id"] for r in expected]
+    assert [c["score"] for c in found] == [f"{r['score']:.3f}" for r in expected]
+    driver.save_screenshot(str(SHOTS / "1-search.png"))
+
+    # Filters: modality, then a date range, then a label added to the store while serving.
+    set_value(driver, "f-modality", "CT, MR")
+    found = results_after(driver, lambda: box.submit(), "modality filter")
+    assert sorted(c["tags"].split(" · ")[0] for c in found) == ["CT", "MR"]
+    set_value(driver, "f-date-from", "2004-01-01")
+    set_value(driver, "f-date-to", "2004-02-01")
+    found = results_after(driver, lambda: box.submit(), "date filter")
+    assert [c["tags"] for c in found] == ["CT · 20040119"]
+    for element in ("f-modality", "f-date-from", "f-date-to"):
+        set_value(driver, element, "")
+    labelled = _add_label(root / "store", "effusion", expected[:2])
+    set_value(driver, "f-label", "effusion")
+    found = results_after(driver, lambda: box.submit(), "label filter")
+    assert sorted(c["id"] for c in found) == sorted(labelled)
+    set_value(driver, "f-label", "")
+    driver.save_screenshot(str(SHOTS / "2-label-filter.png"))
+
+    # A click on a result runs a similar-case search for it.
+    results_after(driver, lambda: box.submit(), "text search again")
+    first = driver.find_elements("css selector", "#results .card")[0]
+    clicked = int(first.get_attribute("data-id"))
+    found = results_after(driver, first.click, "similar search")
+    assert driver.find_element("id", "summary").text == f"similar to image #{clicked}"
+    assert [c["id"] for c in found] == [r["id"] for r in api(url, "/similar", json={"id": clicked, "k": 24})]
+    assert clicked not in [c["id"] for c in found]
+    driver.save_screenshot(str(SHOTS / "3-similar.png"))
+
+    # Drop a DICOM file on the drop zone (a real drop event with the file's bytes).
+    box.clear()
+    ct = root / "images" / "CT_small.dcm"
+    found = results_after(driver, lambda: driver.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], 'dropped.dcm'));
+        document.getElementById('drop-zone').dispatchEvent(
+          new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""",
+        base64.b64encode(ct.read_bytes()).decode()), "image drop")
+    top = httpx.get(f"{url}/images/{found[0]['id']}").json()
+    assert top["path"] == str(ct.absolute()) and float(found[0]["score"]) > 0.999
+    driver.save_screenshot(str(SHOTS / "4-drop.png"))
+
+    # Export the current (image) results as CSV: the file equals the API's export.
+    for old in driver.downloads.iterdir():
+        old.unlink()
+    driver.find_element("id", "export-button").click()
+    exported = wait(lambda: [p for p in driver.downloads.glob("*.csv")], what="CSV download")[0]
+    wait(lambda: not list(driver.downloads.glob("*.crdownload")), what="download to finish")
+    rows = list(csv.DictReader(io.StringIO(exported.read_text())))
+    assert [int(r["id"]) for r in rows] == [c["id"] for c in found]
+    assert rows[0]["path"] == str(ct.absolute())
+
+    # Choosing a file through the picker works too; clearing it returns to text search.
+    png = sorted((root / "images").glob("*.png"))[0]
+    found = results_after(driver, lambda: driver.find_element("id", "file-input").send_keys(str(png)),
+                          "file picker")
+    assert httpx.get(f"{url}/images/{found[0]['id']}").json()["path"] == str(png.absolute())
+    driver.find_element("id", "clear-image").click()
+
+    # Errors reach the page as a message, not a broken grid.
+    box.send_keys('"effusion" - "effusion"')
+    box.submit()
+    wait(lambda: driver.find_element("id", "error").is_displayed(), what="error message")
+    assert "cancel" in driver.find_element("id", "error").text
+    driver.save_screenshot(str(SHOTS / "5-error.png"))
+
+
+def _add_label(store: Path, label: str, results: list[dict]) -> list[int]:
+    """Label two images straight in SQLite, as a tagging run in another process would."""
+    from retrieval.schema import LabelRow
+    from retrieval.store import Store
+
+    st = Store.open(store)
+    ids = [r["id"] for r in results]
+    with st.sessions() as session, session.begin():
+        for image_id in ids:
+            session.add(LabelRow(image_id=image_id, label=label, source="user"))
+    with st.sessions() as session:
+        assert len(session.scalars(select(LabelRow).where(LabelRow.label == label)).all()) == 2
+    st.engine.dispose()
+    return ids
+
+
+def test_page_with_a_token_uses_the_browsers_login(site, browser):
+    root, _ = site
+    with running(make_app(root / "store", token=TOKEN)) as url:
+        port = url.rsplit(":", 1)[1]
+        browser.get(f"http://reader:{TOKEN}@127.0.0.1:{port}/")
+        wait(lambda: "images" in browser.find_element("id", "store-info").text, what="stats with token")
+        browser.find_element("id", "query").send_keys("effusion")
+        found = results_after(browser, lambda: browser.find_element("id", "query").submit(),
+                              "search with token")
+        assert len(found) == 11
+        browser.save_screenshot(str(SHOTS / "6-token.png"))
+        assert httpx.get(f"{url}/stats").status_code == 401  # and without it, nothing

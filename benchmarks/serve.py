@@ -53,27 +53,38 @@ def free_port() -> int:
 
 
 def synthetic_store(folder: Path, vectors: int, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny-model store holding ``vectors`` random unit vectors with varied metadata."""
+    """A tiny-model store holding ``vectors`` random unit vectors with varied metadata.
+
+    Rows go in with bulk inserts (the ORM path of an index run costs ms per row); the store
+    then reconciles its FAISS index from SQLite exactly as on any open.
+    """
+    from sqlalchemy import insert
+
     from medsearch.commands.core import manifest_for
     from retrieval.model import VisionEncoder
-    from retrieval.store import NewImage, Store
+    from retrieval.schema import FileRow, ImageRow, VectorRow
+    from retrieval.store import Store
     from retrieval.testmodel import make_test_model
 
     model = make_test_model(folder / "tiny-siglip")
     encoder = VisionEncoder.load(str(model), "cpu")
     store = Store.create(folder / "store", manifest_for(encoder, "Flat"))
     rng = np.random.default_rng(seed)
-    batch = 2000
-    for start in range(0, vectors, batch):
-        block = rng.normal(size=(min(batch, vectors - start), encoder.dim)).astype(np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        with store.writer() as writer:
-            for i, vector in enumerate(block, start):
-                meta = {"modality": MODALITIES[i % len(MODALITIES)],
-                        "study_date": f"20{10 + i % 15:02d}{1 + i % 12:02d}15"}
-                writer.add_file(path=f"/synthetic/{i:07d}.png", size=1, mtime_ns=0,
-                                content_hash=f"{i:040x}", source_kind="image",
-                                images=[NewImage(0, 448, 448, vector, {k: v for k, v in meta.items() if v})])
+    block = rng.normal(size=(vectors, encoder.dim)).astype(np.float32)
+    block /= np.linalg.norm(block, axis=1, keepdims=True)
+    ids = range(1, vectors + 1)
+    with store.sessions() as session, session.begin():
+        session.execute(insert(FileRow), [
+            {"id": i, "path": f"/synthetic/{i:07d}.png", "size": 1, "mtime_ns": 0,
+             "content_hash": f"{i:040x}", "source_kind": "image"} for i in ids])
+        session.execute(insert(ImageRow), [
+            {"id": i, "file_id": i, "frame": 0, "width": 448, "height": 448,
+             "modality": MODALITIES[i % len(MODALITIES)],
+             "study_date": f"20{10 + i % 15:02d}{1 + i % 12:02d}15"} for i in ids])
+        session.execute(insert(VectorRow), [
+            {"image_id": i, "vector": block[i - 1].tobytes()} for i in ids])
+    store.reconcile()
+    store.save()
     store.close()
     return folder / "store", model
 

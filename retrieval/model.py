@@ -90,7 +90,7 @@ def resolve_checkpoint(name: str = DEFAULT_MODEL) -> Checkpoint:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Loading one tower reports the other's weights as unexpected; that is by design."""
     from transformers.utils import logging as hf_logging
 
@@ -104,9 +104,18 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
+#: Config types whose towers load with SiglipVisionModel / SiglipTextModel.
+SIGLIP_TYPES = {"siglip", "siglip_vision_model", "siglip_text_model"}
+
+
 def _load_tower(cls, checkpoint: Checkpoint):
+    model_type = checkpoint.config.get("model_type")
+    if model_type not in SIGLIP_TYPES:
+        raise ModelUnavailableError(
+            f"{checkpoint.name} is a {model_type!r} checkpoint; medsearch needs a SigLIP-family "
+            "checkpoint (config model_type 'siglip'), such as google/medsiglip-448.")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return cls.from_pretrained(checkpoint.path, local_files_only=True).eval()
     except Exception as exc:
         raise ModelUnavailableError(_unavailable_message(

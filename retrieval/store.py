@@ -235,7 +235,12 @@ class Store:
         if not (root / MANIFEST).is_file():
             raise StoreError(f"no store at {root} (no {MANIFEST}); create one with "
                              f"`medsearch index PATH --store {root}`")
-        return cls(root, Manifest.read(root / MANIFEST), readonly=readonly)
+        manifest = Manifest.read(root / MANIFEST)
+        if manifest.format_version > FORMAT_VERSION or manifest.schema_version > SCHEMA_VERSION:
+            raise StoreError(f"store {root} was written by a newer medsearch (format "
+                             f"{manifest.format_version}, schema {manifest.schema_version}); "
+                             "upgrade medsearch to open it")
+        return cls(root, manifest, readonly=readonly)
 
     @classmethod
     def open_or_create(cls, root: str | Path, manifest: Manifest) -> "Store":

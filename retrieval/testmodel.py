@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .model import quiet_transformers
+
 FINDINGS = [
     "pneumothorax", "pleural effusion", "cardiomegaly", "atelectasis", "consolidation",
     "pulmonary edema", "lung opacity", "fracture", "nodule", "mass", "pneumonia",
@@ -70,10 +72,11 @@ def make_test_model(out_dir: str | Path, *, image_size: int = 448, patch_size: i
     vision = dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                   num_hidden_layers=layers, num_attention_heads=2, image_size=image_size,
                   patch_size=patch_size)
-    config = SiglipConfig(text_config=text, vision_config=vision)
-    torch.manual_seed(seed)
-    model = SiglipModel(config).eval()
-    model.save_pretrained(out)
+    with quiet_transformers():  # SiglipConfig's defaults warn about token ids we override
+        config = SiglipConfig(text_config=text, vision_config=vision)
+        torch.manual_seed(seed)
+        model = SiglipModel(config).eval()
+        model.save_pretrained(out)
     (out / "README.md").write_text(
         "Tiny randomly initialised SigLIP made by `medsearch make-test-model`.\n"
         "For tests and demos only: its embeddings and rankings are meaningless.\n"

@@ -7,6 +7,7 @@ set -uo pipefail
 packages=()
 # Each feature adds the Debian packages its tests need:
 # (issue 3) Orthanc with its DICOMweb plugin; DCMTK as an independent renderer
+packages+=(orthanc orthanc-dicomweb dcmtk)
 # (issue 6) headless Chromium for the web page's end-to-end test
 packages+=(chromium chromium-driver)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +12,6 @@ import pytest
 from PIL import Image
 
 from .conftest import PYDICOM_TEST_FILES as TF
-
-CLI = (sys.executable, "-c", "from medsearch.cli import main; main()")
-
 
 def _index(tmp_path: Path, model: Path, roots: list, **options):
     import medsearch.cli  # noqa: F401  (command registration; avoids a circular import)
@@ -141,17 +136,31 @@ def test_series_vectors(tiny_model, tmp_path):
     store.close()
 
 
-def test_preview_writes_what_the_model_sees(tmp_path):
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in this process (as the console script does): exit code, stdout, stderr."""
+    from medsearch.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_preview_writes_what_the_model_sees(tmp_path, capsys):
     import torch
 
     from indexer.decode import DecodeOptions, decode_path
     from retrieval.preprocess import model_input_to_uint8
 
     out = tmp_path / "ybr.png"
-    done = subprocess.run([*CLI, "preview", str(TF / "examples_ybr_color.dcm"), "--out", str(out),
-                           "--size", "64", "--json"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    doc = json.loads(done.stdout)
+    code, stdout, stderr = _cli(capsys, "preview", str(TF / "examples_ybr_color.dcm"), "--out",
+                                str(out), "--size", "64", "--json")
+    assert code == 0, stderr
+    doc = json.loads(stdout)
     assert doc["frame"] == 15 and doc["frames"] == 30 and doc["size"] == 64
     shown = np.asarray(Image.open(out))
     decoded = decode_path(TF / "examples_ybr_color.dcm", DecodeOptions(image_size=64))
@@ -160,13 +169,12 @@ def test_preview_writes_what_the_model_sees(tmp_path):
     assert shown[:5].max() == 0 and shown[-5:].max() == 0 and shown[32].max() > 0
 
     frame0 = tmp_path / "f0.png"
-    assert subprocess.run([*CLI, "preview", str(TF / "examples_ybr_color.dcm"), "--frame", "0",
-                           "--out", str(frame0), "--size", "64"], timeout=120).returncode == 0
+    assert _cli(capsys, "preview", str(TF / "examples_ybr_color.dcm"), "--frame", "0",
+                "--out", str(frame0), "--size", "64")[0] == 0
     assert not np.array_equal(np.asarray(Image.open(frame0)), shown)
-    bad = subprocess.run([*CLI, "preview", str(TF / "test-SR.dcm"), "--out", str(tmp_path / "x.png"),
-                          "--json"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "no pixel data" in json.loads(bad.stdout)["error"]
-    lung = subprocess.run([*CLI, "preview", str(TF / "CT_small.dcm"), "--window", "nope",
-                           "--out", str(tmp_path / "y.png")], capture_output=True, text=True,
-                          timeout=120)
-    assert lung.returncode == 2 and "window must be one of" in lung.stderr
+    code, stdout, _ = _cli(capsys, "preview", str(TF / "test-SR.dcm"), "--out",
+                           str(tmp_path / "x.png"), "--json")
+    assert code == 2 and "no pixel data" in json.loads(stdout)["error"]
+    code, _, stderr = _cli(capsys, "preview", str(TF / "CT_small.dcm"), "--window", "nope",
+                           "--out", str(tmp_path / "y.png"))
+    assert code == 2 and "window must be one of" in stderr

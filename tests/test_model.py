@@ -124,3 +124,11 @@ def test_missing_model_gives_one_clear_message(tmp_path, monkeypatch):
         resolve_checkpoint(str(tmp_path))
     with pytest.raises(ModelUnavailableError, match="no such folder"):
         resolve_checkpoint(str(tmp_path / "nope" / "model"))
+
+
+def test_a_non_siglip_checkpoint_is_refused_clearly(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with pytest.raises(ModelUnavailableError, match="SigLIP-family"):
+        VisionEncoder.load(str(tmp_path), device="cpu")

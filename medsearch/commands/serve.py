@@ -37,7 +37,8 @@ def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
             SourceFile(str(path), len(content), 0, "dicom" if kind == "dicom" else "image"),
             DecodeOptions(image_size=size, frames="middle", phi_policy="drop"))
     if decoded.error or decoded.skipped or not decoded.frames:
-        raise InputError(decoded.error or decoded.skipped or "no frames")
+        reason = decoded.error or decoded.skipped or "no frames"
+        raise InputError(reason.replace(str(path), "upload").replace(folder, "."))
     return decoded.frames[0].tensor
 
 

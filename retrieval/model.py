@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import acceleration
 from .errors import ModelUnavailableError
 from .preprocess import model_input
 
@@ -136,18 +137,22 @@ def select_device(device: str = "auto") -> torch.device:
 class VisionEncoder:
     """The vision tower: model-ready tensors (or raw pixels) → L2-normalised float32 vectors."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto") -> None:
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
+                 compile_model: bool = False) -> None:
         from transformers import SiglipVisionModel
 
         self.checkpoint = checkpoint
         self.device = select_device(device)
-        self.model = _load_tower(SiglipVisionModel, checkpoint).to(self.device)
+        self.precision = acceleration.resolve_precision(precision, self.device)
+        self.model = acceleration.prepare_model(_load_tower(SiglipVisionModel, checkpoint),
+                                                self.device, self.precision, compile_model)
         self.image_size: int = int(self.model.config.image_size)
         self.dim: int = int(self.model.config.hidden_size)
 
     @classmethod
-    def load(cls, name: str = DEFAULT_MODEL, device: str = "auto") -> "VisionEncoder":
-        return cls(resolve_checkpoint(name), device)
+    def load(cls, name: str = DEFAULT_MODEL, device: str = "auto",
+             precision: str = "auto") -> "VisionEncoder":
+        return cls(resolve_checkpoint(name), device, precision)
 
     def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
         return model_input(pixels, self.image_size)
@@ -157,33 +162,41 @@ class VisionEncoder:
         """N×3×S×S model inputs in [-1, 1] → N×dim unit vectors."""
         if batch.ndim != 4 or batch.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected N×3×{self.image_size}×{self.image_size}, got {tuple(batch.shape)}")
-        out = self.model(pixel_values=batch.to(self.device, torch.float32))
+        batch = acceleration.to_device(batch.float(), self.device)
+        with acceleration.autocast(self.device, self.precision):
+            out = self.model(pixel_values=batch.to(acceleration.input_dtype(self.device, self.precision)))
         return _normalise(out.pooler_output)
 
     def embed_pixels(self, images: list[np.ndarray]) -> np.ndarray:
+        if self.device.type == "cuda":  # resize and scale on the GPU: only raw pixels travel
+            return self.embed_batch(torch.stack([
+                acceleration.device_model_input(img, self.image_size, self.device) for img in images]))
         return self.embed_batch(torch.stack([self.preprocess(img) for img in images]))
 
 
 class TextEncoder:
     """The text tower: strings → L2-normalised float32 vectors, with a cache for repeats."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto") -> None:
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto") -> None:
         from transformers import AutoTokenizer, SiglipTextModel
 
         self.checkpoint = checkpoint
         self.device = select_device(device)
+        self.precision = acceleration.resolve_precision(precision, self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, local_files_only=True)
         except Exception as exc:
             raise ModelUnavailableError(_unavailable_message(
                 checkpoint.name, f"no usable tokenizer in {checkpoint.path}: {exc}")) from None
-        self.model = _load_tower(SiglipTextModel, checkpoint).to(self.device)
+        self.model = acceleration.prepare_model(_load_tower(SiglipTextModel, checkpoint),
+                                                self.device, self.precision)
         self.dim: int = int(self.model.config.hidden_size)
         self._cached = lru_cache(maxsize=1024)(self._embed_one)
 
     @classmethod
-    def load(cls, name: str = DEFAULT_MODEL, device: str = "auto") -> "TextEncoder":
-        return cls(resolve_checkpoint(name), device)
+    def load(cls, name: str = DEFAULT_MODEL, device: str = "auto",
+             precision: str = "auto") -> "TextEncoder":
+        return cls(resolve_checkpoint(name), device, precision)
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
         """MedSigLIP's text recipe: pad to 64 with max_length padding; ids only, no mask."""
@@ -196,7 +209,8 @@ class TextEncoder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         # The attention mask is deliberately not passed: the tower was trained without one.
-        out = self.model(input_ids=self.token_ids(texts).to(self.device))
+        with acceleration.autocast(self.device, self.precision):
+            out = self.model(input_ids=self.token_ids(texts).to(self.device))
         return _normalise(out.pooler_output)
 
     def _embed_one(self, text: str) -> bytes:

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,3 +224,23 @@ def test_eval_cli_writes_json_and_html(tiny_model, tmp_path):
             roc_auc_score(truth[:, j], cos[:, j]), abs=1e-9)
     assert doc["text_retrieval"]["mAP"] == pytest.approx(
         average_precision_score(truth, cos, average="macro"), abs=1e-9)
+
+
+def test_eval_reuses_stored_vectors(tiny_model, tmp_path):
+    from medsearch.cli import app
+
+    from .test_zeroshot import build_store
+
+    store = build_store(tmp_path, tiny_model, 4)
+    extra = write_images(tmp_path / "new", 2, seed=5)
+    stored = sorted((tmp_path / "images").iterdir())
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f"{p},{'ab'[i % 2]},{'train' if i < 4 else 'test'}\n" for i, p in enumerate(stored + extra)))
+    out = CliRunner().invoke(app, ["eval", str(manifest), "--store", str(store), "--out",
+                                   str(tmp_path / "r"), "--ks", "1", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.stdout)
+    assert (doc["n_images"], doc["from_store"], doc["embedded"]) == (6, 4, 2)
+    assert doc["similar_cases"]["protocol"] == "test queries against train"
+    assert doc["linear_probe"]["protocol"] == "train/test split"

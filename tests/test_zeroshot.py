@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from .conftest import write_images
 from retrieval.errors import InputError, ModelUnavailableError
-from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
+from retrieval.model import VisionEncoder, resolve_checkpoint
 from retrieval.zeroshot import (CXR_FINDINGS, PRESETS, LogitScalars, ReviewThresholds,
                                 ZeroShotClassifier, classifications, normalised_entropy,
                                 read_logit_scalars, resolve_labels, score_vectors, softmax,
@@ -201,7 +201,6 @@ def _label_rows(store_dir: Path, source: str) -> dict[tuple[int, str], float]:
 
 
 def test_tag_writes_exact_predictions_and_replaces_them(tagged_store, classifier):
-    from sqlalchemy import select
 
     from retrieval.filters import Filters
     from retrieval.schema import LabelRow

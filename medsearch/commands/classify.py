@@ -280,7 +280,10 @@ def report_cmd(
     min_margin: MinMarginOpt = ReviewThresholds.min_margin,
     json_out: JsonOpt = False,
 ) -> None:
-    """Findings report for one image: top zero-shot findings, similar cases, review flag."""
+    """Findings report for one image: top zero-shot findings, similar cases, review flag.
+
+    Labels default to the cxr preset; --labels or --preset choose others.
+    """
     from retrieval.preprocess import model_input_to_uint8
     from retrieval.report import findings, findings_html, image_png, write_html
 

@@ -4,6 +4,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// Absolute same-origin URLs: a page opened as http://user:token@host/ would otherwise resolve
+// relative URLs with the credentials in them, which browsers refuse for fetch and images.
+const at = (path) => location.origin + path;
 let imageFile = null;      // a dropped/chosen image: searches use it (plus any text)
 let lastRequest = null;    // {path, body: () => fetch body, json: bool, label} for export
 
@@ -44,7 +47,7 @@ async function call(path, request) {
   } else {
     init.body = request.body();
   }
-  const response = await fetch(path, init);
+  const response = await fetch(at(path), init);
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try { message = (await response.json()).error || message; } catch (e) { /* not JSON */ }
@@ -118,7 +121,7 @@ function render(results, label, millis) {
     const img = document.createElement("img");
     img.loading = "lazy";
     img.alt = `image ${r.id}`;
-    img.src = `/images/${r.id}/preview?size=256`;
+    img.src = at(`/images/${r.id}/preview?size=256`);
     const meta = document.createElement("div");
     meta.className = "meta";
     const name = r.path.split(/[\\/]/).pop();
@@ -179,7 +182,7 @@ function clearImage(event) {
 
 async function loadStats() {
   try {
-    const response = await fetch("/stats", { credentials: "same-origin" });
+    const response = await fetch(at("/stats"), { credentials: "same-origin" });
     if (!response.ok) return;
     const s = await response.json();
     $("store-info").textContent = `${s.count} images · ${s.model.split("/").pop()}`;

@@ -60,10 +60,9 @@ def synthetic_store(folder: Path, vectors: int, seed: int = 0) -> tuple[Path, Pa
     """
     from sqlalchemy import insert
 
-    from medsearch.commands.core import manifest_for
     from retrieval.model import VisionEncoder
     from retrieval.schema import FileRow, ImageRow, VectorRow
-    from retrieval.store import Store
+    from retrieval.store import Store, manifest_for
     from retrieval.testmodel import make_test_model
 
     model = make_test_model(folder / "tiny-siglip")

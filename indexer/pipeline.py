@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from functools import partial
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from retrieval.acceleration import stack_pinned
 from retrieval.model import VisionEncoder
 from retrieval.store import NewImage, Store, known_files
 
@@ -83,6 +85,8 @@ class Indexer:
                                      window=window)
         self.series_vectors, self.dicomweb_query = series_vectors, dicomweb_query
         self.touched_series: set[str] = set()
+        self._encoder_thread: ThreadPoolExecutor | None = None
+        self._pending: tuple | None = None  # (vectors future, batch, ops) being embedded
 
     # -- decoding ---------------------------------------------------------------------------
     def _decoded(self, sources: list[SourceFile]) -> Iterator[Decoded]:
@@ -139,6 +143,7 @@ class Indexer:
                         self.store.save()
                         last_save = time.monotonic()
             self._commit(batch, ops, report)
+            self._flush(report)
             if gone:
                 with self.store.writer() as writer:
                     for path in gone:
@@ -151,6 +156,9 @@ class Indexer:
                 report.series = update_series_vectors(
                     self.store, self.touched_series | set(stale_series(self.store)))
         finally:
+            if self._encoder_thread is not None:
+                self._encoder_thread.shutdown(wait=True, cancel_futures=True)
+                self._encoder_thread, self._pending = None, None
             bar.close()
             self.store.save()
         report.seconds = round(time.perf_counter() - started, 3)
@@ -178,10 +186,31 @@ class Indexer:
             batch.append(decoded)
 
     def _commit(self, batch: list[Decoded], ops: list[tuple], report: IndexReport) -> None:
-        """Embed the batch, then write it and the pending ops in one transaction."""
+        """Start embedding the batch on the encoder thread, then write the previous batch.
+
+        One batch in flight: the device computes batch i+1 while batch i is written and the
+        workers decode more, so neither waits for the other. Each batch is still one
+        transaction; a killed run loses at most the batch in flight (redone next run).
+        """
         if not batch and not ops:
             return
-        vectors = self._embed([frame.tensor for d in batch for frame in d.frames])
+        if self._encoder_thread is None:
+            self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+        future = self._encoder_thread.submit(
+            self._embed, [frame.tensor for d in batch for frame in d.frames])
+        self._flush(report)
+        self._pending = (future, batch, ops)
+
+    def _flush(self, report: IndexReport) -> None:
+        """Write the batch in flight, if any."""
+        if self._pending is not None:
+            future, batch, ops = self._pending
+            self._pending = None
+            self._write(future.result(), batch, ops, report)
+
+    def _write(self, vectors: np.ndarray, batch: list[Decoded], ops: list[tuple],
+               report: IndexReport) -> None:
+        """Write embedded files and the pending ops in one transaction."""
         with self.store.writer() as writer:
             for op in ops:
                 if op[0] in ("fail", "skip"):
@@ -211,7 +240,7 @@ class Indexer:
             return np.zeros((0, self.store.dim), np.float32)
         out = []
         for start in range(0, len(tensors), self.batch_size):
-            chunk = torch.from_numpy(np.stack(tensors[start:start + self.batch_size]))
+            chunk = stack_pinned(tensors[start:start + self.batch_size], self.encoder.device)
             out.append(self.encoder.embed_batch(chunk))
         return np.concatenate(out)
 

@@ -50,6 +50,8 @@ def to_rgb(unit: np.ndarray) -> np.ndarray:
 def pad_to_square(chw: torch.Tensor) -> torch.Tensor:
     """Centre a C×H×W image on a zero square; the odd pixel goes to the bottom/right."""
     _, h, w = chw.shape
+    if h == w:
+        return chw
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
     return F.pad(chw, (left, side - w - left, top, side - h - top), value=0.0)
@@ -74,7 +76,13 @@ def unit_rgb_to_model_input(unit_rgb: np.ndarray | torch.Tensor, size: int) -> t
 
 def model_input(pixels: np.ndarray, size: int) -> torch.Tensor:
     """Any supported pixel array → the vision tower's 3×size×size input."""
-    return unit_rgb_to_model_input(to_rgb(to_unit_range(pixels)), size)
+    unit = to_unit_range(pixels)
+    if unit.ndim == 2 or (unit.ndim == 3 and unit.shape[2] in (1, 2)):
+        # grey: every step is per channel, so resizing one channel and copying it is the same
+        # result as resizing three copies, at a third of the work (the indexer's hot path)
+        grey = unit if unit.ndim == 2 else unit[:, :, 0]
+        return unit_rgb_to_model_input(grey[:, :, None], size).expand(3, -1, -1).contiguous()
+    return unit_rgb_to_model_input(to_rgb(unit), size)
 
 
 def model_input_to_uint8(tensor: torch.Tensor) -> np.ndarray:

@@ -28,23 +28,25 @@ class Result:
 class Searcher:
     """Loads each tower lazily, from the checkpoint the store was built with unless told otherwise."""
 
-    def __init__(self, store: Store, model: str | None = None, device: str = "auto") -> None:
+    def __init__(self, store: Store, model: str | None = None, device: str = "auto",
+                 precision: str = "auto") -> None:
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
+        self.precision = precision
         self._text: TextEncoder | None = None
         self._vision: VisionEncoder | None = None
 
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
-            self._text = TextEncoder(self._checkpoint(), self.device)
+            self._text = TextEncoder(self._checkpoint(), self.device, self.precision)
         return self._text
 
     @property
     def vision_encoder(self) -> VisionEncoder:
         if self._vision is None:
-            self._vision = VisionEncoder(self._checkpoint(), self.device)
+            self._vision = VisionEncoder(self._checkpoint(), self.device, self.precision)
         return self._vision
 
     def _checkpoint(self):

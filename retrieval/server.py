@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -256,6 +257,7 @@ class Engine:
         self.text_lock = threading.Lock()
         self.vision_lock = threading.Lock()
         self.store_lock = threading.RLock()
+        self.decode_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._version_db = sqlite3.connect(store.root / DATABASE, check_same_thread=False)
         self._version = self._data_version()
         self._previews: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -300,7 +302,8 @@ class Engine:
             raise UnsupportedMedia("this server was started without an image decoder; "
                                    "search by text or by indexed id")
         try:
-            tensor = self.decode_upload(content, kind, self.image_size)
+            with self.decode_slots:  # bounds the memory that concurrent large uploads take
+                tensor = self.decode_upload(content, kind, self.image_size)
         except MedsearchError as exc:
             raise UndecodableImage(f"the uploaded {kind.upper()} could not be decoded: {exc}") from None
         with self.vision_lock:
@@ -352,9 +355,12 @@ class Engine:
         self.refresh()
         with self.store_lock:
             m = self.store.manifest
-            return {"model": m.model, "dim": m.dim, "count": self.store.count,
-                    "index_type": m.index_type, "model_revision": m.model_revision,
-                    "preprocessing_version": m.preprocessing_version, **self.store.stats()}
+            doc = {"model": m.model, "dim": m.dim, "count": self.store.count,
+                   "index_type": m.index_type}
+            for name in ("index_auto", "index_reason", "model_revision", "preprocessing_version"):
+                if hasattr(m, name):
+                    doc[name] = getattr(m, name)
+            return {**doc, **self.store.stats()}
 
     def preview(self, image_id: int, size: int | None) -> bytes:
         """PNG of exactly what the model saw for this image, optionally scaled down."""
@@ -465,7 +471,9 @@ class Guard:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
         if self.token and scope["path"] not in self.OPEN_PATHS and not self._authorised(headers):
-            browser = b"text/html" in headers.get(b"accept", b"")
+            # The page and its files ask a browser for the token with its own login prompt.
+            page = scope["path"] == "/" or scope["path"].startswith("/static/")
+            browser = page or b"text/html" in headers.get(b"accept", b"")
             challenge = 'Basic realm="medsearch"' if browser else 'Bearer realm="medsearch"'
             state["status"] = 401
             self.metrics.rejected.labels("unauthorised").inc()
@@ -630,12 +638,12 @@ def _is_multipart(request: Request) -> bool:
 
 
 def create_app(store: str | Path, *, model: str | None = None, device: str = "auto",
-               token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+               precision: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                decode_upload: DecodeUpload | None = None,
                decode_stored: DecodeStored | None = None) -> FastAPI:
     """Open the store read-only, load both towers once, and build the app."""
     st = Store.open(store, readonly=True)
-    searcher = Searcher(st, model, device)
+    searcher = Searcher(st, model, device, precision)
     _ = (searcher.text_encoder, searcher.vision_encoder)  # load now: errors show at start-up
     engine = Engine(st, searcher, decode_upload, decode_stored)
     metrics = Metrics(engine)

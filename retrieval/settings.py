@@ -21,11 +21,13 @@ class Settings(BaseModel, extra="forbid"):
     model: str = DEFAULT_MODEL
     store: str = "medsearch-store"
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    batch_size: int = 8                  # images per forward pass
+    batch_size: int = 8                  # images per forward pass (CUDA: at least what fits memory)
+    precision: str = "auto"              # auto | fp32 | bf16 | int8 (CPU) — see retrieval/acceleration.py
+    compile: bool = False                # torch.compile the vision tower (pays off on long GPU runs)
     workers: int | None = None           # decode processes; None = cores - 1 (at most 8)
     frames: str = "middle"               # multi-frame policy: all | first | middle | N
     phi_policy: Literal["hash", "keep", "drop"] = "hash"
-    index_type: str = "Flat"             # a FAISS factory string
+    index_type: str = "auto"             # a FAISS factory string, or auto (by size and memory)
     k: int = 10
 
 

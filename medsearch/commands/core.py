@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from retrieval.acceleration import auto_batch_size
 from retrieval.errors import InputError
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
 from retrieval.search import Searcher
@@ -16,7 +17,7 @@ from indexer.pipeline import query_image_vector
 
 from ..cli import app
 from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
-                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
+                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt, build_filters,
                        settings, store_path)
 from ..output import emit, note, results_table
 
@@ -56,7 +57,9 @@ def index_cmd(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decode processes (0: inline).")] = None,
     frames: Annotated[Optional[str], typer.Option(help="Multi-frame policy: all|first|middle|N.")] = None,
     phi: Annotated[Optional[str], typer.Option("--phi", help="Patient key policy: hash|keep|drop.")] = None,
-    index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string for a new store.")] = None,
+    index_type: Annotated[Optional[str], typer.Option(
+        help="FAISS factory string for a new store, or auto (chosen by size and memory).")] = None,
+    precision: PrecisionOpt = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
     window: Annotated[str, typer.Option(
         help="DICOM grey window: file (the file's first window), auto (percentiles), or a CT "
@@ -89,7 +92,10 @@ def index_cmd(
     missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
     if missing:
         raise InputError(f"no such file or folder: {', '.join(missing)}")
-    encoder = VisionEncoder.load(model or _store_model(root) or cfg.model, device or cfg.device)
+    encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
+                            device or cfg.device, precision or cfg.precision, cfg.compile)
+    if batch_size is None and encoder.device.type == "cuda":
+        batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
     st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type))
     with st.exclusive():
         note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
@@ -111,10 +117,11 @@ def _store_model(root: Path) -> str | None:
     return Manifest.read(manifest).model if manifest.is_file() else None
 
 
-def _open_searcher(store: Path | None, model: str | None, device: str | None) -> Searcher:
+def _open_searcher(store: Path | None, model: str | None, device: str | None,
+                   precision: str | None = None) -> Searcher:
     cfg = settings()
     st = Store.open(store_path(store, cfg), readonly=True)
-    return Searcher(st, model, device or cfg.device)
+    return Searcher(st, model, device or cfg.device, precision or cfg.precision)
 
 
 @app.command("search")
@@ -125,13 +132,13 @@ def search_cmd(
     store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
-    label: LabelOpt = None, json_out: JsonOpt = False,
+    label: LabelOpt = None, precision: PrecisionOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Find images by a text description (or weighted text/image terms: query arithmetic)."""
     from retrieval.query import parse_query
 
     terms = parse_query(text, allow_files=True)
-    searcher = _open_searcher(store, model, device)
+    searcher = _open_searcher(store, model, device, precision)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     results = searcher.query(terms, k or settings().k, filters, min_score, image_vector=lambda t:
                              query_image_vector(searcher.vision_encoder, Path(t.value)))
@@ -167,6 +174,7 @@ def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     st = Store.open(store_path(store, settings()), readonly=True)
     m = st.manifest
     doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
+           "index_auto": m.index_auto, "index_reason": m.index_reason,
            "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
            **st.stats()}
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))
@@ -205,7 +213,7 @@ def embed_cmd(
 
 @app.command("reindex")
 def reindex_cmd(
-    index_type: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8.")],
+    index_type: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8; or auto (by size and memory).")],
     store: StoreOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""

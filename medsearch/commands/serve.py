@@ -110,7 +110,8 @@ def serve_cmd(
     cfg = settings()
     root = store_path(store, cfg)
     max_bytes = int(max_upload_mb * 1024 * 1024)
-    web = create_app(root, model=model, device=device or cfg.device, token=token,
+    web = create_app(root, model=model, device=device or cfg.device, precision=cfg.precision,
+                     token=token,
                      max_upload_bytes=max_bytes, decode_upload=decode_upload,
                      decode_stored=decode_stored)
     shown = f"[{host}]" if ":" in host else host
@@ -155,7 +156,7 @@ def export_cmd(
     from retrieval.search import Searcher
     from retrieval.store import Store
 
-    from .core import query_image_vector
+    from indexer.pipeline import query_image_vector
 
     if sum(x is not None for x in (query, similar, image_id)) != 1:
         raise InputError("give exactly one of --query TEXT, --similar FILE or --id N")
@@ -170,7 +171,7 @@ def export_cmd(
         terms = [Term("id", image_id, 1.0)]
     cfg = settings()
     searcher = Searcher(Store.open(store_path(store, cfg), readonly=True), model,
-                        device or cfg.device)
+                        device or cfg.device, cfg.precision)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     results = searcher.query(
         terms, k or cfg.k, filters, min_score,

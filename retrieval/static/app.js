@@ -68,6 +68,9 @@ async function run(request) {
     render(data.results, request.label, performance.now() - started);
   } catch (err) {
     $("status").textContent = "";
+    $("results").replaceChildren();   // never leave another query's results under an error
+    $("toolbar").hidden = true;
+    lastRequest = null;
     showError(err.message);
   } finally {
     $("search-button").disabled = false;

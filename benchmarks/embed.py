@@ -1,0 +1,444 @@
+"""Embedding benchmark: the full-size MedSigLIP-448 architecture (random weights) end to end.
+
+Writes a full-size random checkpoint once (save_pretrained into --cache-dir, so the real
+loading path runs), generates a corpus of PNG and DICOM files of realistic sizes, then reports
+as one JSON object (--json): model-only throughput on ready tensors, end-to-end indexing
+throughput (files → committed store), their ratio, FLOPs and MFU against a stated peak,
+decoding speed per worker, a tutorial-style baseline (AutoProcessor + full SiglipModel, one
+image at a time, dummy text), int8 speed-up and cosine on CPU, and text-query latency.
+
+    python benchmarks/embed.py --quick --json              # CPU, within 10 minutes on 2 cores
+    python benchmarks/embed.py --device cuda --json        # GPU, bf16, batch from free memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from retrieval import acceleration  # noqa: E402
+from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint, select_device  # noqa: E402
+
+#: MedSigLIP-448's shapes (model card / config): both towers 27 layers, width 1152.
+VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+              num_attention_heads=16, patch_size=14, image_size=448)
+TEXT = dict(vocab_size=32000, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+            num_attention_heads=16, max_position_embeddings=64, projection_size=1152)
+#: Dense bf16 tensor-core peak from NVIDIA's H100/H200 SXM datasheet (TFLOP/s).
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L4": 121.0}
+QUERIES = ["left pneumothorax", "right pleural effusion", "cardiomegaly", "lung nodule",
+           "rib fracture", "pulmonary edema", "consolidation in the lower lobe", "no finding",
+           "atelectasis", "a chest x-ray showing pneumonia", "mass in the upper lobe",
+           "bilateral opacities", "hemorrhage in the brain", "knee fracture", "normal tissue",
+           "melanoma on the back", "diabetic retinopathy", "infarct", "glaucoma", "tumor tissue"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the checkpoint --------------------------------------------------------------------------
+def full_size_checkpoint(cache_dir: Path) -> Path:
+    """A full-size random SigLIP (both towers) with tokenizer and image processor, made once."""
+    folder = cache_dir / "medsiglip-448-random"
+    if (folder / "config.json").is_file() and list(folder.glob("*.safetensors")) and \
+            (folder / "preprocessor_config.json").is_file():
+        return folder
+    from transformers import (SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor,
+                              SiglipTokenizer)
+
+    from retrieval.testmodel import train_tokenizer
+
+    log(f"writing a full-size random checkpoint to {folder} (once) …")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as spm_dir:
+        tokenizer = SiglipTokenizer(vocab_file=str(train_tokenizer(Path(spm_dir))),
+                                    model_max_length=64)
+    processor = SiglipProcessor(image_processor=SiglipImageProcessor(
+        size={"height": 448, "width": 448}), tokenizer=tokenizer)
+    processor.save_pretrained(tmp)
+    torch.manual_seed(0)
+    config = SiglipConfig(text_config=dict(TEXT, pad_token_id=1, eos_token_id=1),
+                          vision_config=VISION)
+    SiglipModel(config).eval().save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def vision_flops_per_image(cfg: dict = VISION) -> float:
+    """Multiply-adds ×2 of the vision tower's forward (patch embedding, 27 blocks, pooling head)."""
+    d, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    patch = 2 * tokens * (3 * cfg["patch_size"] ** 2) * d
+    block = 2 * tokens * (4 * d * d + 2 * d * f) + 2 * 2 * tokens * tokens * d
+    head = 2 * (tokens * 2 * d * d + 2 * d * d + 2 * d * f) + 2 * 2 * tokens * d
+    return float(patch + layers * block + head)
+
+
+# -- the corpus ------------------------------------------------------------------------------
+def _radiograph(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+    body = np.exp(-(((xx - 0.5) / 0.35) ** 2 + ((yy - 0.55) / 0.45) ** 2) * 2)
+    ribs = 0.15 * np.sin(yy * 40 + np.sin(xx * 6 + seed)) * body
+    img = 2800 * body + 400 * ribs + 300 * np.sin(xx * 3 + seed)
+    img += rng.normal(0, 25, (n, n)).astype(np.float32)
+    return np.clip(img + 200, 0, 4095).astype(np.uint16)
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, modality: str, seed: int) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1" if modality == "DX" else "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = modality, "CHEST"
+    ds.PatientID, ds.PatientName = f"BENCH{seed:04d}", "Bench^Synthetic"
+    ds.StudyDate = "20240102"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if modality == "CT":
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+    else:
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_corpus(folder: Path, n: int, composition: str, unique: int = 8) -> dict:
+    """``unique`` distinct files per kind, hard-linked up to ``n`` files (same bytes to decode,
+    no extra disk). radiographs: 2048×2048 12-bit in 16-bit PNG and DICOM (DX); mixed: a
+    quarter of those and three quarters 512×512 CT slices (DICOM), as in a hospital archive."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = ["png2048", "dx2048"] if composition == "radiographs" else ["png2048", "dx2048"] + ["ct512"] * 6
+    sources: dict[str, list[Path]] = {}
+    for kind in dict.fromkeys(kinds):
+        sources[kind] = []
+        for i in range(min(unique, n)):
+            seed = 100 * list(dict.fromkeys(kinds)).index(kind) + i
+            if kind == "png2048":
+                path = folder / f"u_{kind}_{i}.png"
+                Image.fromarray(_radiograph(2048, seed)).save(path, compress_level=6)
+            elif kind == "dx2048":
+                path = folder / f"u_{kind}_{i}.dcm"
+                _write_dicom(path, _radiograph(2048, seed), "DX", seed)
+            else:
+                path = folder / f"u_{kind}_{i}.dcm"
+                _write_dicom(path, (_radiograph(512, seed) // 2).astype(np.uint16), "CT", seed)
+            sources[kind].append(path)
+    files = folder / "corpus"
+    files.mkdir(exist_ok=True)
+    counts: dict[str, int] = {}
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        src = sources[kind][(i // len(kinds)) % len(sources[kind])]
+        os.link(src, files / f"{i:06d}_{src.name}")
+        counts[kind] = counts.get(kind, 0) + 1
+    return {"path": str(files), "files": n, "counts": counts,
+            "unique": [str(p) for ps in sources.values() for p in ps]}
+
+
+def decode_rate(corpus: dict, image_size: int) -> float:
+    """Frames per second one worker decodes (hash, read, window, pad, resize), in proportion."""
+    from indexer.decode import DecodeOptions, decode_source
+    from indexer.sources import SourceFile
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker process
+    options = DecodeOptions(image_size=image_size)
+    seconds: dict[str, float] = {}
+    try:
+        for path in corpus["unique"]:
+            kind = Path(path).name.split("_")[1]
+            st = os.stat(path)
+            source = SourceFile(path, st.st_size, st.st_mtime_ns, "dicom" if path.endswith(".dcm") else "image")
+            start = time.perf_counter()
+            decoded = decode_source(source, options)
+            if decoded.error:
+                raise RuntimeError(f"benchmark corpus file failed to decode: {decoded.error}")
+            seconds.setdefault(kind, []).append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    total = sum(corpus["counts"][k] * statistics.mean(v) for k, v in seconds.items())
+    return corpus["files"] / total
+
+
+def real_batch(corpus: dict, image_size: int, batch: int) -> torch.Tensor:
+    from indexer.decode import DecodeOptions, decode_path
+
+    options = DecodeOptions(image_size=image_size, phi_policy="drop")
+    tensors = [torch.from_numpy(decode_path(p, options).frames[0].tensor) for p in corpus["unique"]]
+    return torch.stack([tensors[i % len(tensors)] for i in range(batch)])
+
+
+# -- measurements ----------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_rate(encoder: VisionEncoder, batch: torch.Tensor, iterations: int) -> tuple[float, np.ndarray]:
+    """Images/s of embed_batch on ready (pinned, on CUDA) tensors, after a warm-up."""
+    if encoder.device.type == "cuda":
+        batch = batch.pin_memory()
+    out = encoder.embed_batch(batch[: max(1, min(len(batch), 2))] if encoder.device.type == "cpu" else batch)
+    sync(encoder.device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        out = encoder.embed_batch(batch)
+    sync(encoder.device)
+    return len(batch) * iterations / (time.perf_counter() - start), out
+
+
+def pipeline_rate(encoder: VisionEncoder, corpus: dict, root: Path, batch: int,
+                  workers: int | None) -> dict:
+    from indexer.pipeline import Indexer
+    from retrieval.store import Store, manifest_for
+
+    store = Store.create(root, manifest_for(encoder, "auto"))
+    indexer = Indexer(store, encoder, workers=workers, batch_size=batch, progress=False)
+    report = indexer.run([corpus["path"]])
+    store.close()
+    if report.failed:
+        raise RuntimeError(f"{report.failed} corpus files failed: {report.failures[:3]}")
+    return {"images": report.images, "seconds": report.seconds,
+            "images_per_s": report.images / report.seconds, "workers": indexer.workers}
+
+
+def baseline_rate(checkpoint: Path, corpus: dict, device: torch.device, count: int) -> float:
+    """What common tutorials do: AutoProcessor + the full SiglipModel, one image at a time,
+    with a dummy text, fp32."""
+    from PIL import Image
+    from transformers import AutoProcessor, SiglipModel
+
+    from retrieval.model import quiet_transformers
+
+    with quiet_transformers():
+        processor = AutoProcessor.from_pretrained(checkpoint)
+        model = SiglipModel.from_pretrained(checkpoint).eval().to(device)
+    pngs = [p for p in corpus["unique"] if p.endswith(".png")]
+    paths = [pngs[i % len(pngs)] for i in range(count + 1)]
+
+    def one(path: str) -> None:
+        image = Image.open(path).convert("RGB")
+        inputs = processor(text=["a photo"], images=image, padding="max_length",
+                           return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model(**inputs)
+        out.image_embeds.cpu()
+
+    one(paths[0])  # warm-up
+    start = time.perf_counter()
+    for path in paths[1:]:
+        one(path)
+    rate = count / (time.perf_counter() - start)
+    del model
+    return rate
+
+
+def text_latency(checkpoint: Path, store_root: Path, device: str, precision: str,
+                 queries: list[str]) -> dict:
+    """Text → ranked results with metadata, as `medsearch search` does after loading."""
+    from retrieval.search import Searcher
+    from retrieval.store import Store
+
+    store = Store.open(store_root, readonly=True)
+    searcher = Searcher(store, str(checkpoint), device, precision)
+    searcher.text("warm-up query", 10)
+    first, repeat = [], []
+    for query in queries:
+        start = time.perf_counter()
+        results = searcher.text(query, 10)
+        first.append(time.perf_counter() - start)
+        assert results and results[0].path, "search returned no results with metadata"
+    for query in queries:
+        start = time.perf_counter()
+        searcher.text(query, 10)
+        repeat.append(time.perf_counter() - start)
+    text_precision = searcher.text_encoder.precision
+    store.close()
+    return {"text_precision": text_precision,
+            "text_latency_p50_ms": round(1000 * statistics.median(first), 1),
+            "text_latency_p90_ms": round(1000 * float(np.percentile(first, 90)), 1),
+            "text_latency_cached_p50_ms": round(1000 * statistics.median(repeat), 2)}
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str, float | None]:
+    """(peak FLOP/s, where it comes from, measured large-matmul FLOP/s or None)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        sheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        sync(device)
+        measured = 2 * n**3 * 20 / (time.perf_counter() - start)
+        if sheet:
+            return sheet * 1e12, f"{name}: dense bf16 datasheet {sheet} TFLOP/s", measured
+        return measured, f"{name}: measured 8192³ bf16 matmul", measured
+    cores = os.cpu_count() or 1
+    mhz = 0.0
+    try:
+        mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        pass
+    avx512 = "avx512f" in open("/proc/cpuinfo").read()
+    per_cycle = 64 if avx512 else 32  # fp32 FLOPs per cycle per core: 2 FMA units × lanes × 2
+    ghz = (mhz or 2500.0) / 1000
+    return (cores * per_cycle * ghz * 1e9,
+            f"{cores} cores × {per_cycle} fp32 FLOP/cycle ({'AVX-512' if avx512 else 'AVX2'} FMA ×2) "
+            f"× {ghz:.2f} GHz", None)
+
+
+def machine(device: torch.device) -> str:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--quick", action="store_true", help="few images (CPU: within 10 minutes on 2 cores)")
+    parser.add_argument("--images", type=int, help="files in the corpus")
+    parser.add_argument("--batch-size", type=int, help="default: 8 on CPU (quick: 2), from free memory on CUDA")
+    parser.add_argument("--workers", type=int, help="decode processes (default: cores - 1, at most 8)")
+    parser.add_argument("--iterations", type=int, help="timed forward batches")
+    parser.add_argument("--corpus", choices=["mixed", "radiographs"], default="mixed")
+    parser.add_argument("--unique", type=int, default=8, help="distinct files per kind (the rest hard links)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower")
+    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
+        "MEDSEARCH_BENCH_CACHE", Path.home() / ".cache" / "medsearch-bench")))
+    parser.add_argument("--baseline-images", type=int)
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--skip-text", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = select_device(args.device)
+    cuda = device.type == "cuda"
+    checkpoint_dir = full_size_checkpoint(args.cache_dir)
+    checkpoint = resolve_checkpoint(str(checkpoint_dir))
+    encoder = VisionEncoder(checkpoint, str(device), args.precision, args.compile)
+    attention = encoder.model.config._attn_implementation if hasattr(encoder.model, "config") else "?"
+    batch = args.batch_size or (acceleration.auto_batch_size(device) if cuda else (2 if args.quick else 8))
+    images = args.images or (batch * (16 if cuda else 2 if args.quick else 4))
+    iterations = args.iterations or (10 if cuda else 1)
+    log(f"device {device}, precision {encoder.precision}, attention {attention}, batch {batch}, "
+        f"{images} files ({args.corpus})")
+
+    work = Path(tempfile.mkdtemp(prefix="medsearch-bench-"))
+    try:
+        corpus = make_corpus(work / "files", images, args.corpus, args.unique)
+        decode_fps = decode_rate(corpus, encoder.image_size)
+        log(f"decode: {decode_fps:.1f} frames/s per worker")
+        inputs = real_batch(corpus, encoder.image_size, batch)
+        forward, fp32_out = forward_rate(encoder, inputs, iterations)
+        log(f"forward: {forward:.3f} images/s")
+        pipe = pipeline_rate(encoder, corpus, work / "store", batch, args.workers)
+        log(f"pipeline: {pipe}")
+        flops = vision_flops_per_image()
+        peak, peak_source, measured_peak = peak_flops(device, encoder.precision)
+        doc = {
+            "device": str(device), "machine": machine(device), "precision": encoder.precision,
+            "attention": attention, "compiled": args.compile, "batch_size": batch,
+            "workers": pipe["workers"], "corpus": {k: corpus[k] for k in ("files", "counts")},
+            "images": pipe["images"],
+            "images_per_s": round(pipe["images_per_s"], 3),
+            "forward_images_per_s": round(forward, 3),
+            "pipeline_efficiency": round(pipe["images_per_s"] / forward, 3),
+            "flops_per_image": flops,
+            "peak_flops": peak, "peak_source": peak_source,
+            "mfu": round(forward * flops / peak, 4),
+            "mfu_end_to_end": round(pipe["images_per_s"] * flops / peak, 4),
+            "decode_frames_per_s_per_worker": round(decode_fps, 2),
+        }
+        if measured_peak:
+            doc["measured_matmul_flops"] = measured_peak
+            doc["mfu_vs_measured_matmul"] = round(forward * flops / measured_peak, 4)
+        del encoder
+        gc.collect()
+        if not args.skip_int8 and not cuda:
+          try:
+            int8 = VisionEncoder(checkpoint, "cpu", "int8")
+            rate, int8_out = forward_rate(int8, inputs, iterations)
+            doc["int8_images_per_s"] = round(rate, 3)
+            doc["int8_speedup"] = round(rate / forward, 3) if doc["precision"] == "fp32" else None
+            cos = (int8_out * fp32_out).sum(axis=1)
+            doc["int8_cosine"] = round(float(cos.min()), 5)
+            doc["int8_cosine_mean"] = round(float(cos.mean()), 5)
+            log(f"int8: {rate:.3f} images/s, cosine min {cos.min():.5f}")
+            del int8
+            gc.collect()
+          except Exception as exc:  # report what was measured; say what was not
+            doc["int8_error"] = f"{type(exc).__name__}: {exc}"
+        if not args.skip_baseline:
+          try:
+            count = args.baseline_images or (2 if args.quick else 4 if not cuda else 64)
+            base = baseline_rate(checkpoint_dir, corpus, device, count)
+            doc["baseline_images_per_s"] = round(base, 3)
+            doc["speedup_vs_baseline"] = round(pipe["images_per_s"] / base, 2)
+            log(f"baseline: {base:.3f} images/s")
+            gc.collect()
+          except Exception as exc:
+            doc["baseline_error"] = f"{type(exc).__name__}: {exc}"
+        if not args.skip_text:
+          try:
+            text_precision = "int8" if not cuda else "auto"
+            queries = QUERIES[: 10 if args.quick else 20]
+            doc.update(text_latency(checkpoint_dir, work / "store", str(device), text_precision, queries))
+            log(f"text: p50 {doc['text_latency_p50_ms']} ms")
+          except Exception as exc:
+            doc["text_error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(json.dumps(doc, indent=2))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--corpus", choices=["mixed", "radiographs"], default="mixed")
     parser.add_argument("--unique", type=int, default=8, help="distinct files per kind (the rest hard links)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower")
+    parser.add_argument("--bf16-mode", choices=["autocast", "weights"],
+                        help="CUDA bf16 as autocast over fp32 weights, or bf16 weights")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
         "MEDSEARCH_BENCH_CACHE", Path.home() / ".cache" / "medsearch-bench")))
     parser.add_argument("--baseline-images", type=int)
@@ -357,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = select_device(args.device)
+    if args.bf16_mode:
+        acceleration.CUDA_BF16_MODE = args.bf16_mode
     cuda = device.type == "cuda"
     checkpoint_dir = full_size_checkpoint(args.cache_dir)
     checkpoint = resolve_checkpoint(str(checkpoint_dir))
@@ -382,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
         peak, peak_source, measured_peak = peak_flops(device, encoder.precision)
         doc = {
             "device": str(device), "machine": machine(device), "precision": encoder.precision,
-            "attention": attention, "compiled": args.compile, "batch_size": batch,
+            "attention": attention, "compiled": args.compile,
+            "bf16_mode": acceleration.CUDA_BF16_MODE if cuda else None, "batch_size": batch,
             "workers": pipe["workers"], "corpus": {k: corpus[k] for k in ("files", "counts")},
             "images": pipe["images"],
             "images_per_s": round(pipe["images_per_s"], 3),
@@ -399,38 +404,47 @@ def main(argv: list[str] | None = None) -> dict:
             doc["mfu_vs_measured_matmul"] = round(forward * flops / measured_peak, 4)
         del encoder
         gc.collect()
-        if not args.skip_int8 and not cuda:
-          try:
+        if cuda and doc["precision"] == "bf16":  # how far bf16 moves the embedding
+            ref = VisionEncoder(checkpoint, str(device), "fp32").embed_batch(inputs[:16])
+            cos = (ref * fp32_out[:16]).sum(axis=1)
+            doc["bf16_cosine_vs_fp32"] = round(float(cos.min()), 5)
+            gc.collect()
+            torch.cuda.empty_cache()
+        def int8_part() -> dict:
             int8 = VisionEncoder(checkpoint, "cpu", "int8")
             rate, int8_out = forward_rate(int8, inputs, iterations)
-            doc["int8_images_per_s"] = round(rate, 3)
-            doc["int8_speedup"] = round(rate / forward, 3) if doc["precision"] == "fp32" else None
             cos = (int8_out * fp32_out).sum(axis=1)
-            doc["int8_cosine"] = round(float(cos.min()), 5)
-            doc["int8_cosine_mean"] = round(float(cos.mean()), 5)
             log(f"int8: {rate:.3f} images/s, cosine min {cos.min():.5f}")
-            del int8
-            gc.collect()
-          except Exception as exc:  # report what was measured; say what was not
-            doc["int8_error"] = f"{type(exc).__name__}: {exc}"
-        if not args.skip_baseline:
-          try:
+            return {"int8_images_per_s": round(rate, 3),
+                    "int8_speedup": round(rate / forward, 3) if doc["precision"] == "fp32" else None,
+                    "int8_cosine": round(float(cos.min()), 5),
+                    "int8_cosine_mean": round(float(cos.mean()), 5)}
+
+        def baseline_part() -> dict:
             count = args.baseline_images or (2 if args.quick else 4 if not cuda else 64)
             base = baseline_rate(checkpoint_dir, corpus, device, count)
-            doc["baseline_images_per_s"] = round(base, 3)
-            doc["speedup_vs_baseline"] = round(pipe["images_per_s"] / base, 2)
             log(f"baseline: {base:.3f} images/s")
-            gc.collect()
-          except Exception as exc:
-            doc["baseline_error"] = f"{type(exc).__name__}: {exc}"
-        if not args.skip_text:
-          try:
-            text_precision = "int8" if not cuda else "auto"
+            return {"baseline_images_per_s": round(base, 3),
+                    "speedup_vs_baseline": round(pipe["images_per_s"] / base, 2)}
+
+        def text_part() -> dict:
             queries = QUERIES[: 10 if args.quick else 20]
-            doc.update(text_latency(checkpoint_dir, work / "store", str(device), text_precision, queries))
-            log(f"text: p50 {doc['text_latency_p50_ms']} ms")
-          except Exception as exc:
-            doc["text_error"] = f"{type(exc).__name__}: {exc}"
+            out = text_latency(checkpoint_dir, work / "store", str(device),
+                               "int8" if not cuda else "auto", queries)
+            log(f"text: p50 {out['text_latency_p50_ms']} ms")
+            return out
+
+        parts = [("int8", int8_part, not args.skip_int8 and not cuda),
+                 ("baseline", baseline_part, not args.skip_baseline),
+                 ("text", text_part, not args.skip_text)]
+        for name, part, wanted in parts:
+            if not wanted:
+                continue
+            try:
+                doc.update(part())
+            except Exception as exc:  # report what was measured, and say what was not
+                doc[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+            gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -72,7 +72,10 @@ def base_url(root: str) -> str:
 def client(root: str):
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=base_url(root), timeout=60)
+    web = DICOMwebClient(url=base_url(root), timeout=60)
+    # transient 429/503/504 answers are retried briefly; a dead server fails within seconds
+    web.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=250)
+    return web
 
 
 def _uid(item: dict, tag: str) -> str | None:

@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 #: 1152, MLP 4304), with a 2× margin; used to size batches from free GPU memory.
 VISION_BYTES_PER_IMAGE = 96 * 2**20
 MAX_CUDA_BATCH = 256
+#: On CUDA, bf16 as autocast over fp32 weights ("autocast": norms and softmax in fp32) or as
+#: bf16 weights throughout ("weights": half the bytes for every elementwise op).
+CUDA_BF16_MODE = os.environ.get("MEDSEARCH_CUDA_BF16", "weights")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,7 +81,7 @@ def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
         configure_cpu_threads()
     if precision == "int8":
         model = quantize_int8(model)
-    elif precision == "bf16" and device.type == "cpu":
+    elif precision == "bf16" and (device.type == "cpu" or CUDA_BF16_MODE == "weights"):
         model = model.to(torch.bfloat16)  # CPU autocast adds casts per op; native weights are faster
     model = model.to(device)
     if compile_model:
@@ -88,13 +91,14 @@ def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
 
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA; nothing elsewhere (CPU bf16 uses bf16 weights directly)."""
-    if device.type == "cuda" and precision == "bf16":
+    if device.type == "cuda" and precision == "bf16" and CUDA_BF16_MODE == "autocast":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def input_dtype(device: torch.device, precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" and device.type == "cpu" else torch.float32
+    weights = device.type == "cpu" or CUDA_BF16_MODE == "weights"
+    return torch.bfloat16 if precision == "bf16" and weights else torch.float32
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

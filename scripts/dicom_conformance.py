@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -127,13 +128,17 @@ def dcmtk_agreement(path: str) -> float | None:
 def run(folder: Path, timeout: float = TIMEOUT_S, workers: int = 2, dcmtk: bool = True) -> list[Outcome]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     outcomes = []
-    with ProcessPoolExecutor(workers) as pool:
+    # forkserver: forking a process whose torch threads already ran can deadlock the children
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    hung = False
+    try:
         futures = {p: pool.submit(decode_one, str(p)) for p in files}
         for p, future in futures.items():
             ts, photometric = describe(p)
             try:
                 res = future.result(timeout=timeout)
             except FutureTimeout:
+                hung = True
                 res = {"status": "timeout", "frames": 0, "seconds": timeout,
                        "reason": f"no result within {timeout:.0f} s"}
             if res["status"] == "not-dicom":
@@ -146,6 +151,11 @@ def run(folder: Path, timeout: float = TIMEOUT_S, workers: int = 2, dcmtk: bool 
                     r = dcmtk_agreement(str(p))
                 outcome.dcmtk_r = None if r is None else round(r, 4)
             outcomes.append(outcome)
+    finally:
+        if hung:  # a hung decoder must not hang the caller: end the workers
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+        pool.shutdown(wait=not hung, cancel_futures=True)
     return outcomes
 
 

@@ -81,10 +81,9 @@ def test_rendering_agrees_with_dcmtk(outcomes):
 
 def test_pipeline_over_the_whole_set(tiny_model, tmp_path):
     """Index a copy of the set with the tiny model: each DICOM object is accounted for."""
-    import medsearch.cli  # noqa: F401  (command registration; avoids a circular import)
     from indexer.pipeline import Indexer
     from indexer.sources import walk
-    from medsearch.commands.core import manifest_for
+    from retrieval.store import manifest_for
     from retrieval.model import VisionEncoder
     from retrieval.store import Store
 

@@ -14,9 +14,8 @@ from PIL import Image
 from .conftest import PYDICOM_TEST_FILES as TF
 
 def _index(tmp_path: Path, model: Path, roots: list, **options):
-    import medsearch.cli  # noqa: F401  (command registration; avoids a circular import)
     from indexer.pipeline import Indexer
-    from medsearch.commands.core import manifest_for
+    from retrieval.store import manifest_for
     from retrieval.model import VisionEncoder
     from retrieval.store import Store
 

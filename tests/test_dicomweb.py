@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import sys
 
 import httpx
 import pytest
@@ -22,7 +21,6 @@ from retrieval.store import Store
 
 from .conftest import PYDICOM_TEST_FILES
 
-CLI = (sys.executable, "-c", "from medsearch.cli import main; main()")
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 #: A mix: CT, MR, 12-bit JPEG and JPEG 2000 NM, colour, an SR (no image), a multi-frame US.
 UPLOAD = ("CT_small.dcm", "MR_small.dcm", "JPGExtended.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
@@ -90,8 +88,7 @@ def orthanc(tmp_path_factory):
 def _index(store_dir: Path, model: Path, source: str, query: DicomWebQuery | None = None,
            workers: int = 1):
     encoder = VisionEncoder.load(str(model), "cpu")
-    import medsearch.cli  # noqa: F401  (registers the commands; avoids a circular import)
-    from medsearch.commands.core import manifest_for
+    from retrieval.store import manifest_for
 
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
     try:
@@ -135,16 +132,23 @@ def test_filtered_query_indexes_part_and_removes_nothing(orthanc, tiny_model, tm
     assert stats["images"] == len(UPLOAD) - 1
 
 
-def test_cli_index_dicomweb_json(orthanc, tiny_model, tmp_path):
+def test_cli_index_dicomweb_json(orthanc, tiny_model, tmp_path, capsys):
+    from medsearch.cli import main
+
+    def cli(*args) -> tuple[int, dict]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return code, json.loads(capsys.readouterr().out)
+
     store = tmp_path / "cli-store"
-    completed = subprocess.run(
-        [*CLI, "index", f"dicomweb+{orthanc}/dicom-web",
-         "--store", str(store), "--model", str(tiny_model), "--modality", "CT", "--workers", "0",
-         "--json"], capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr
-    doc = json.loads(completed.stdout)
-    assert doc["indexed"] == 1 and doc["failed"] == 0
-    bad = subprocess.run([*CLI, "index",
-                          "dicomweb+http://127.0.0.1:9/dicom-web", "--store", str(store),
-                          "--json"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "DICOMweb search" in json.loads(bad.stdout)["error"]
+    code, doc = cli("index", f"dicomweb+{orthanc}/dicom-web", "--store", str(store), "--model",
+                    str(tiny_model), "--modality", "CT", "--workers", "0", "--json")
+    assert code == 0 and doc["indexed"] == 1 and doc["failed"] == 0
+    code, doc = cli("index", "dicomweb+http://127.0.0.1:9/dicom-web", "--store", str(store), "--json")
+    assert code == 2 and "DICOMweb search" in doc["error"]
+    code, doc = cli("index", str(tmp_path), "--since", "2024-01-01", "--store", str(store), "--json")
+    assert code == 2 and "dicomweb" in doc["error"]

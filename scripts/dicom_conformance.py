@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,37 +123,35 @@ def dcmtk_agreement(path: str) -> float | None:
     return float(np.corrcoef(ours.ravel(), ref.ravel())[0, 1])
 
 
+def decode_entry(path: str) -> tuple[str, dict]:
+    return path, decode_one(path)
+
+
+def decode_lost(path: str, reason: str) -> tuple[str, dict]:
+    status = "timeout" if "longer than" in reason else "failed"
+    return path, {"status": status, "frames": 0, "seconds": 0.0, "reason": reason}
+
+
 def run(folder: Path, timeout: float = TIMEOUT_S, workers: int = 2, dcmtk: bool = True) -> list[Outcome]:
+    """Each file in the indexer's supervised pool: a crash or hang costs that file alone."""
+    from indexer.workers import SupervisedPool
+
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    pool = SupervisedPool(decode_entry, decode_lost, workers=workers, window=workers * 2,
+                          timeout_s=timeout)
+    results = dict(pool.map([str(p) for p in files]))
     outcomes = []
-    # forkserver: forking a process whose torch threads already ran can deadlock the children
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
-    hung = False
-    try:
-        futures = {p: pool.submit(decode_one, str(p)) for p in files}
-        for p, future in futures.items():
-            ts, photometric = describe(p)
-            try:
-                res = future.result(timeout=timeout)
-            except FutureTimeout:
-                hung = True
-                res = {"status": "timeout", "frames": 0, "seconds": timeout,
-                       "reason": f"no result within {timeout:.0f} s"}
-            if res["status"] == "not-dicom":
-                ts, photometric = "-", "-"
-            outcome = Outcome(str(p.relative_to(folder)), ts, photometric, res["status"],
-                              res["frames"], res["reason"], round(res["seconds"], 3))
-            if dcmtk and outcome.status == "indexed":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    r = dcmtk_agreement(str(p))
-                outcome.dcmtk_r = None if r is None else round(r, 4)
-            outcomes.append(outcome)
-    finally:
-        if hung:  # a hung decoder must not hang the caller: end the workers
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.kill()
-        pool.shutdown(wait=not hung, cancel_futures=True)
+    for p in files:
+        res = results[str(p)]
+        ts, photometric = ("-", "-") if res["status"] == "not-dicom" else describe(p)
+        outcome = Outcome(str(p.relative_to(folder)), ts, photometric, res["status"],
+                          res["frames"], res["reason"], round(res["seconds"], 3))
+        if dcmtk and outcome.status == "indexed":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = dcmtk_agreement(str(p))
+            outcome.dcmtk_r = None if r is None else round(r, 4)
+        outcomes.append(outcome)
     return outcomes
 
 

@@ -173,7 +173,7 @@ def search_parameters(index: faiss.Index, k: int, selectivity: float = 1.0,
     base = inner_index(index)
     if isinstance(base, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(
-            efSearch=widened_ef(max(base.hnsw.efSearch, HNSW_EF_SEARCH), k, selectivity), sel=selector)
+            efSearch=widened_ef(base.hnsw.efSearch, k, selectivity), sel=selector)
     if isinstance(base, faiss.IndexIVF):
         return faiss.SearchParametersIVF(
             nprobe=widened_nprobe(max(base.nprobe, 1), base.nlist, selectivity), sel=selector)

@@ -331,9 +331,12 @@ class Store:
         if self.readonly or not self._dirty:
             return
         if self.manifest.index_auto:
-            wanted = index_choice.choose_index(self.count, self.dim).index_type
-            if wanted != self.manifest.index_type:
+            choice = index_choice.choose_index(self.count, self.dim)
+            if choice.index_type != self.manifest.index_type:
                 self.rebuild(index_choice.AUTO)  # the collection outgrew (or shrank below) it
+            elif self.manifest.index_reason != f"auto: {choice.reason}":
+                self.manifest.index_reason = f"auto: {choice.reason}"  # reason for today's size
+                self.manifest.write(self.root / MANIFEST)
         tmp = self.root / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as fh:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.preprocess import model_input
+import torch
+
+from retrieval.preprocess import expand_planes, model_planes
 
 from .dicom import (NoImage, dicom_frames, dicom_metadata, frame_count, no_image_reason,
                     read_dataset)
@@ -32,7 +34,12 @@ class DecodedFrame:
     index: int
     width: int
     height: int
-    tensor: np.ndarray  # 3×S×S float32 in [-1, 1]
+    planes: np.ndarray  # 1×S×S (grey) or 3×S×S (colour) float32 in [-1, 1]
+
+    @property
+    def tensor(self) -> np.ndarray:
+        """The 3×S×S model input (grey travels between processes as one plane)."""
+        return expand_planes(torch.from_numpy(self.planes)).numpy()
 
 
 @dataclass
@@ -76,7 +83,7 @@ def select_frames(count: int, policy: str) -> list[int]:
 
 def _frame(index: int, pixels: np.ndarray, size: int) -> DecodedFrame:
     return DecodedFrame(index, int(pixels.shape[1]), int(pixels.shape[0]),
-                        model_input(pixels, size).numpy())
+                        model_planes(pixels, size).numpy())
 
 
 def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:

@@ -197,7 +197,7 @@ class Indexer:
         if self._encoder_thread is None:
             self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         future = self._encoder_thread.submit(
-            self._embed, [frame.tensor for d in batch for frame in d.frames])
+            self._embed, [frame.planes for d in batch for frame in d.frames])
         self._flush(report)
         self._pending = (future, batch, ops)
 

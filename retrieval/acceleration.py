@@ -111,9 +111,10 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def stack_pinned(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    """Stack model inputs straight into page-locked memory when the target is a GPU."""
+    """Stack model inputs (3×S×S, or 1×S×S grey planes copied to 3 channels on the way)
+    straight into page-locked memory when the target is a GPU."""
     first = arrays[0]
-    out = torch.empty((len(arrays), *first.shape), dtype=torch.float32,
+    out = torch.empty((len(arrays), 3, *first.shape[1:]), dtype=torch.float32,
                       pin_memory=device.type == "cuda")
     for i, a in enumerate(arrays):
         out[i].copy_(torch.from_numpy(np.ascontiguousarray(a)))

@@ -74,15 +74,27 @@ def unit_rgb_to_model_input(unit_rgb: np.ndarray | torch.Tensor, size: int) -> t
     return (square * 2.0 - 1.0).to(torch.float32)
 
 
-def model_input(pixels: np.ndarray, size: int) -> torch.Tensor:
-    """Any supported pixel array → the vision tower's 3×size×size input."""
+def model_planes(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """The model input before channel copying: 1×size×size for grey, 3×size×size for colour.
+
+    Every step is per channel, so resizing one grey channel and copying it equals resizing
+    three copies, at a third of the work and a third of the bytes sent between processes.
+    """
     unit = to_unit_range(pixels)
     if unit.ndim == 2 or (unit.ndim == 3 and unit.shape[2] in (1, 2)):
-        # grey: every step is per channel, so resizing one channel and copying it is the same
-        # result as resizing three copies, at a third of the work (the indexer's hot path)
         grey = unit if unit.ndim == 2 else unit[:, :, 0]
-        return unit_rgb_to_model_input(grey[:, :, None], size).expand(3, -1, -1).contiguous()
+        return unit_rgb_to_model_input(grey[:, :, None], size)
     return unit_rgb_to_model_input(to_rgb(unit), size)
+
+
+def expand_planes(planes: torch.Tensor) -> torch.Tensor:
+    """1×S×S grey planes → 3×S×S (a copy); colour passes through."""
+    return planes.expand(3, -1, -1).contiguous() if planes.shape[0] == 1 else planes
+
+
+def model_input(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """Any supported pixel array → the vision tower's 3×size×size input."""
+    return expand_planes(model_planes(pixels, size))
 
 
 def model_input_to_uint8(tensor: torch.Tensor) -> np.ndarray:

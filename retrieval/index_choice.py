@@ -226,7 +226,7 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 def search(index: faiss.Index, queries: np.ndarray, k: int, *,
            allowed: np.ndarray | None = None,
            fetch_vectors: Callable[[np.ndarray], np.ndarray] | None = None,
-           rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+           rerank: int = 0, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids), best first, for an (optionally id-mapped) FAISS index.
 
     Flat indexes are answered by :func:`exact_topk` over their storage (faster than FAISS's
@@ -234,7 +234,8 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *,
     wrapper). ``allowed`` restricts the result to those ids: exactly over the subset when it
     is small and ``fetch_vectors`` (ids → raw vectors) is given, else through a bitmap
     selector with a search widened for the selectivity. ``rerank`` re-scores rerank·k
-    candidates exactly from ``fetch_vectors``.
+    candidates exactly from ``fetch_vectors``. ``hidden`` ids (deleted rows still inside a
+    graph that cannot remove them) are excluded by the same bitmap selector.
     """
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     nq, k = len(queries), max(1, int(k))
@@ -254,8 +255,12 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *,
     if allowed is not None and allowed.size <= EXACT_SUBSET_LIMIT and fetch_vectors is not None:
         return exact_topk(queries, fetch_vectors(allowed), allowed, k)
     selector, selectivity, bitmap = None, 1.0, None
-    if allowed is not None:
-        mask = np.isin(positions, allowed) if positions is not None else np.isin(np.arange(n), allowed)
+    hiding = hidden is not None and hidden.size > 0
+    if allowed is not None or hiding:
+        ids_at = positions if positions is not None else np.arange(n)
+        mask = np.isin(ids_at, allowed) if allowed is not None else np.ones(n, bool)
+        if hiding:
+            mask &= ~np.isin(ids_at, hidden)
         bitmap = np.packbits(mask, bitorder="little")
         selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
         selectivity = max(int(mask.sum()), 1) / n

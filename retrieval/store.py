@@ -35,6 +35,8 @@ MANIFEST = "manifest.json"
 DATABASE = "meta.sqlite"
 INDEX_FILE = "index.faiss"
 LOCK_FILE = "write.lock"
+TOMBSTONE_MIN = 256
+TOMBSTONE_FRACTION = 0.02
 DEFAULT_INDEX_TYPE = "Flat"
 
 
@@ -208,6 +210,9 @@ class Store:
         Base.metadata.create_all(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock_fd: int | None = None
+        #: Deleted ids still inside an index that cannot remove (HNSW): hidden from results
+        #: until enough pile up to be worth a rebuild.
+        self._tombstones = np.zeros(0, np.int64)
         self.index = self._load_index()
         self._dirty = False
         self.reconcile()
@@ -283,14 +288,26 @@ class Store:
         index_ids = _index_ids(self.index)
         extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
         missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
-        if extra.size and not _supports_removal(self.index):
-            self.rebuild(self.manifest.index_type)
-            return
         if extra.size:
-            self.index.remove_ids(extra)
+            self._remove_from_index(extra)
         if missing.size:
             self._add_to_index(missing, self.vectors(missing))
         self._dirty = bool(extra.size or missing.size)
+
+    def _remove_from_index(self, ids: np.ndarray) -> None:
+        """Remove ids; a graph index that cannot remove hides them, rebuilding only when
+        they exceed ~2% of it (rebuilding an HNSW graph per changed file would cost minutes)."""
+        if _supports_removal(self.index):
+            self.index.remove_ids(ids)
+            return
+        self._tombstones = np.union1d(self._tombstones, ids)
+        if self._tombstones.size > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
+            self.rebuild(self.manifest.index_type)
+
+    @property
+    def count(self) -> int:
+        """Live vectors in the index (hidden deleted ones not counted)."""
+        return int(self.index.ntotal) - int(self._tombstones.size)
 
     def _add_to_index(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if not self.index.is_trained:
@@ -319,6 +336,7 @@ class Store:
         if len(ids):
             index.add_with_ids(vectors, ids)
         self.index = index
+        self._tombstones = np.zeros(0, np.int64)
         new = (index_type, auto, reason)
         if new != (self.manifest.index_type, self.manifest.index_auto, self.manifest.index_reason):
             self.manifest.index_type, self.manifest.index_auto, self.manifest.index_reason = new
@@ -355,11 +373,7 @@ class Store:
             writer = StoreWriter(self, session)
             yield writer
         if writer.removed:
-            ids = np.asarray(writer.removed, np.int64)
-            if _supports_removal(self.index):
-                self.index.remove_ids(ids)
-            else:
-                self.rebuild(self.manifest.index_type)
+            self._remove_from_index(np.asarray(writer.removed, np.int64))
             self._dirty = True
         if writer.added:
             ids = np.fromiter((i for i, _ in writer.added), dtype=np.int64)
@@ -398,10 +412,6 @@ class Store:
         return bytes.fromhex(value)
 
     # -- reading ---------------------------------------------------------------------------
-    @property
-    def count(self) -> int:
-        return int(self.index.ntotal)
-
     def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Raw vectors for ``ids``, in that order (missing ids raise)."""
         ids = [int(i) for i in ids]
@@ -438,9 +448,9 @@ class Store:
         k = max(1, int(k))
         allowed = None if filters is None or filters.empty else self.matching_ids(filters)
         # exact path for Flat, bitmap filters with widened HNSW/IVF search, exact re-ranking
-        # for PQ codes: see retrieval/index_choice.py
+        # for PQ codes, deleted-but-not-removed graph entries hidden: retrieval/index_choice.py
         return index_choice.search(self.index, queries, k, allowed=allowed,
-                                   fetch_vectors=self.vectors,
+                                   fetch_vectors=self.vectors, hidden=self._tombstones,
                                    rerank=index_choice.rerank_for(self.manifest.index_type))
 
     def rows(self, ids: list[int]) -> dict[int, dict]:

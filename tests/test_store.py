@@ -129,3 +129,25 @@ def test_bad_filter_values_are_named():
         Filters(date_from="last tuesday")
     with pytest.raises(InputError, match="colour"):
         Filters.from_dict({"colour": "red"})
+
+
+def test_deleting_from_a_graph_index_hides_rows_without_rebuilding(store, tmp_path):
+    """HNSW cannot remove: deleted rows are hidden at once, the graph rebuilt only in bulk."""
+    store.rebuild("HNSW16")
+    graph = store.index
+    _, vectors = store.all_vectors()
+    with store.writer() as w:
+        for i in range(5):
+            w.remove_file(f"/archive/rad/f{i}.png" if i % 7 else f"/archive/derm/f{i}.png")
+    assert store.index is graph                       # no rebuild for a few deletions
+    assert store.count == 195 == store.stats()["images"]
+    scores, ids = store.search(vectors[:5], 3)
+    assert not set(ids.ravel()) & {1, 2, 3, 4, 5}      # the deleted rows never come back
+    assert (ids >= 0).all()
+    _, ids = store.search(vectors[:5], 3, Filters(modality=["CT", "MR", "CR", "US"]))
+    assert not set(ids.ravel()) & {1, 2, 3, 4, 5}
+    store.save()
+    reopened = Store.open(tmp_path / "store")          # hidden again after a reopen
+    assert reopened.count == 195
+    _, ids = reopened.search(vectors[:5], 3)
+    assert not set(ids.ravel()) & {1, 2, 3, 4, 5}

@@ -40,6 +40,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -648,9 +649,10 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
     engine = Engine(st, searcher, decode_upload, decode_stored)
     metrics = Metrics(engine)
 
-    app = FastAPI(title="medsearch", version="0.1.0",
-                  description="Search medical images by text, image or indexed id. "
-                              "For research use only; not for diagnosis.")
+    # FastAPIOffline: /docs serves Swagger UI from the package, not a CDN (hospitals are offline)
+    app = FastAPIOffline(title="medsearch", version="0.1.0",
+                         description="Search medical images by text, image or indexed id. "
+                                     "For research use only; not for diagnosis.")
     app.state.engine = engine
     app.add_middleware(Guard, token=token, max_body=max_upload_bytes, metrics=metrics)
 

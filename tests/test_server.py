@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -76,7 +77,10 @@ def test_health_stats_metrics_docs(client, data):
                  "/stats", "/health", "/metrics"):
         assert path in openapi["paths"]
     assert "multipart/form-data" in openapi["paths"]["/similar"]["post"]["requestBody"]["content"]
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()   # works offline
+    js = re.search(r'src="([^"]+swagger-ui-bundle\.js)"', docs.text).group(1)
+    assert client.get(js).status_code == 200
     client.post("/search", json={"query": "a"})
     metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")

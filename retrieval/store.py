@@ -27,7 +27,7 @@ from . import index_choice
 from .errors import StoreError
 from .exact import exact_topk
 from .filters import Filters
-from .schema import (SCHEMA_VERSION, Base, FailureRow, FileRow, ImageRow, LabelRow, SettingRow,
+from .schema import (SCHEMA_VERSION, FailureRow, FileRow, ImageRow, LabelRow, SettingRow,
                      VectorRow)
 
 FORMAT_VERSION = 1
@@ -207,7 +207,7 @@ class Store:
         self.readonly = readonly
         self.engine = create_engine(f"sqlite:///{root / DATABASE}")
         event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self._migrate()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock_fd: int | None = None
         #: Deleted ids still inside an index that cannot remove (HNSW): hidden from results
@@ -216,6 +216,17 @@ class Store:
         self.index = self._load_index()
         self._dirty = False
         self.reconcile()
+
+    def _migrate(self) -> None:
+        """Create or upgrade the schema with Alembic; a read-only open never writes it."""
+        from . import migrations
+
+        if self.readonly and migrations.current(self.engine) == migrations.head():
+            return
+        if self.readonly and (self.root / DATABASE).stat().st_size > 0:
+            raise StoreError(f"store {self.root} needs a schema upgrade; run any writing "
+                             "command on it first (e.g. `medsearch index` or `medsearch reindex`)")
+        migrations.upgrade(self.engine)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod

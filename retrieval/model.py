@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import acceleration
-from .errors import ModelUnavailableError
+from .errors import InputError, ModelUnavailableError
 from .preprocess import model_input
 
 DEFAULT_MODEL = "google/medsiglip-448"
@@ -131,7 +131,14 @@ def _normalise(vectors: torch.Tensor) -> np.ndarray:
 def select_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but this torch build sees no GPU "
+                         "(CPU build installed, or no driver); use --device cpu or auto")
+    return chosen
 
 
 class VisionEncoder:

@@ -132,3 +132,8 @@ def test_settings_file_and_environment_override(tmp_path, monkeypatch):
     cfg.write_text('phi_policy = "publish"\n')
     with pytest.raises(InputError, match="phi_policy"):
         load_settings()
+
+
+def test_unusable_device_is_named(capsys, tiny_model):
+    code, doc, _ = cli(capsys, "embed", "--model", str(tiny_model), "--text", "x", "--device", "gpu0")
+    assert code == 2 and "--device" in doc["error"]

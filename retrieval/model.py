@@ -191,7 +191,8 @@ class TextEncoder:
         self.device = select_device(device)
         self.precision = acceleration.resolve_precision(precision, self.device)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, local_files_only=True)
+            with quiet_transformers():  # config defaults warn about token ids it overrides
+                self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, local_files_only=True)
         except Exception as exc:
             raise ModelUnavailableError(_unavailable_message(
                 checkpoint.name, f"no usable tokenizer in {checkpoint.path}: {exc}")) from None

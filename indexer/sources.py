@@ -77,11 +77,3 @@ def walk(roots: Iterable[str | Path]) -> Iterator[SourceFile]:
                     seen.add(entry.path)
                     yield entry
 
-
-def under_roots(path: str, roots: Iterable[str | Path]) -> bool:
-    """Whether a stored path belongs to one of the walked roots (for removal of deleted files)."""
-    for root in roots:
-        root = str(Path(root).expanduser().absolute())
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
-            return True
-    return False

@@ -54,8 +54,6 @@ class Filters:
             raise InputError(f"unknown filter field(s): {', '.join(sorted(unknown))}")
         return cls(**data)
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
 
     def query(self) -> Select:
         """SELECT images.id for every row the filters admit."""

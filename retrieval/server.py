@@ -625,15 +625,6 @@ def _openapi_classify_body() -> dict:
                            "templates": {"type": "string", "description": "JSON list"}}}}}}}
 
 
-def _has_zeroshot() -> bool:
-    """/classify exists where the zero-shot module does."""
-    try:
-        from . import zeroshot  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
@@ -730,22 +721,21 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
         return Response(data, media_type=cohort.MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="medsearch-cohort.{format}"'})
 
-    if _has_zeroshot():
-        @app.post("/classify", tags=["search"], openapi_extra=_openapi_classify_body())
-        async def classify(request: Request) -> dict:
-            """Zero-shot scores of an indexed image (JSON ``id``) or an upload (multipart
-            ``file``): softmax across the labels and a sigmoid per label. Research use only."""
-            if _is_multipart(request):
-                content, kind, fields = await _read_upload(request)
-                body = _validated(ClassifyUploadFields, fields)
-                labels = [body.labels] if body.labels else None
-                args = (None, (content, kind), labels, body.preset, body.templates,
-                        body.max_entropy, body.min_margin)
-            else:
-                body = _validated(ClassifyBody, await _json_body(request))
-                args = (body.id, None, body.labels, body.preset, body.templates,
-                        body.max_entropy, body.min_margin)
-            return await run_in_threadpool(engine.classify, *args)
+    @app.post("/classify", tags=["search"], openapi_extra=_openapi_classify_body())
+    async def classify(request: Request) -> dict:
+        """Zero-shot scores of an indexed image (JSON ``id``) or an upload (multipart
+        ``file``): softmax across the labels and a sigmoid per label. Research use only."""
+        if _is_multipart(request):
+            content, kind, fields = await _read_upload(request)
+            body = _validated(ClassifyUploadFields, fields)
+            labels = [body.labels] if body.labels else None
+            args = (None, (content, kind), labels, body.preset, body.templates,
+                    body.max_entropy, body.min_margin)
+        else:
+            body = _validated(ClassifyBody, await _json_body(request))
+            args = (body.id, None, body.labels, body.preset, body.templates,
+                    body.max_entropy, body.min_margin)
+        return await run_in_threadpool(engine.classify, *args)
 
     @app.get("/images/{image_id}", tags=["images"])
     def image(image_id: int) -> dict:

@@ -25,10 +25,9 @@ from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from . import index_choice
 from .errors import StoreError
-from .exact import exact_topk
 from .filters import Filters
-from .schema import (SCHEMA_VERSION, FailureRow, FileRow, ImageRow, LabelRow, SettingRow,
-                     VectorRow)
+from .schema import (DICOM_FIELDS, SCHEMA_VERSION, FailureRow, FileRow, ImageRow, LabelRow,
+                     SettingRow, VectorRow)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -499,17 +498,8 @@ class Store:
         self.close()
 
 
-def exact_search(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray,
-                 k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner product over candidate vectors, padded like FAISS (-1 ids)."""
-    return exact_topk(queries, vectors, ids, k)
-
-
 def image_dict(img: ImageRow, labels: list[dict]) -> dict:
-    meta = {c: getattr(img, c) for c in (
-        "width", "height", "modality", "body_part", "study_date", "study_description",
-        "series_description", "view_position", "manufacturer", "study_uid", "series_uid",
-        "sop_uid", "patient_sex", "patient_age", "patient_key")}
+    meta = {c: getattr(img, c) for c in ("width", "height", *DICOM_FIELDS, "patient_key")}
     meta = {k: v for k, v in meta.items() if v is not None}
     meta["source_kind"] = img.file.source_kind
     meta["labels"] = labels

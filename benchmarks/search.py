@@ -87,8 +87,23 @@ def make_subsets(n: int, seed: int = 1) -> dict[str, np.ndarray]:
             for name, frac in (("filtered_recall_1pct", 0.01), ("filtered_recall_10pct", 0.10))}
 
 
+def sweep_rows(set_ef, search_one, search_all, queries: np.ndarray, truth: np.ndarray,
+               settings: tuple[int, ...]) -> list[dict]:
+    """Recall and speed at several efSearch values of one built graph, so two libraries can be
+    compared at equal recall without rebuilding (a 1M-vector graph takes an hour here)."""
+    out = []
+    for ef in settings:
+        set_ef(ef)
+        out.append({"ef_search": ef, "recall_at_10": recall(search_all(), truth),
+                    "qps_single": qps_single(search_one, queries),
+                    "qps_batch": round(len(queries) / timed(search_all, 2), 1)})
+        log(f"    ef {ef}: {out[-1]}")
+    return out
+
+
 def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
-              subsets: dict, subset_truth: dict, rerank: int = 0) -> dict:
+              subsets: dict, subset_truth: dict, rerank: int = 0,
+              sweep: tuple[int, ...] = ()) -> dict:
     """One FAISS index type through the store's search path (ids = row numbers)."""
     n, dim = x.shape
     ids = np.arange(n, dtype=np.int64)
@@ -116,7 +131,14 @@ def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
         row[key] = recall(found, subset_truth[key])
     if rerank:
         row["rerank"] = rerank
-    del index
+    base = index_choice.inner_index(index)
+    if sweep and isinstance(base, faiss.IndexHNSW):
+        default_ef = base.hnsw.efSearch
+        row["sweep"] = sweep_rows(lambda ef: setattr(base.hnsw, "efSearch", ef),
+                                  lambda q: search(q[None]), lambda: search(queries)[1],
+                                  queries, truth, sweep)
+        base.hnsw.efSearch = default_ef
+    del index, base
     gc.collect()
     return row
 
@@ -156,7 +178,7 @@ def faiss_flat_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> dic
 
 
 def hnswlib_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, subsets: dict,
-                subset_truth: dict, threads: int) -> dict | None:
+                subset_truth: dict, threads: int, sweep: tuple[int, ...] = ()) -> dict | None:
     try:
         import hnswlib
     except ImportError:
@@ -186,6 +208,11 @@ def hnswlib_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, subsets: 
         labels, _ = index.knn_query(queries, K, num_threads=1, filter=lambda i: bool(members[i]))
         row[key] = recall(labels.astype(np.int64), subset_truth[key])
         index.set_ef(index_choice.HNSW_EF_SEARCH)
+    if sweep:
+        row["sweep"] = sweep_rows(
+            index.set_ef, lambda q: index.knn_query(q[None], K, num_threads=1),
+            lambda: index.knn_query(queries, K, num_threads=threads)[0].astype(np.int64),
+            queries, truth, sweep)
     del index
     return row
 
@@ -200,9 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--indexes", default="",
                         help="comma-free list separated by ';' of FAISS types (default: a set by size)")
     parser.add_argument("--skip-hnswlib", action="store_true")
+    parser.add_argument("--sweep", default="",
+                        help="comma-separated efSearch values: recall/speed of the HNSW rows "
+                             "and hnswlib at each (e.g. 16,24,32,48,64,96,128)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     n = 1_000_000 if args.full else args.n
+    sweep = tuple(int(v) for v in args.sweep.split(",") if v)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
@@ -222,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in types:
         log(f"{name} …")
         rerank = choice.rerank if name == choice.index_type else 0
-        rows.append(faiss_row(name, x, queries, truth, subsets, subset_truth, rerank))
+        rows.append(faiss_row(name, x, queries, truth, subsets, subset_truth, rerank, sweep))
         log(f"  {rows[-1]}")
     log("numpy …")
     rows.append(numpy_row(x, queries, truth, subsets, subset_truth))
@@ -232,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"  {rows[-1]}")
     if not args.skip_hnswlib:
         log("hnswlib …")
-        row = hnswlib_row(x, queries, truth, subsets, subset_truth, args.threads)
+        row = hnswlib_row(x, queries, truth, subsets, subset_truth, args.threads, sweep)
         if row:
             rows.append(row)
             log(f"  {rows[-1]}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from retrieval.acceleration import stack_pinned
 from retrieval.model import VisionEncoder
-from retrieval.store import NewImage, Store, known_files
+from retrieval.store import NewFile, NewImage, Store, known_files
 
 from .decode import Decoded, DecodeOptions, decode_source
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
@@ -63,6 +63,15 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one decode per process; the encoder owns the other cores
 
 
+def decode_pool(workers: int | None = None, *, timeout_s: float = 300.0) -> SupervisedPool:
+    """Decode workers, not yet started: call ``start()`` before loading the model so their
+    start-up (each imports torch and the decoders) overlaps it."""
+    workers = default_workers() if workers is None else workers
+    return SupervisedPool(_failed, workers=workers, window=max(4, workers * 4),
+                          timeout_s=timeout_s, initializer=_init_worker,
+                          preload=("__main__", "indexer.decode"))
+
+
 def _failed(source: SourceFile, reason: str) -> Decoded:
     return Decoded(source, error=reason)
 
@@ -74,12 +83,14 @@ class Indexer:
                  batch_size: int = 8, frames: str = "middle", phi_policy: str = "hash",
                  progress: bool | None = None, window: str = "file",
                  series_vectors: bool = False, dicomweb_query=None,
-                 decode_timeout_s: float = 300.0) -> None:
+                 decode_timeout_s: float = 300.0, pool: SupervisedPool | None = None) -> None:
+        """``pool``: decode workers started earlier (see :func:`decode_pool`), left open for the
+        caller to close; without one, the indexer starts its own now and closes it in
+        :meth:`close`. ``workers=0`` decodes in this process."""
         self.store, self.encoder = store, encoder
-        self.workers = default_workers() if workers is None else workers
+        self.workers = pool.workers if pool else default_workers() if workers is None else workers
         self.batch_size = max(1, batch_size)
         self.progress = progress
-        self.decode_timeout_s = decode_timeout_s
         self.options = DecodeOptions(image_size=encoder.image_size, frames=frames,
                                      phi_policy=phi_policy, phi_secret=store.secret("phi_hmac_key"),
                                      window=window)
@@ -87,19 +98,31 @@ class Indexer:
         self.touched_series: set[str] = set()
         self._encoder_thread: ThreadPoolExecutor | None = None
         self._pending: tuple | None = None  # (vectors future, batch, ops) being embedded
+        self._own_pool = pool is None and self.workers > 0
+        self.pool = (decode_pool(self.workers, timeout_s=decode_timeout_s).start()
+                     if self._own_pool else pool)
+
+    def close(self) -> None:
+        """Stop the decode workers this indexer started."""
+        if self._own_pool and self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> "Indexer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- decoding ---------------------------------------------------------------------------
     def _decoded(self, sources: list[SourceFile]) -> Iterator[Decoded]:
         """Decode in worker processes with a bounded window, so memory stays flat."""
-        if self.workers == 0:
+        if self.pool is None:
             for source in sources:
                 yield decode_source(source, self.options)
             return
-        pool = SupervisedPool(partial(decode_source, options=self.options), _failed,
-                              workers=self.workers,
-                              window=max(4, self.workers * 4, self.batch_size * 2),
-                              timeout_s=self.decode_timeout_s, initializer=_init_worker)
-        yield from pool.map(sources)
+        yield from self.pool.map(partial(decode_source, options=self.options), sources,
+                                 window=max(self.pool.window, self.batch_size * 2))
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, roots: Iterable[str | Path]) -> IndexReport:
@@ -220,20 +243,14 @@ class Indexer:
                     writer.touch_file(op[1].path, op[1].size, op[1].mtime_ns)
                 elif op[0] == "rename":
                     writer.rename_file(op[1], op[2].path, op[2].size, op[2].mtime_ns)
-            row = 0
-            for decoded in batch:
-                images = []
-                for frame in decoded.frames:
-                    images.append(NewImage(frame.index, frame.width, frame.height,
-                                           vectors[row], decoded.metadata))
-                    row += 1
-                src = decoded.source
-                writer.add_file(path=src.path, size=src.size, mtime_ns=src.mtime_ns,
-                                content_hash=decoded.content_hash, source_kind=src.kind,
-                                images=images)
+            in_order = iter(vectors)  # one vector per frame, in batch order
+            writer.add_files([NewFile(d.source.path, d.source.size, d.source.mtime_ns,
+                                      d.content_hash, d.source.kind,
+                                      [NewImage(f.index, f.width, f.height, next(in_order), d.metadata)
+                                       for f in d.frames]) for d in batch])
         report.indexed += len(batch)
         self.touched_series.update(d.metadata.get("series_uid") for d in batch)
-        report.images += row
+        report.images += sum(len(d.frames) for d in batch)
 
     def _embed(self, tensors: list[np.ndarray]) -> np.ndarray:
         if not tensors:

@@ -3,6 +3,9 @@
 A decoder can segfault or loop forever on a hostile file. The pool then breaks (or the task
 overruns its time); every file that was in flight is retried alone in a fresh pool, and only
 the one that breaks or overruns again is reported as failed.
+
+Starting workers costs seconds (each imports torch and the decoders), so a pool can be started
+early — while the model loads — and reused by every ``map`` until it is closed.
 """
 
 from __future__ import annotations
@@ -20,42 +23,91 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _ready() -> int:
+    return os.getpid()
+
+
 class SupervisedPool:
-    """Map ``func`` over items in worker processes, yielding results as they finish.
+    """Map functions over items in worker processes, yielding results as they finish.
 
     ``on_failure(item, reason)`` turns a crashed or timed-out item into a result.
+    ``preload`` modules are imported once by the fork server, so workers start with them.
     """
 
-    def __init__(self, func: Callable[[T], R], on_failure: Callable[[T, str], R], *,
-                 workers: int, window: int, timeout_s: float = 300.0,
-                 initializer: Callable[[], None] | None = None) -> None:
-        self.func, self.on_failure = func, on_failure
-        self.workers, self.window, self.timeout_s = workers, window, timeout_s
+    def __init__(self, on_failure: Callable[[T, str], R], *, workers: int, window: int,
+                 timeout_s: float = 300.0, initializer: Callable[[], None] | None = None,
+                 preload: tuple[str, ...] = ()) -> None:
+        self.on_failure = on_failure
+        self.workers, self.window, self.timeout_s = max(1, workers), window, timeout_s
         self.initializer = initializer
         self.context = multiprocessing.get_context("forkserver")
+        if preload:  # only takes effect if the fork server is not running yet
+            self.context.set_forkserver_preload(list(preload))
+        self._executor: ProcessPoolExecutor | None = None
+        self._warming: list[Future] = []
+        self.start_seconds: float | None = None  # start() until every worker was ready
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def start(self) -> "SupervisedPool":
+        """Spawn every worker now, without waiting for them (they import while the caller works)."""
+        if self._executor is None:
+            begun = time.perf_counter()
+            self._executor = self._pool(self.workers)
+            # one task per worker: the executor spawns a process for each task it cannot
+            # hand to an idle worker, so all of them start (and run the initializer) now
+            self._warming = [self._executor.submit(_ready) for _ in range(self.workers)]
+            for future in self._warming:
+                future.add_done_callback(lambda _f, b=begun: self._mark_ready(b))
+        return self
+
+    def _mark_ready(self, begun: float) -> None:
+        if all(f.done() for f in self._warming):
+            self.start_seconds = round(time.perf_counter() - begun, 3)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            _shutdown(self._executor, kill=False)
+            self._executor = None
+
+    def __enter__(self) -> "SupervisedPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _pool(self, workers: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(workers, mp_context=self.context, initializer=self.initializer)
 
-    def map(self, items: Iterable[T]) -> Iterator[R]:
+    # -- work -------------------------------------------------------------------------------
+    def map(self, func: Callable[[T], R], items: Iterable[T], window: int | None = None) -> Iterator[R]:
+        """Results of ``func`` over ``items`` in completion order; at most ``window`` in flight."""
         todo: deque = deque(items)
         suspects: deque = deque()
+        window = max(1, window or self.window)
         while todo or suspects:
             if suspects:
-                yield self._run_alone(suspects.popleft())
+                yield self._run_alone(func, suspects.popleft())
                 continue
-            yield from self._run_batch(todo, suspects)
+            yield from self._run_batch(func, todo, suspects, window)
 
-    def _run_batch(self, todo: deque, suspects: deque) -> Iterator[R]:
+    def _run_batch(self, func: Callable[[T], R], todo: deque, suspects: deque,
+                   window: int) -> Iterator[R]:
         """Run until the queue is empty or the pool breaks (then in-flight items become suspects)."""
-        pool = self._pool(self.workers)
+        pool = self.start()._executor
         running: dict[Future, tuple] = {}
         broken = False
         try:
             while todo or running:
-                while todo and len(running) < self.window:
+                while todo and len(running) < window:
                     item = todo.popleft()
-                    running[pool.submit(self.func, item)] = (item, None)
+                    try:
+                        running[pool.submit(func, item)] = (item, None)
+                    except BrokenProcessPool:  # broke while idle (a worker was killed)
+                        todo.appendleft(item)
+                        broken = True
+                        break
+                if broken and not running:
+                    return
                 done, _ = wait(running, timeout=min(self.timeout_s, 5.0),
                                return_when=FIRST_COMPLETED)
                 now = time.monotonic()
@@ -77,12 +129,16 @@ class SupervisedPool:
                     running.clear()
                     return
         finally:
-            _shutdown(pool, kill=broken)
+            for future in running:  # the consumer stopped early: drop what has not started
+                future.cancel()
+            if broken:  # the next batch gets fresh workers
+                _shutdown(pool, kill=True)
+                self._executor = None
 
-    def _run_alone(self, item: T) -> R:
+    def _run_alone(self, func: Callable[[T], R], item: T) -> R:
         """One item in its own process: a crash or overrun now surely belongs to it."""
         pool = self._pool(1)
-        future = pool.submit(self.func, item)
+        future = pool.submit(func, item)
         try:
             return future.result(timeout=self.timeout_s)
         except BrokenProcessPool:
@@ -98,7 +154,7 @@ class SupervisedPool:
 
 def _shutdown(pool: ProcessPoolExecutor, *, kill: bool) -> None:
     if kill:
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             try:
                 os.kill(process.pid, signal.SIGKILL)
             except (ProcessLookupError, AttributeError):

@@ -44,6 +44,8 @@ IVF_NPROBE = 16
 RERANK_FACTOR = 4
 #: A filtered query over at most this many selected rows is answered exactly from raw vectors.
 EXACT_SUBSET_LIMIT = 20_000
+#: A small subset is ranked on the index's decoded codes, then this many × k re-scored exactly.
+SUBSET_RERANK = 10
 MAX_EF_SEARCH = 4096
 
 
@@ -182,8 +184,10 @@ def search_parameters(index: faiss.Index, k: int, selectivity: float = 1.0,
 
 def widened_ef(ef: int, k: int, selectivity: float = 1.0) -> int:
     """HNSW efSearch for a filter passing ``selectivity`` of the rows (any HNSW library)."""
-    widen = 1.0 / max(selectivity, 1e-6)
     ef = max(ef, k)
+    if selectivity >= 1.0:
+        return ef
+    widen = 1.0 / max(selectivity, 1e-6)
     return int(min(MAX_EF_SEARCH, max(ef, math.ceil(ef * widen ** 0.75), 4 * k * widen ** 0.5)))
 
 
@@ -253,7 +257,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *,
         keep = np.flatnonzero(np.isin(positions, allowed)) if positions is not None else allowed
         return exact_topk(queries, storage[keep], keep if positions is None else positions[keep], k)
     if allowed is not None and allowed.size <= EXACT_SUBSET_LIMIT and fetch_vectors is not None:
-        return exact_topk(queries, fetch_vectors(allowed), allowed, k)
+        return _small_subset(index, queries, allowed, k, fetch_vectors)
     selector, selectivity, bitmap = None, 1.0, None
     hiding = hidden is not None and hidden.size > 0
     if allowed is not None or hiding:
@@ -274,6 +278,26 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *,
     if fetch == k:
         return scores, found
     return _rerank(queries, found, k, fetch_vectors)
+
+
+def _small_subset(index: faiss.Index, queries: np.ndarray, allowed: np.ndarray, k: int,
+                  fetch_vectors: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over a few selected rows, exact in the end.
+
+    Reading thousands of raw vectors from SQLite per query is slow (~40 ms per 1,000 rows), so
+    when the index can decode its own codes for these ids (HNSW over SQ8/flat storage) the
+    subset is ranked on those in memory and only the best ``SUBSET_RERANK``·k are re-scored
+    from the raw vectors.
+    """
+    if allowed.size > SUBSET_RERANK * k:
+        try:
+            approx = index.reconstruct_batch(np.ascontiguousarray(allowed, np.int64))
+        except RuntimeError:  # no reconstruction (IVF without a direct map), or an unknown id
+            approx = None
+        if approx is not None:
+            _, candidates = exact_topk(queries, approx, allowed, SUBSET_RERANK * k)
+            return _rerank(queries, candidates, k, fetch_vectors)
+    return exact_topk(queries, fetch_vectors(allowed), allowed, k)
 
 
 def _rerank(queries: np.ndarray, candidates: np.ndarray, k: int,

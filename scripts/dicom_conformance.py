@@ -137,9 +137,8 @@ def run(folder: Path, timeout: float = TIMEOUT_S, workers: int = 2, dcmtk: bool 
     from indexer.workers import SupervisedPool
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    pool = SupervisedPool(decode_entry, decode_lost, workers=workers, window=workers * 2,
-                          timeout_s=timeout)
-    results = dict(pool.map([str(p) for p in files]))
+    with SupervisedPool(decode_lost, workers=workers, window=workers * 2, timeout_s=timeout) as pool:
+        results = dict(pool.map(decode_entry, [str(p) for p in files]))
     outcomes = []
     for p in files:
         res = results[str(p)]

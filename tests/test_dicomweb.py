@@ -92,8 +92,9 @@ def _index(store_dir: Path, model: Path, source: str, query: DicomWebQuery | Non
 
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
     try:
-        return Indexer(store, encoder, workers=workers, batch_size=4, progress=False,
-                       dicomweb_query=query).run([source]), store.stats()
+        with Indexer(store, encoder, workers=workers, batch_size=4, progress=False,
+                     dicomweb_query=query) as indexer:
+            return indexer.run([source]), store.stats()
     finally:
         store.close()
 

@@ -30,7 +30,8 @@ def encoder(tiny_model) -> VisionEncoder:
 
 def run_index(store_dir: Path, encoder: VisionEncoder, *paths, workers: int = 0, **kw):
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
-    report = Indexer(store, encoder, workers=workers, progress=False, **kw).run(paths)
+    with Indexer(store, encoder, workers=workers, progress=False, **kw) as indexer:
+        report = indexer.run(paths)
     store.close()
     return report
 
@@ -120,7 +121,8 @@ from retrieval.store import Store
 from medsearch.commands.core import manifest_for
 enc = VisionEncoder.load(sys.argv[1], device="cpu")
 store = Store.open_or_create(sys.argv[2], manifest_for(enc, "Flat"))
-report = Indexer(store, enc, workers=int(sys.argv[4]), batch_size=1, progress=False).run([sys.argv[3]])
+with Indexer(store, enc, workers=int(sys.argv[4]), batch_size=1, progress=False) as indexer:
+    report = indexer.run([sys.argv[3]])
 store.close()
 print(report.indexed)
 """

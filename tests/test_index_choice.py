@@ -92,6 +92,28 @@ def test_small_subsets_are_answered_exactly_and_lossy_codes_are_reranked():
     assert reranked > plain
 
 
+def test_small_subset_on_a_graph_reads_few_raw_vectors_and_stays_exact():
+    x = clustered(6000, 32)
+    q = clustered(10, 32, seed=1)
+    ids = np.arange(50_000, 56_000, dtype=np.int64)
+    index = new_index("HNSW16,SQ8", 32)
+    index.train(x)
+    index.add_with_ids(x, ids)
+    asked = []
+
+    def fetch(wanted):  # the store reads SQLite here: count what is read
+        asked.append(len(wanted))
+        return x[np.asarray(wanted) - 50_000]
+
+    allowed = ids[::5]  # 1,200 rows: ranked on the graph's 8-bit codes, then re-scored
+    _, truth = exact_topk(q, x[allowed - 50_000], allowed, 10)
+    scores, found = index_choice.search(index, q, 10, allowed=allowed, fetch_vectors=fetch)
+    assert recall(found, truth) == 1.0
+    assert max(asked) <= index_choice.SUBSET_RERANK * 10 < allowed.size
+    exact_scores = (q[:, None, :] * x[found - 50_000]).sum(-1)
+    assert np.allclose(scores, exact_scores, atol=1e-5)  # scores come from the raw vectors
+
+
 def manifest(index_type):
     return Manifest(model="m", model_revision="local", model_fingerprint="f", dim=16,
                     preprocessing_version="p", index_type=index_type)

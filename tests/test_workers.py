@@ -22,9 +22,28 @@ def failure(item: int, reason: str) -> tuple[int, object]:
 
 
 def test_crash_and_hang_cost_only_their_own_item():
-    pool = SupervisedPool(square_or_misbehave, failure, workers=2, window=4, timeout_s=3)
-    results = dict(pool.map(range(10)))
+    with SupervisedPool(failure, workers=2, window=4, timeout_s=3) as pool:
+        results = dict(pool.map(square_or_misbehave, range(10)))
     assert sorted(results) == list(range(10))
     assert all(results[i] == i * i for i in range(10) if i not in (3, 5))
     assert "crashed" in results[3]
     assert "longer than 3 s" in results[5]
+
+
+def pid_of(item: int) -> tuple[int, int]:
+    return item, os.getpid()
+
+
+def test_started_pool_is_reused_and_recovers_after_a_crash():
+    with SupervisedPool(failure, workers=2, window=4, timeout_s=10) as pool:
+        deadline = time.monotonic() + 60
+        while pool.start_seconds is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # workers start in the background after start()
+        assert pool.start_seconds is not None
+        first = set(dict(pool.map(pid_of, range(8))).values())
+        second = set(dict(pool.map(pid_of, range(8))).values())
+        assert first and first == second  # the same processes served both runs
+        results = dict(pool.map(square_or_misbehave, [1, 2, 3, 4]))
+        assert "crashed" in results[3] and results[4] == 16
+        after = set(dict(pool.map(pid_of, range(8))).values())
+        assert after and not after & first  # a broken pool is replaced, then works

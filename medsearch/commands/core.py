@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -70,12 +71,14 @@ def index_cmd(
     modality_filter: Annotated[Optional[str], typer.Option(
         "--modality", help="DICOMweb: only this modality, e.g. CT.")] = None,
     since: Annotated[Optional[str], typer.Option(help="DICOMweb: studies on or after YYYY-MM-DD.")] = None,
+    decode_timeout: Annotated[float, typer.Option(
+        min=1, help="Seconds one file may take to decode before it is reported as failed.")] = 300.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS into the store (incremental and resumable)."""
     from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
     from indexer.pixels import check_window_choice
-    from indexer.pipeline import Indexer
+    from indexer.pipeline import Indexer, decode_pool
 
     cfg = settings()
     root = store_path(store, cfg)
@@ -92,22 +95,26 @@ def index_cmd(
     missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
     if missing:
         raise InputError(f"no such file or folder: {', '.join(missing)}")
-    encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
-                            device or cfg.device, precision or cfg.precision, cfg.compile)
-    if batch_size is None and encoder.device.type == "cuda":
-        batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
-    st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type))
-    with st.exclusive():
-        note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
-        indexer = Indexer(st, encoder, workers=cfg.workers if workers is None else workers,
-                          batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
-                          phi_policy=phi_policy, progress=progress, window=window,
-                          series_vectors=series_vectors, dicomweb_query=query)
-        try:
-            report = indexer.run(paths)
-        except ConnectionError as exc:
-            raise InputError(f"{exc}; is the server running and the address right?") from None
-    st.close()
+    workers = cfg.workers if workers is None else workers
+    # decode workers start now, while the model loads (each needs seconds to import)
+    with (decode_pool(workers, timeout_s=decode_timeout) if workers != 0 else nullcontext()) as pool:
+        encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
+                                device or cfg.device, precision or cfg.precision, cfg.compile)
+        if batch_size is None and encoder.device.type == "cuda":
+            batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
+        st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type))
+        with st.exclusive():
+            note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
+            indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
+                              batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
+                              phi_policy=phi_policy, progress=progress, window=window,
+                              series_vectors=series_vectors, dicomweb_query=query,
+                              decode_timeout_s=decode_timeout)
+            try:
+                report = indexer.run(paths)
+            except ConnectionError as exc:
+                raise InputError(f"{exc}; is the server running and the address right?") from None
+        st.close()
     emit(report.to_json(), json_out, _index_human)
 
 

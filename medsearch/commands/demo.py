@@ -77,7 +77,8 @@ def demo_cmd(
     store_dir = root / "store"
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
     with store.exclusive():
-        report = Indexer(store, encoder, workers=1, progress=False).run([sample])
+        with Indexer(store, encoder, workers=1, progress=False) as indexer:
+            report = indexer.run([sample])
     searcher = Searcher(store)
     text_results = searcher.text(DEMO_QUERY, k=5)
     query_id = text_results[0].id if text_results else 1

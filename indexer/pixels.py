@@ -78,12 +78,12 @@ def modality_lut(stored: np.ndarray, view: pydicom.Dataset) -> np.ndarray:
     """Stored values → modality values (HU for CT) as float64, by LUT or slope/intercept."""
     if "ModalityLUTSequence" in view:
         return apply_modality_lut(stored, view).astype(np.float64)
-    values = stored.astype(np.float64)
+    values = stored.astype(np.float64)  # a new array: the steps below work in place
     slope, intercept = _first(view.get("RescaleSlope")), _first(view.get("RescaleIntercept"))
     if slope is not None and slope != 0:
-        values = values * slope
+        values *= slope
     if intercept is not None:
-        values = values + intercept
+        values += intercept
     return values
 
 
@@ -94,9 +94,15 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
         with np.errstate(over="ignore"):
             return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
     if window.function == "LINEAR_EXACT":
-        return np.clip((values - c) / w + 0.5, 0.0, 1.0)
-    return np.clip((values - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0) if w > 1 else \
-        (values > c - 0.5).astype(np.float64)
+        offset, scale = c, w
+    elif w > 1:
+        offset, scale = c - 0.5, w - 1.0
+    else:
+        return (values > c - 0.5).astype(np.float64)
+    out = values - offset  # one temporary, then in place: these arrays are 32 MB at 2048²
+    out /= scale
+    out += 0.5
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def voi_lut_sequence(values: np.ndarray, view: pydicom.Dataset) -> np.ndarray | None:
@@ -146,7 +152,9 @@ def grey_to_unit(stored: np.ndarray, view: pydicom.Dataset, choice: str = "file"
         unit = percentile_window(values)
     if str(view.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         unit = 1.0 - unit
-    return np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0).astype(np.float32)
+    if not np.isfinite(unit).all():  # float pixel data (or a broken rescale) can hold NaN/inf
+        unit = np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0)
+    return unit.astype(np.float32)
 
 
 def palette_to_unit(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:

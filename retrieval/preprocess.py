@@ -25,8 +25,10 @@ def to_unit_range(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == bool:
         return pixels.astype(np.float32)
     if np.issubdtype(pixels.dtype, np.floating):
-        out = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        return np.clip(out, 0.0, 1.0)
+        out = np.clip(pixels.astype(np.float32, copy=False), 0.0, 1.0)  # ±inf → 1 / 0
+        if np.isnan(out).any():
+            np.nan_to_num(out, copy=False, nan=0.0)
+        return out
     raise TypeError(
         f"pixels of dtype {pixels.dtype} have no defined bit depth; convert to uint8, "
         "uint16 or float in [0, 1] first"
@@ -66,12 +68,49 @@ def resize_square(chw: torch.Tensor, size: int) -> torch.Tensor:
     )[0]
 
 
+def bilinear_taps(side: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source rows (low, high) and the high row's weight of a bilinear resize side → size,
+    half-pixel centres, no antialiasing: the coordinates torch's ``interpolate`` uses."""
+    src = np.maximum((np.arange(size, dtype=np.float64) + 0.5) * (side / size) - 0.5, 0.0)
+    low = np.minimum(src.astype(np.int64), side - 1)
+    return low, np.minimum(low + 1, side - 1), src - low
+
+
+def _blend_axis(image: np.ndarray, axis: int, offset: int, side: int, size: int) -> np.ndarray:
+    """Resize one axis of an image centred at ``offset`` on a zero-padded square of ``side``,
+    reading only the source lines the output needs (as float64)."""
+    extent = image.shape[axis]
+    low, high, weight = bilinear_taps(side, size)
+    shape = [1, 1, 1]
+    shape[axis] = size
+    weight = weight.reshape(shape)
+    out = None
+    for taps, w in ((low, 1.0 - weight), (high, weight)):
+        taps = taps - offset
+        outside = (taps < 0) | (taps >= extent)  # lines of the zero padding
+        term = np.take(image, np.clip(taps, 0, extent - 1), axis=axis).astype(np.float64)
+        if outside.any():
+            term *= ~outside.reshape(shape)
+        term *= w
+        out = term if out is None else np.add(out, term, out=out)
+    return out
+
+
 def unit_rgb_to_model_input(unit_rgb: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """H×W×3 float in [0, 1] → 3×size×size float32 in [-1, 1]."""
-    # float64 interpolation: the float32 kernel's coordinate rounding alone moves pixels ~4e-5.
-    chw = torch.as_tensor(np.ascontiguousarray(unit_rgb), dtype=torch.float64).permute(2, 0, 1)
-    square = resize_square(pad_to_square(chw), size)
-    return (square * 2.0 - 1.0).to(torch.float32)
+    """H×W×C float in [0, 1] → C×size×size float32 in [-1, 1]: centred zero padding to a
+    square, then bilinear resize.
+
+    Computed in float64 (the float32 kernel's coordinate rounding alone moves pixels ~4e-5),
+    one axis at a time over only the source lines the output samples: a 2048² radiograph
+    contributes 2×448 rows, so the whole image is never converted to float64.
+    """
+    image = np.asarray(unit_rgb)
+    h, w = image.shape[:2]
+    side = max(h, w)
+    rows = _blend_axis(image, 0, (side - h) // 2, side, size)
+    square = _blend_axis(rows, 1, (side - w) // 2, side, size)
+    return torch.from_numpy(np.ascontiguousarray((square * 2.0 - 1.0).transpose(2, 0, 1),
+                                                 dtype=np.float32))
 
 
 def model_planes(pixels: np.ndarray, size: int) -> torch.Tensor:

@@ -489,13 +489,12 @@ class Store:
         """Raw vectors for ``ids``, in that order (missing ids raise)."""
         ids = [int(i) for i in ids]
         found: dict[int, bytes] = {}
-        with self.sessions() as session:
-            for start in range(0, len(ids), 900):
-                chunk = ids[start:start + 900]
-                for image_id, blob in session.execute(
-                        select(VectorRow.image_id, VectorRow.vector)
-                        .where(VectorRow.image_id.in_(chunk))):
-                    found[image_id] = blob
+        table = VectorRow.__table__
+        with self.engine.connect() as conn:  # Core rows: the ORM's per-row work is not needed
+            for chunk in _chunks(ids):
+                rows = conn.execute(select(table.c.image_id, table.c.vector)
+                                    .where(table.c.image_id.in_(chunk)))
+                found.update(rows.tuples().all())
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"no stored vector for id(s) {missing[:10]}")
@@ -509,8 +508,8 @@ class Store:
         return ids, vectors_from_blobs([r[1] for r in rows], self.dim)
 
     def matching_ids(self, filters: Filters) -> np.ndarray:
-        with self.sessions() as session:
-            return np.fromiter(session.scalars(filters.query()), dtype=np.int64)
+        with self.engine.connect() as conn:
+            return np.asarray(conn.execute(filters.query()).scalars().all(), dtype=np.int64)
 
     def search(self, queries: np.ndarray, k: int,
                filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -110,8 +110,7 @@ def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
     index = index_choice.configure(new_index(name, dim))
     start = time.perf_counter()
     if not index.is_trained:
-        sample = x[np.random.default_rng(2).choice(n, min(n, 256 * 1024), replace=False)]
-        index.train(sample)
+        index.train(index_choice.training_sample(x))  # as the store trains
     for s in range(0, n, 100_000):
         index.add_with_ids(x[s:s + 100_000], ids[s:s + 100_000])
     build_s = time.perf_counter() - start

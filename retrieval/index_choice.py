@@ -50,6 +50,8 @@ EXACT_SUBSET_LIMIT = 20_000
 #: A small subset is ranked on the index's decoded codes, then this many × k re-scored exactly.
 SUBSET_RERANK = 10
 MAX_EF_SEARCH = 4096
+#: Vectors IVF/PQ training sees at most (64 per list at 4096 lists).
+TRAIN_SAMPLE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,15 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexCho
     per = estimated_bytes_per_vector(index_type, dim)
     return IndexChoice(index_type, f"{why}; ~{per * n / 2**30:.2f} GiB exceeds the "
                        f"{gib:.1f} GiB budget, but nothing smaller keeps recall", False, per, rerank)
+
+
+def training_sample(vectors: np.ndarray, limit: int = TRAIN_SAMPLE) -> np.ndarray:
+    """A random subset to train IVF/PQ on: k-means over every vector of a million-row store
+    would take most of an hour on a few cores, for no measurable gain in recall."""
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.sort(np.random.default_rng(0).choice(len(vectors), limit, replace=False))
+    return np.ascontiguousarray(vectors[rows])
 
 
 def configure(index: faiss.Index) -> faiss.Index:

@@ -116,8 +116,10 @@ def _index_ids(index: faiss.Index) -> np.ndarray:
 
 
 def _supports_removal(index: faiss.Index) -> bool:
+    """Only flat storage compacts on removal, as IndexIDMap2's id map assumes; removing from an
+    IVF inside it leaves the map pointing at the wrong rows, so IVF hides removals like HNSW."""
     base = faiss.downcast_index(faiss.downcast_index(index).index)
-    return isinstance(base, (faiss.IndexFlat, faiss.IndexIVF))
+    return isinstance(base, faiss.IndexFlat)
 
 
 def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
@@ -405,7 +407,7 @@ class Store:
             if len(ids) == 0:
                 raise StoreError(f"index type {index_type!r} needs training vectors; "
                                  "index some images first")
-            index.train(vectors)
+            index.train(index_choice.training_sample(vectors))
         if len(ids):
             index.add_with_ids(vectors, ids)
         self.index = index

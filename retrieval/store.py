@@ -198,6 +198,8 @@ class StoreWriter:
         """Insert (or replace) sources with all their images and vectors; image ids per file."""
         if not files:
             return []
+        if len({f.path for f in files}) < len(files):  # the same source twice: later ones win
+            return [self.add_files([f])[0] for f in files]
         dim = self.store.dim
         vectors = []
         for f in files:
@@ -496,7 +498,7 @@ class Store:
             for chunk in _chunks(ids):
                 rows = conn.execute(select(table.c.image_id, table.c.vector)
                                     .where(table.c.image_id.in_(chunk)))
-                found.update(rows.tuples().all())
+                found.update((image_id, blob) for image_id, blob in rows.all())
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"no stored vector for id(s) {missing[:10]}")

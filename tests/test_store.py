@@ -160,3 +160,16 @@ def test_deleting_from_a_graph_index_hides_rows_without_rebuilding(store, tmp_pa
         inner.nprobe = inner.nlist  # every list: the search is exact
     _, ids = reopened.search(vectors[5:], 1)
     assert (ids[:, 0] == np.arange(6, 201)).all()       # every remaining row finds itself
+
+
+def test_a_batch_naming_one_source_twice_keeps_the_later(store):
+    from retrieval.store import NewFile
+
+    rng = np.random.default_rng(5)
+    first, second = unit(rng, 2)
+    with store.writer() as w:
+        w.add_files([NewFile("/archive/twice.png", 1, 1, "a", "image", [NewImage(0, 8, 8, first)]),
+                     NewFile("/archive/twice.png", 2, 2, "b", "image", [NewImage(0, 8, 8, second)])])
+    assert store.stats()["images"] == 201
+    _, ids = store.search(second[None], 1)
+    assert np.allclose(store.vectors(ids[0]), second)

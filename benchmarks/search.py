@@ -88,13 +88,14 @@ def make_subsets(n: int, seed: int = 1) -> dict[str, np.ndarray]:
 
 
 def sweep_rows(set_ef, search_one, search_all, queries: np.ndarray, truth: np.ndarray,
-               settings: tuple[int, ...]) -> list[dict]:
-    """Recall and speed at several efSearch values of one built graph, so two libraries can be
-    compared at equal recall without rebuilding (a 1M-vector graph takes an hour here)."""
+               settings: tuple[int, ...], name: str = "ef_search") -> list[dict]:
+    """Recall and speed at several efSearch (or nprobe) values of one built index, so two
+    libraries can be compared at equal recall without rebuilding (a 1M-vector graph takes an
+    hour here)."""
     out = []
     for ef in settings:
         set_ef(ef)
-        out.append({"ef_search": ef, "recall_at_10": recall(search_all(), truth),
+        out.append({name: ef, "recall_at_10": recall(search_all(), truth),
                     "qps_single": qps_single(search_one, queries),
                     "qps_batch": round(len(queries) / timed(search_all, 2), 1)})
         log(f"    ef {ef}: {out[-1]}")
@@ -103,7 +104,7 @@ def sweep_rows(set_ef, search_one, search_all, queries: np.ndarray, truth: np.nd
 
 def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
               subsets: dict, subset_truth: dict, rerank: int = 0,
-              sweep: tuple[int, ...] = ()) -> dict:
+              sweep: tuple[int, ...] = (), sweep_nprobe: tuple[int, ...] = ()) -> dict:
     """One FAISS index type through the store's search path (ids = row numbers)."""
     n, dim = x.shape
     ids = np.arange(n, dtype=np.int64)
@@ -137,6 +138,11 @@ def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                                   lambda q: search(q[None]), lambda: search(queries)[1],
                                   queries, truth, sweep)
         base.hnsw.efSearch = default_ef
+    if sweep_nprobe and isinstance(base, faiss.IndexIVF):
+        row["sweep"] = sweep_rows(lambda n: setattr(base, "nprobe", n),
+                                  lambda q: search(q[None]), lambda: search(queries)[1],
+                                  queries, truth, sweep_nprobe, "nprobe")
+        base.nprobe = index_choice.IVF_NPROBE
     del index, base
     gc.collect()
     return row
@@ -226,13 +232,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--indexes", default="",
                         help="comma-free list separated by ';' of FAISS types (default: a set by size)")
     parser.add_argument("--skip-hnswlib", action="store_true")
+    parser.add_argument("--skip-brute-force", action="store_true",
+                        help="leave out the numpy and FAISS IndexFlatIP baseline rows")
     parser.add_argument("--sweep", default="",
                         help="comma-separated efSearch values: recall/speed of the HNSW rows "
                              "and hnswlib at each (e.g. 16,24,32,48,64,96,128)")
+    parser.add_argument("--sweep-nprobe", default="",
+                        help="comma-separated nprobe values for the IVF rows (e.g. 4,8,16,32)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     n = 1_000_000 if args.full else args.n
     sweep = tuple(int(v) for v in args.sweep.split(",") if v)
+    sweep_nprobe = tuple(int(v) for v in args.sweep_nprobe.split(",") if v)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
@@ -252,14 +263,16 @@ def main(argv: list[str] | None = None) -> dict:
     for name in types:
         log(f"{name} …")
         rerank = choice.rerank if name == choice.index_type else 0
-        rows.append(faiss_row(name, x, queries, truth, subsets, subset_truth, rerank, sweep))
+        rows.append(faiss_row(name, x, queries, truth, subsets, subset_truth, rerank, sweep,
+                              sweep_nprobe))
         log(f"  {rows[-1]}")
-    log("numpy …")
-    rows.append(numpy_row(x, queries, truth, subsets, subset_truth))
-    log(f"  {rows[-1]}")
-    log("faiss IndexFlatIP …")
-    rows.append(faiss_flat_row(x, queries, truth))
-    log(f"  {rows[-1]}")
+    if not args.skip_brute_force:
+        log("numpy …")
+        rows.append(numpy_row(x, queries, truth, subsets, subset_truth))
+        log(f"  {rows[-1]}")
+        log("faiss IndexFlatIP …")
+        rows.append(faiss_flat_row(x, queries, truth))
+        log(f"  {rows[-1]}")
     if not args.skip_hnswlib:
         log("hnswlib …")
         row = hnswlib_row(x, queries, truth, subsets, subset_truth, args.threads, sweep)

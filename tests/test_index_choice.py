@@ -20,11 +20,11 @@ def test_choice_follows_size_and_budget():
     mid = choose_index(100_000, 1152, 8 * GIB)
     assert mid.index_type == "HNSW32,SQ8" and not mid.exact
     million = choose_index(1_000_000, 1152, 12 * GIB)  # the graph's recall drops here
-    assert million.index_type == "IVF4096,SQ8" and million.bytes_per_vector <= 1536
+    assert million.index_type == "IVF4096_HNSW32,SQ8" and million.bytes_per_vector <= 1536
     tight = choose_index(3_000_000, 1152, 2 * GIB)  # 8-bit graph (4.2 GB) does not fit
     assert tight.index_type.startswith("IVF") and ",PQ" in tight.index_type
     big = choose_index(8_000_000, 1152, 64 * GIB)
-    assert big.index_type.startswith("IVF") and big.index_type.endswith(",SQ8")
+    assert big.index_type.startswith("IVF") and big.index_type.endswith("_HNSW32,SQ8")
     huge = choose_index(50_000_000, 1152, 64 * GIB)
     assert ",PQ" in huge.index_type and huge.rerank > 0
     assert index_choice.rerank_for(huge.index_type) == huge.rerank

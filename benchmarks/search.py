@@ -7,6 +7,7 @@ brute force, FAISS's own IndexFlatIP search and hnswlib are baselines.
 
     python benchmarks/search.py --json            # 100,000 vectors
     python benchmarks/search.py --full --json     # 1,000,000 vectors (~4.6 GB of float32)
+    python benchmarks/search.py --indexes "HNSW32,SQ8" --sweep 32,64,128 --json   # recall curves
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def sweep_rows(set_ef, search_one, search_all, queries: np.ndarray, truth: np.nd
     libraries can be compared at equal recall without rebuilding (a 1M-vector graph takes an
     hour here)."""
     out = []
-    for ef in settings:
-        set_ef(ef)
-        out.append({name: ef, "recall_at_10": recall(search_all(), truth),
+    for value in settings:
+        set_ef(value)
+        out.append({name: value, "recall_at_10": recall(search_all(), truth),
                     "qps_single": qps_single(search_one, queries),
                     "qps_batch": round(len(queries) / timed(search_all, 2), 1)})
-        log(f"    ef {ef}: {out[-1]}")
+        log(f"    {name} {value}: {out[-1]}")
     return out
 
 

@@ -1,0 +1,42 @@
+"""The search benchmarks run from a checkout and print the documented JSON (tiny sizes here;
+the figures themselves come from full runs, see benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_FIELDS = {"index", "build_s", "bytes_per_vector", "qps_single", "qps_batch", "recall_at_10"}
+
+
+def run(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_search_benchmark_prints_the_contract():
+    doc = run("search.py", "--n", "3000", "--queries", "20", "--skip-hnswlib",
+              "--indexes", "Flat;HNSW16,SQ8;IVF16,SQ8", "--sweep", "16,32", "--sweep-nprobe", "2")
+    assert doc["n"] == 3000 and doc["dim"] == 1152 and doc["default_index"] == "Flat"
+    rows = {row["index"]: row for row in doc["rows"]}
+    assert {"Flat", "HNSW16,SQ8", "IVF16,SQ8", "numpy"} <= set(rows)
+    for row in rows.values():
+        assert ROW_FIELDS <= set(row)
+    assert rows["Flat"]["recall_at_10"] == 1.0 == rows["numpy"]["recall_at_10"]
+    assert rows["Flat"]["filtered_recall_1pct"] == 1.0
+    assert [s["ef_search"] for s in rows["HNSW16,SQ8"]["sweep"]] == [16, 32]
+    assert [s["nprobe"] for s in rows["IVF16,SQ8"]["sweep"]] == [2]
+
+
+def test_store_query_benchmark_runs_through_a_real_store():
+    doc = run("store_query.py", "--n", "2000", "--queries", "5")
+    assert doc["n"] == 2000 and doc["index"] == "Flat"
+    by_filter = {row["filter"]: row for row in doc["rows"]}
+    assert set(by_filter) == {"none", "10pct", "1pct"}
+    assert all(row["recall_at_10"] == 1.0 for row in by_filter.values())  # exact index
+    assert by_filter["1pct"]["matching"] < by_filter["10pct"]["matching"] < 2000

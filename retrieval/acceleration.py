@@ -19,7 +19,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 
@@ -136,7 +135,7 @@ def auto_batch_size(device: torch.device, requested: int | None = None,
 def device_model_input(pixels: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
     """The MedSigLIP recipe (scale by bit depth, grey→RGB, centred pad, bilinear resize
     without antialiasing, [-1, 1]) computed on ``device``: only the raw pixels cross the bus."""
-    from .preprocess import to_rgb
+    from .preprocess import pad_to_square, resize_square, to_rgb
 
     if pixels.dtype == np.uint8:
         scale = 255.0
@@ -152,13 +151,7 @@ def device_model_input(pixels: np.ndarray, size: int, device: torch.device) -> t
     raw = np.ascontiguousarray(pixels[:, :, :1] if grey else to_rgb(pixels))
     host = torch.from_numpy(raw.astype(np.int32) if raw.dtype == np.uint16 else raw)
     chw = to_device(host, device).permute(2, 0, 1).to(torch.float64) / scale
-    _, h, w = chw.shape
-    side = max(h, w)
-    top, left = (side - h) // 2, (side - w) // 2
-    square = F.pad(chw, (left, side - w - left, top, side - h - top), value=0.0)
-    if side != size:
-        square = F.interpolate(square[None], size=(size, size), mode="bilinear",
-                               align_corners=False, antialias=False)[0]
+    square = resize_square(pad_to_square(chw), size)
     if grey:
         square = square.expand(3, -1, -1)
     return (square * 2.0 - 1.0).to(torch.float32)

@@ -108,8 +108,7 @@ def index_cmd(
             indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
                               batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
                               phi_policy=phi_policy, progress=progress, window=window,
-                              series_vectors=series_vectors, dicomweb_query=query,
-                              decode_timeout_s=decode_timeout)
+                              series_vectors=series_vectors, dicomweb_query=query)
             try:
                 report = indexer.run(paths)
             except ConnectionError as exc:

@@ -215,7 +215,7 @@ class StoreWriter:
             insert(FileRow).returning(FileRow.id, sort_by_parameter_order=True),
             [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns,
               "content_hash": f.content_hash, "source_kind": f.source_kind} for f in files]).all()
-        image_rows = [{**{c: None for c in DICOM_FIELDS}, "patient_key": None,
+        image_rows = [{**dict.fromkeys(IMAGE_COLUMNS),
                        **{k: v for k, v in image.metadata.items() if k in IMAGE_COLUMNS},
                        "file_id": file_id, "frame": image.frame, "width": image.width,
                        "height": image.height}

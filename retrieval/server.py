@@ -361,7 +361,7 @@ class Engine:
             for name in ("index_auto", "index_reason", "model_revision", "preprocessing_version"):
                 if hasattr(m, name):
                     doc[name] = getattr(m, name)
-            return {**doc, **self.store.stats()}
+            return {**doc, **self.store.index_status(), **self.store.stats()}
 
     def preview(self, image_id: int, size: int | None) -> bytes:
         """PNG of exactly what the model saw for this image, optionally scaled down."""

@@ -53,6 +53,7 @@ class Manifest:
     index_type: str = DEFAULT_INDEX_TYPE
     index_auto: bool = False        # re-chosen from the vector count (retrieval.index_choice)
     index_reason: str = ""          # why this index type (shown by `medsearch info`)
+    index_trained_on: int | None = None  # vectors the IVF/PQ/SQ index was trained on (None: unknown)
     format_version: int = FORMAT_VERSION
     schema_version: int = SCHEMA_VERSION
     created_at: float = field(default_factory=time.time)
@@ -352,7 +353,7 @@ class Store:
         path = self.root / INDEX_FILE
         if path.is_file():
             try:
-                return faiss.read_index(str(path))
+                return index_choice.enable_lookup(faiss.read_index(str(path)))
             except RuntimeError:
                 pass  # damaged cache: rebuilt from the vectors below
         return new_index(self.manifest.index_type, self.dim)
@@ -395,7 +396,8 @@ class Store:
 
     def rebuild(self, index_type: str) -> None:
         """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
-        stored raw vectors."""
+        stored raw vectors; a type that needs more vectors to train than the store holds is
+        searched exactly until it has them (see :meth:`index_status`)."""
         ids, vectors = self.all_vectors()
         auto = index_type == index_choice.AUTO or (
             self.manifest.index_auto and index_type == self.manifest.index_type)
@@ -404,22 +406,41 @@ class Store:
             index_type, reason = choice.index_type, f"auto: {choice.reason}"
         else:
             reason = self.manifest.index_reason if auto else "chosen by the user"
-        index = new_index(index_type, self.dim)
+        index, trained_on = new_index(index_type, self.dim), None
         if not index.is_trained:
-            if len(ids) == 0:
-                raise StoreError(f"index type {index_type!r} needs training vectors; "
-                                 "index some images first")
-            index.train(index_choice.training_sample(vectors))
+            if len(ids) < index_choice.training_minimum(index_type):
+                index = new_index("Flat", self.dim)  # exact until there is enough to train on
+            else:
+                sample = index_choice.training_sample(vectors)
+                index.train(sample)
+                trained_on = len(sample)
         if len(ids):
             index.add_with_ids(vectors, ids)
         self.index = index
         self._tombstones = np.zeros(0, np.int64)
-        new = (index_type, auto, reason)
-        if new != (self.manifest.index_type, self.manifest.index_auto, self.manifest.index_reason):
-            self.manifest.index_type, self.manifest.index_auto, self.manifest.index_reason = new
+        new = (index_type, auto, reason, trained_on)
+        m = self.manifest
+        if new != (m.index_type, m.index_auto, m.index_reason, m.index_trained_on):
+            m.index_type, m.index_auto, m.index_reason, m.index_trained_on = new
             if not self.readonly:
-                self.manifest.write(self.root / MANIFEST)
+                m.write(self.root / MANIFEST)
         self._dirty = True
+
+    def index_status(self) -> dict:
+        """The index actually in memory: the manifest's type, or exact search while that type
+        waits for enough vectors to be trained."""
+        needed = index_choice.training_minimum(self.manifest.index_type)
+        waiting = bool(needed) and isinstance(index_choice.inner_index(self.index), faiss.IndexFlat)
+        return {"index_in_use": "Flat" if waiting else self.manifest.index_type,
+                "index_trained_on": self.manifest.index_trained_on,
+                "index_waiting_for": needed if waiting else None}
+
+    def _training_due(self) -> bool:
+        status = self.index_status()
+        if status["index_waiting_for"]:
+            return self.count >= status["index_waiting_for"]
+        return index_choice.retraining_due(self.manifest.index_type,
+                                           self.manifest.index_trained_on, self.count)
 
     def save(self) -> None:
         """Write the index atomically if it changed; a kill mid-save keeps the old file."""
@@ -432,6 +453,8 @@ class Store:
             elif self.manifest.index_reason != f"auto: {choice.reason}":
                 self.manifest.index_reason = f"auto: {choice.reason}"  # reason for today's size
                 self.manifest.write(self.root / MANIFEST)
+        if self._training_due():
+            self.rebuild(self.manifest.index_type)
         tmp = self.root / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         with open(tmp, "rb") as fh:

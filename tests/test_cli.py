@@ -78,6 +78,18 @@ def test_index_search_similar_info_contract(capsys, tiny_model, indexed):
     assert (doc["model"], doc["dim"], doc["count"], doc["index_type"]) == (
         str(tiny_model), 32, 7, "Flat")
 
+    # 7 vectors cannot train 64 lists: the chosen type waits, searched exactly meanwhile
+    code, doc, _ = cli(capsys, "reindex", "--index-type", "IVF64,SQ8", "--store", str(store))
+    assert (code, doc["index_type"], doc["index_in_use"], doc["index_waiting_for"]) == (
+        0, "IVF64,SQ8", "Flat", 39 * 64)
+    code, doc, _ = cli(capsys, "info", "--store", str(store))
+    assert (doc["index_type"], doc["index_in_use"], doc["index_reason"]) == (
+        "IVF64,SQ8", "Flat", "chosen by the user")
+    code, doc, _ = cli(capsys, "similar", str(folder / "img004.jpg"), "--store", str(store), "-k", "2")
+    assert Path(doc["results"][0]["path"]).name == "img004.jpg"
+    code, doc, _ = cli(capsys, "reindex", "--index-type", "auto", "--store", str(store))
+    assert (code, doc["index_type"], doc["index_waiting_for"]) == (0, "Flat", None)
+
 
 def test_embed_contract(capsys, tiny_model, indexed):
     folder, _ = indexed

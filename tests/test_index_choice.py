@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from retrieval import index_choice
 from retrieval.exact import exact_topk
 from retrieval.index_choice import choose_index, estimated_bytes_per_vector
-from retrieval.store import Manifest, NewImage, Store, new_index
+from retrieval.store import INDEX_FILE, Manifest, NewImage, Store, new_index
 
 GIB = 2**30
 
@@ -92,11 +94,12 @@ def test_small_subsets_are_answered_exactly_and_lossy_codes_are_reranked():
     assert reranked > plain
 
 
-def test_small_subset_on_a_graph_reads_few_raw_vectors_and_stays_exact():
+@pytest.mark.parametrize("spec", ["HNSW16,SQ8", "IVF32_HNSW16,SQ8", "IVF32,PQ8"])
+def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
     x = clustered(6000, 32)
     q = clustered(10, 32, seed=1)
     ids = np.arange(50_000, 56_000, dtype=np.int64)
-    index = new_index("HNSW16,SQ8", 32)
+    index = new_index(spec, 32)
     index.train(x)
     index.add_with_ids(x, ids)
     asked = []
@@ -105,13 +108,38 @@ def test_small_subset_on_a_graph_reads_few_raw_vectors_and_stays_exact():
         asked.append(len(wanted))
         return x[np.asarray(wanted) - 50_000]
 
-    allowed = ids[::5]  # 1,200 rows: ranked on the graph's 8-bit codes, then re-scored
+    allowed = ids[::5]  # 1,200 rows: ranked on the index's own codes, then re-scored
     _, truth = exact_topk(q, x[allowed - 50_000], allowed, 10)
     scores, found = index_choice.search(index, q, 10, allowed=allowed, fetch_vectors=fetch)
     assert recall(found, truth) == 1.0
     assert max(asked) <= index_choice.SUBSET_RERANK * 10 < allowed.size
     exact_scores = (q[:, None, :] * x[found - 50_000]).sum(-1)
     assert np.allclose(scores, exact_scores, atol=1e-5)  # scores come from the raw vectors
+
+
+def test_an_ivf_index_saved_without_a_direct_map_gets_one_on_load(tmp_path):
+    x = clustered(2000, 16)
+    store = Store.create(tmp_path / "store", manifest("IVF16,SQ8"))
+    add(store, x)
+    store.save()
+    store.close()
+    path = str(tmp_path / "store" / INDEX_FILE)
+    index = faiss.read_index(path)
+    index_choice.inner_index(index).set_direct_map_type(faiss.DirectMap.NoMap)  # an older file
+    faiss.write_index(index, path)
+    with Store.open(tmp_path / "store", readonly=True) as reopened:
+        ids, vectors = reopened.all_vectors()
+        asked = []
+
+        def fetch(wanted):
+            asked.append(len(wanted))
+            return reopened.vectors(wanted)
+
+        allowed = ids[::4]
+        _, truth = exact_topk(x[:3], vectors[::4], allowed, 10)
+        _, found = index_choice.search(reopened.index, x[:3], 10, allowed=allowed, fetch_vectors=fetch)
+        assert recall(found, truth) == 1.0
+        assert max(asked) <= index_choice.SUBSET_RERANK * 10 < allowed.size
 
 
 def manifest(index_type):
@@ -128,6 +156,7 @@ def add(store, vectors, start=0):
 
 def test_store_auto_index_is_rechosen_as_it_grows(tmp_path, monkeypatch):
     monkeypatch.setattr(index_choice, "EXACT_MAX_BYTES", 16 * 4 * 100)  # exact up to 100 vectors
+    monkeypatch.setattr(index_choice, "SQ_MIN_TRAIN", 100)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((160, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -140,6 +169,7 @@ def test_store_auto_index_is_rechosen_as_it_grows(tmp_path, monkeypatch):
     store.close()
     reopened = Store.open(tmp_path / "s", readonly=True)
     assert reopened.manifest.index_type == "HNSW32,SQ8"
+    assert reopened.index_status()["index_in_use"] == "HNSW32,SQ8"
     assert "auto:" in reopened.manifest.index_reason
     scores, ids = reopened.search(vectors[:3], 1)
     assert list(ids[:, 0]) == [1, 2, 3] and np.allclose(scores[:, 0], 1.0, atol=0.02)  # 8-bit codes
@@ -148,3 +178,48 @@ def test_store_auto_index_is_rechosen_as_it_grows(tmp_path, monkeypatch):
     pinned.rebuild("Flat")
     assert not pinned.manifest.index_auto and pinned.manifest.index_reason == "chosen by the user"
     pinned.close()
+
+
+def test_a_chosen_ivf_waits_for_enough_vectors_and_retrains_as_the_store_grows(tmp_path):
+    """IVF16 wants 16·39 = 624 training vectors and SQ8 1,000: below that the store is
+    searched exactly instead of training (or failing to train) on the first batch."""
+    x = clustered(4200, 16)
+    store = Store.create(tmp_path / "s", manifest("IVF16,SQ8"))
+    assert index_choice.training_minimum("IVF16,SQ8") == 1_000
+    assert index_choice.training_minimum("IVF4096_HNSW32,PQ96x8") == 39 * 4096
+    add(store, x[:300])  # enough for k-means to run, too few to train 16 lists and SQ8 well
+    store.save()
+    status = store.index_status()
+    assert status == {"index_in_use": "Flat", "index_trained_on": None, "index_waiting_for": 1_000}
+    _, ids = store.search(x[:300], 1)
+    assert (ids[:, 0] == np.arange(1, 301)).all()    # exact meanwhile
+    add(store, x[300:1200], start=300)
+    store.save()
+    assert store.index_status() == {"index_in_use": "IVF16,SQ8", "index_trained_on": 1200,
+                                     "index_waiting_for": None}
+    add(store, x[1200:2000], start=1200)
+    store.save()
+    assert store.manifest.index_trained_on == 1200    # not yet twice as many
+    add(store, x[2000:], start=2000)
+    store.close()
+    reopened = Store.open(tmp_path / "s", readonly=True)
+    assert reopened.index_status()["index_trained_on"] == 4200  # retrained on the whole store
+    assert isinstance(index_choice.inner_index(reopened.index), faiss.IndexIVF)
+    assert reopened.count == 4200
+    reopened.close()
+
+
+def test_a_manifest_written_before_training_counts_were_kept_still_opens(tmp_path):
+    store = Store.create(tmp_path / "s", manifest("IVF4,Flat"))
+    add(store, clustered(400, 16))
+    store.close()
+    path = tmp_path / "s" / "manifest.json"
+    doc = json.loads(path.read_text())
+    del doc["index_trained_on"]
+    path.write_text(json.dumps(doc))
+    with Store.open(tmp_path / "s") as reopened:
+        assert reopened.manifest.index_trained_on is None
+        add(reopened, clustered(1000, 16, seed=4), start=400)
+        reopened.save()                                   # unknown: no surprise rebuild
+        assert reopened.manifest.index_trained_on is None
+        assert reopened.count == 1400

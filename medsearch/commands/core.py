@@ -180,7 +180,7 @@ def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     st = Store.open(store_path(store, settings()), readonly=True)
     m = st.manifest
     doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
-           "index_auto": m.index_auto, "index_reason": m.index_reason,
+           "index_auto": m.index_auto, "index_reason": m.index_reason, **st.index_status(),
            "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
            **st.stats()}
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))
@@ -227,5 +227,13 @@ def reindex_cmd(
     with st.exclusive():
         st.rebuild(index_type)
         st.save()
-    emit({"index_type": st.manifest.index_type, "count": st.count}, json_out,
-         lambda d: f"rebuilt {d['count']} vectors as {d['index_type']}")
+    emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},
+         json_out, _reindex_human)
+
+
+def _reindex_human(doc: dict) -> str:
+    text = f"rebuilt {doc['count']} vectors as {doc['index_type']}"
+    if doc["index_waiting_for"]:
+        text += (f"; searched exactly until {doc['index_waiting_for']:,} vectors are stored "
+                 "to train it")
+    return text

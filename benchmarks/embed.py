@@ -4,11 +4,14 @@ Writes a full-size random checkpoint once (save_pretrained into --cache-dir, so 
 loading path runs), generates a corpus of PNG and DICOM files of realistic sizes, then reports
 as one JSON object (--json): model-only throughput on ready tensors, end-to-end indexing
 throughput (files → committed store), their ratio, FLOPs and MFU against a stated peak,
-decoding speed per worker, a tutorial-style baseline (AutoProcessor + full SiglipModel, one
-image at a time, dummy text), int8 speed-up and cosine on CPU, and text-query latency.
+decoding speed per worker, what the host side alone sustains (the same indexing run with the
+model taken out, and the main process's CPU time per image), a tutorial-style baseline
+(AutoProcessor + full SiglipModel, one image at a time, dummy text), int8 speed-up and cosine
+on CPU, and text-query latency.
 
     python benchmarks/embed.py --quick --json              # CPU, within 10 minutes on 2 cores
     python benchmarks/embed.py --device cuda --json        # GPU, bf16, batch from free memory
+    python benchmarks/embed.py --host-only --images 400 --json   # the host side alone, no model
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -237,6 +241,34 @@ def pipeline_rate(encoder: VisionEncoder, corpus: dict, root: Path, batch: int, 
             "images_per_s": report.images / report.seconds, "workers": indexer.workers}
 
 
+class HostOnlyEncoder:
+    """The pipeline's encoder with the model taken out: batches still cross to the device and
+    come back as unit vectors, so an indexing run measures what the host side alone sustains
+    (decoding, transfer between processes, batching, store writes)."""
+
+    def __init__(self, like: VisionEncoder) -> None:
+        self.checkpoint, self.device, self.precision = like.checkpoint, like.device, like.precision
+        self.image_size, self.dim = like.image_size, like.dim
+
+    @torch.inference_mode()
+    def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
+        on_device = acceleration.to_device(batch.float(), self.device)
+        level = on_device.mean(dim=(1, 2, 3))  # reads every value that crossed
+        vectors = torch.ones(len(batch), self.dim, device=self.device) + level[:, None]
+        return torch.nn.functional.normalize(vectors, dim=1).cpu().numpy()
+
+
+def host_rate(encoder: VisionEncoder, corpus: dict, root: Path, batch: int, pool) -> dict:
+    """The indexing run without the model: files/s the host feeds, main-process CPU per image
+    (all its threads: receiving decoded frames, stacking batches, writing the store)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    pipe = pipeline_rate(HostOnlyEncoder(encoder), corpus, root, batch, pool)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"host_images_per_s": round(pipe["images_per_s"], 2),
+            "host_main_cpu_ms_per_image": round(cpu_s / max(pipe["images"], 1) * 1e3, 2)}
+
+
 def baseline_rate(checkpoint: Path, corpus: dict, device: torch.device, count: int) -> float:
     """What common tutorials do: AutoProcessor + the full SiglipModel, one image at a time,
     with a dummy text, fp32."""
@@ -353,12 +385,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower")
     parser.add_argument("--bf16-mode", choices=["autocast", "weights"],
                         help="CUDA bf16 as autocast over fp32 weights, or bf16 weights")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a local SigLIP checkpoint (e.g. the real MedSigLIP-448) instead of "
+                             "the full-size random one")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
         "MEDSEARCH_BENCH_CACHE", Path.home() / ".cache" / "medsearch-bench")))
     parser.add_argument("--baseline-images", type=int)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--skip-text", action="store_true")
+    parser.add_argument("--skip-host", action="store_true")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the indexing run without the model (no forward, int8, baseline, text)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
@@ -366,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bf16_mode:
         acceleration.CUDA_BF16_MODE = args.bf16_mode
     cuda = device.type == "cuda"
-    checkpoint_dir = full_size_checkpoint(args.cache_dir)
+    checkpoint_dir = args.checkpoint or full_size_checkpoint(args.cache_dir)
     checkpoint = resolve_checkpoint(str(checkpoint_dir))
     from indexer.pipeline import decode_pool
 
@@ -386,6 +424,14 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = make_corpus(work / "files", images, args.corpus, args.unique)
         decode_fps = decode_rate(corpus, encoder.image_size)
         log(f"decode: {decode_fps:.1f} frames/s per worker")
+        if args.host_only:
+            doc = {"device": str(device), "machine": machine(device), "batch_size": batch,
+                   "workers": pool.workers if pool else 0, "images": images,
+                   "corpus": {k: corpus[k] for k in ("files", "counts")},
+                   "decode_frames_per_s_per_worker": round(decode_fps, 2),
+                   **host_rate(encoder, corpus, work / "host-store", batch, pool)}
+            print(json.dumps(doc) if args.json else json.dumps(doc, indent=2))
+            return doc
         inputs = real_batch(corpus, encoder.image_size, batch)
         forward, fp32_out = forward_rate(encoder, inputs, iterations)
         log(f"forward: {forward:.3f} images/s")
@@ -417,6 +463,10 @@ def main(argv: list[str] | None = None) -> dict:
             "pool_start_s": pool.start_seconds if pool else None,
             "pipeline_seconds": pipe["seconds"],
         }
+        if not args.skip_host:
+            doc.update(host_rate(encoder, corpus, work / "host-store", batch, pool))
+            log(f"host side alone: {doc['host_images_per_s']} images/s, "
+                f"{doc['host_main_cpu_ms_per_image']} ms of main-process CPU per image")
         if measured_peak:
             doc["measured_matmul_flops"] = measured_peak
             doc["mfu_vs_measured_matmul"] = round(forward * flops / measured_peak, 4)

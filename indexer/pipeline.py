@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval.acceleration import stack_pinned
+from retrieval.acceleration import stack_planes
 from retrieval.model import VisionEncoder
 from retrieval.store import NewFile, NewImage, Store, known_files
 
@@ -257,7 +257,7 @@ class Indexer:
             return np.zeros((0, self.store.dim), np.float32)
         out = []
         for start in range(0, len(tensors), self.batch_size):
-            chunk = stack_pinned(tensors[start:start + self.batch_size], self.encoder.device)
+            chunk = stack_planes(tensors[start:start + self.batch_size], self.encoder.device)
             out.append(self.encoder.embed_batch(chunk))
         return np.concatenate(out)
 

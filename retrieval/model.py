@@ -166,10 +166,13 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """N×3×S×S model inputs in [-1, 1] → N×dim unit vectors."""
-        if batch.ndim != 4 or batch.shape[1:] != (3, self.image_size, self.image_size):
-            raise ValueError(f"expected N×3×{self.image_size}×{self.image_size}, got {tuple(batch.shape)}")
+        """N×3×S×S model inputs in [-1, 1] (or N×1×S×S grey planes) → N×dim unit vectors."""
+        size = self.image_size
+        if batch.ndim != 4 or batch.shape[1] not in (1, 3) or batch.shape[2:] != (size, size):
+            raise ValueError(f"expected N×3×{size}×{size} (or N×1× grey), got {tuple(batch.shape)}")
         batch = acceleration.to_device(batch.float(), self.device)
+        if batch.shape[1] == 1:  # grey crossed the bus as one plane
+            batch = batch.expand(-1, 3, -1, -1)
         with acceleration.autocast(self.device, self.precision):
             out = self.model(pixel_values=batch.to(acceleration.input_dtype(self.device, self.precision)))
         return _normalise(out.pooler_output)

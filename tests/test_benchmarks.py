@@ -40,3 +40,11 @@ def test_store_query_benchmark_runs_through_a_real_store():
     assert set(by_filter) == {"none", "10pct", "1pct"}
     assert all(row["recall_at_10"] == 1.0 for row in by_filter.values())  # exact index
     assert by_filter["1pct"]["matching"] < by_filter["10pct"]["matching"] < 2000
+
+
+def test_embed_benchmark_measures_the_host_side_alone(tiny_model):
+    doc = run("embed.py", "--host-only", "--checkpoint", str(tiny_model), "--images", "16",
+              "--unique", "1", "--workers", "1", "--batch-size", "4")
+    assert doc["images"] == 16 and doc["workers"] == 1
+    assert doc["host_images_per_s"] > 0 and doc["host_main_cpu_ms_per_image"] > 0
+    assert doc["decode_frames_per_s_per_worker"] > 0

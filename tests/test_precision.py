@@ -69,7 +69,19 @@ def test_device_recipe_equals_host_recipe(shape, dtype):
     torch.testing.assert_close(on_device, model_input(pixels, 448), atol=1e-6, rtol=0)
 
 
-def test_stack_pinned_matches_stack():
-    arrays = [np.full((3, 4, 4), i, np.float32) for i in range(3)]
-    out = acceleration.stack_pinned(arrays, torch.device("cpu"))
-    torch.testing.assert_close(out, torch.from_numpy(np.stack(arrays)))
+def test_batches_stack_grey_as_one_plane_and_embed_the_same(tiny_model):
+    rng = np.random.default_rng(3)
+    grey = [rng.uniform(-1, 1, (1, 32, 32)).astype(np.float32) for _ in range(2)]
+    colour = rng.uniform(-1, 1, (3, 32, 32)).astype(np.float32)
+    cpu = torch.device("cpu")
+    planes = acceleration.stack_planes(grey, cpu)
+    assert planes.shape == (2, 1, 32, 32)
+    mixed = acceleration.stack_planes(grey + [colour], cpu)
+    expected = np.stack([np.repeat(g, 3, axis=0) for g in grey] + [colour])
+    torch.testing.assert_close(mixed, torch.from_numpy(expected))
+    encoder = VisionEncoder(resolve_checkpoint(str(tiny_model)), "cpu", "fp32")
+    size = encoder.image_size
+    grey = [rng.uniform(-1, 1, (1, size, size)).astype(np.float32) for _ in range(2)]
+    one_plane = encoder.embed_batch(acceleration.stack_planes(grey, cpu))
+    three = encoder.embed_batch(torch.from_numpy(np.stack([np.repeat(g, 3, axis=0) for g in grey])))
+    np.testing.assert_allclose(one_plane, three, atol=1e-6)

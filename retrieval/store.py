@@ -368,7 +368,9 @@ class Store:
         missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
         if extra.size:
             self._remove_from_index(extra)
-        if missing.size:
+        if missing.size and not self.index.is_trained:
+            self.rebuild(self.manifest.index_type)  # trains on, and adds, every vector read once
+        elif missing.size:
             self._add_to_index(missing, self.vectors(missing))
         self._dirty = bool(extra.size or missing.size)
 

@@ -207,6 +207,12 @@ def test_a_chosen_ivf_waits_for_enough_vectors_and_retrains_as_the_store_grows(t
     assert isinstance(index_choice.inner_index(reopened.index), faiss.IndexIVF)
     assert reopened.count == 4200
     reopened.close()
+    (tmp_path / "s" / INDEX_FILE).unlink()  # killed before the first save: rebuilt from SQLite
+    with Store.open(tmp_path / "s") as rebuilt:
+        assert rebuilt.index_status()["index_in_use"] == "IVF16,SQ8" and rebuilt.count == 4200
+        index_choice.inner_index(rebuilt.index).nprobe = 16
+        _, ids = rebuilt.search(x[:50], 1)
+        assert (ids[:, 0] == np.arange(1, 51)).all()
 
 
 def test_a_manifest_written_before_training_counts_were_kept_still_opens(tmp_path):

@@ -26,6 +26,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -154,7 +155,7 @@ def choose_index(n: int, dim: int, memory_budget: int | None = None) -> IndexCho
 
 
 def training_minimum(index_type: str) -> int:
-    """Vectors a factory type needs before it can be trained well (0: needs no training).
+    """Vectors a factory type needs before it can be trained well (0: none known).
 
     Until a store holds that many it is searched exactly (a flat index), not trained on the
     first batch: 4096 lists cannot be trained from 256 vectors at all, and lists trained on a
@@ -164,18 +165,24 @@ def training_minimum(index_type: str) -> int:
     need = 0
     if ivf := re.match(r"(?:OPQ\d+[^,]*,)?IVF(\d+)", spec):
         need = TRAIN_PER_CENTROID * int(ivf.group(1))
-    if pq := re.search(r"PQ\d+(?:x(\d+))?", spec):
-        need = max(need, TRAIN_PER_CENTROID * 2 ** int(pq.group(1) or 8))
+    if codes := re.search(r"(?:PQ|RQ|LSQ)\d+(?:x(\d+))?", spec):  # codebooks of 2^bits
+        need = max(need, TRAIN_PER_CENTROID * 2 ** int(codes.group(1) or 8))
     if "SQ" in spec:
         need = max(need, SQ_MIN_TRAIN)
     return need
+
+
+@lru_cache(maxsize=64)
+def needs_training(index_type: str, dim: int) -> bool:
+    """Whether a factory type must be trained before vectors can be added."""
+    return not faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT).is_trained
 
 
 def retraining_due(index_type: str, trained_on: int | None, count: int) -> bool:
     """Retrain IVF/PQ once the store has doubled since training (up to :data:`TRAIN_SAMPLE`):
     centroids learnt from the first part of an archive fit it poorly once it has grown, and
     doubling keeps the total rebuild work within twice that of the last build."""
-    if trained_on is None or not re.search(r"IVF|PQ", index_type):
+    if trained_on is None or not re.search(r"IVF|PQ|RQ|LSQ", index_type):
         return False  # a scalar quantizer's ranges settle early; unknown: an older store
     return trained_on < TRAIN_SAMPLE and count >= 2 * max(trained_on, 1)
 

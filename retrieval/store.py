@@ -410,11 +410,16 @@ class Store:
             reason = self.manifest.index_reason if auto else "chosen by the user"
         index, trained_on = new_index(index_type, self.dim), None
         if not index.is_trained:
-            if len(ids) < index_choice.training_minimum(index_type):
+            if len(ids) < self._training_minimum(index_type):
                 index = new_index("Flat", self.dim)  # exact until there is enough to train on
             else:
                 sample = index_choice.training_sample(vectors)
-                index.train(sample)
+                try:
+                    index.train(sample)
+                except RuntimeError as exc:
+                    raise StoreError(f"FAISS could not train index type {index_type!r} on "
+                                     f"{len(sample):,} vectors: {str(exc).splitlines()[-1]}; "
+                                     "choose another with `medsearch reindex --index-type`") from None
                 trained_on = len(sample)
         if len(ids):
             index.add_with_ids(vectors, ids)
@@ -431,11 +436,16 @@ class Store:
     def index_status(self) -> dict:
         """The index actually in memory: the manifest's type, or exact search while that type
         waits for enough vectors to be trained."""
-        needed = index_choice.training_minimum(self.manifest.index_type)
+        needed = self._training_minimum(self.manifest.index_type)
         waiting = bool(needed) and isinstance(index_choice.inner_index(self.index), faiss.IndexFlat)
         return {"index_in_use": "Flat" if waiting else self.manifest.index_type,
                 "index_trained_on": self.manifest.index_trained_on,
                 "index_waiting_for": needed if waiting else None}
+
+    def _training_minimum(self, index_type: str) -> int:
+        if not index_choice.needs_training(index_type, self.dim):
+            return 0
+        return max(index_choice.training_minimum(index_type), 1)
 
     def _training_due(self) -> bool:
         status = self.index_status()

@@ -187,6 +187,8 @@ def test_a_chosen_ivf_waits_for_enough_vectors_and_retrains_as_the_store_grows(t
     store = Store.create(tmp_path / "s", manifest("IVF16,SQ8"))
     assert index_choice.training_minimum("IVF16,SQ8") == 1_000
     assert index_choice.training_minimum("IVF4096_HNSW32,PQ96x8") == 39 * 4096
+    assert index_choice.training_minimum("RQ4x8") == 39 * 256
+    assert index_choice.training_minimum("HNSW32") == 0 and not index_choice.needs_training("HNSW32", 16)
     add(store, x[:300])  # enough for k-means to run, too few to train 16 lists and SQ8 well
     store.save()
     status = store.index_status()

@@ -117,6 +117,21 @@ def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
     assert np.allclose(scores, exact_scores, atol=1e-5)  # scores come from the raw vectors
 
 
+@pytest.mark.parametrize("spec", ["HNSW16,SQ8", "HNSW16"])
+def test_a_graph_scans_its_codes_for_a_selection_in_place(spec):
+    x = clustered(6000, 32)
+    q = clustered(4, 32, seed=1)
+    ids = np.arange(70_000, 76_000, dtype=np.int64)
+    index = new_index(spec, 32)
+    index.train(x)
+    index.add_with_ids(x, ids)
+    allowed = ids[::3]
+    scanned = index_choice._scan_graph_codes(index, q, allowed, 50)
+    _, decoded = exact_topk(q, index.reconstruct_batch(allowed), allowed, 50)
+    assert all(set(a) == set(b) for a, b in zip(scanned, decoded))  # same ranking, in place
+    assert index_choice._scan_graph_codes(index, q, ids[:50], 50) is None  # under 1/64: decode
+
+
 def test_an_ivf_index_saved_without_a_direct_map_gets_one_on_load(tmp_path):
     x = clustered(2000, 16)
     store = Store.create(tmp_path / "store", manifest("IVF16,SQ8"))

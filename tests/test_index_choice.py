@@ -94,14 +94,19 @@ def test_small_subsets_are_answered_exactly_and_lossy_codes_are_reranked():
     assert reranked > plain
 
 
-@pytest.mark.parametrize("spec", ["HNSW16,SQ8", "IVF32_HNSW16,SQ8", "IVF32,PQ8"])
-def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
-    x = clustered(6000, 32)
-    q = clustered(10, 32, seed=1)
-    ids = np.arange(50_000, 56_000, dtype=np.int64)
+def indexed_with_offset_ids(spec, first_id, queries):
+    """6,000 clustered vectors under ids first_id…, in an index of ``spec``, and queries."""
+    x, q = clustered(6000, 32), clustered(queries, 32, seed=1)
+    ids = np.arange(first_id, first_id + len(x), dtype=np.int64)
     index = new_index(spec, 32)
     index.train(x)
     index.add_with_ids(x, ids)
+    return x, q, ids, index
+
+
+@pytest.mark.parametrize("spec", ["HNSW16,SQ8", "IVF32_HNSW16,SQ8", "IVF32,PQ8"])
+def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
+    x, q, ids, index = indexed_with_offset_ids(spec, 50_000, queries=10)
     asked = []
 
     def fetch(wanted):  # the store reads SQLite here: count what is read
@@ -119,12 +124,7 @@ def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
 
 @pytest.mark.parametrize("spec", ["HNSW16,SQ8", "HNSW16"])
 def test_a_graph_scans_its_codes_for_a_selection_in_place(spec):
-    x = clustered(6000, 32)
-    q = clustered(4, 32, seed=1)
-    ids = np.arange(70_000, 76_000, dtype=np.int64)
-    index = new_index(spec, 32)
-    index.train(x)
-    index.add_with_ids(x, ids)
+    _, q, ids, index = indexed_with_offset_ids(spec, 70_000, queries=4)
     allowed = ids[::3]
     scanned = index_choice._scan_graph_codes(index, q, allowed, 50)
     _, decoded = exact_topk(q, index.reconstruct_batch(allowed), allowed, 50)

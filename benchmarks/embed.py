@@ -246,9 +246,25 @@ class HostOnlyEncoder:
     come back as unit vectors, so an indexing run measures what the host side alone sustains
     (decoding, transfer between processes, batching, store writes)."""
 
-    def __init__(self, like: VisionEncoder) -> None:
-        self.checkpoint, self.device, self.precision = like.checkpoint, like.device, like.precision
-        self.image_size, self.dim = like.image_size, like.dim
+    def __init__(self, checkpoint, device: torch.device, image_size: int, dim: int) -> None:
+        self.checkpoint, self.device, self.precision = checkpoint, device, "none"
+        self.image_size, self.dim = image_size, dim
+
+    @classmethod
+    def like(cls, encoder: VisionEncoder) -> "HostOnlyEncoder":
+        return cls(encoder.checkpoint, encoder.device, encoder.image_size, encoder.dim)
+
+    @classmethod
+    def from_config(cls, checkpoint, device: torch.device) -> "HostOnlyEncoder":
+        """Shapes from the checkpoint's config alone: no weights loaded for a host-only run."""
+        from transformers import AutoConfig
+
+        from retrieval.model import quiet_transformers
+
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
+        vision = getattr(config, "vision_config", config)
+        return cls(checkpoint, device, int(vision.image_size), int(vision.hidden_size))
 
     @torch.inference_mode()
     def embed_batch(self, batch: torch.Tensor) -> np.ndarray:
@@ -258,13 +274,13 @@ class HostOnlyEncoder:
         return torch.nn.functional.normalize(vectors, dim=1).cpu().numpy()
 
 
-def host_rate(encoder: VisionEncoder, corpus: dict, root: Path, batch: int, pool) -> dict:
+def host_rate(encoder: HostOnlyEncoder, corpus: dict, root: Path, batch: int, pool) -> dict:
     """The indexing run without the model: files/s the host feeds, main-process CPU per image
     (all its threads: receiving decoded frames, stacking batches, writing the store)."""
     import retrieval.migrations  # noqa: F401  (a one-off import, not a per-image cost)
 
     before = resource.getrusage(resource.RUSAGE_SELF)
-    pipe = pipeline_rate(HostOnlyEncoder(encoder), corpus, root, batch, pool)
+    pipe = pipeline_rate(encoder, corpus, root, batch, pool)
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"host_images_per_s": round(pipe["images_per_s"], 2),
@@ -412,9 +428,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     pool = decode_pool(args.workers).start() if args.workers != 0 else None  # as the CLI: before the model
     loading = time.perf_counter()
-    encoder = VisionEncoder(checkpoint, str(device), args.precision, args.compile)
+    encoder = (HostOnlyEncoder.from_config(checkpoint, device) if args.host_only else
+               VisionEncoder(checkpoint, str(device), args.precision, args.compile))
     model_load_s = time.perf_counter() - loading
-    attention = encoder.model.config._attn_implementation if hasattr(encoder.model, "config") else "?"
+    config = getattr(getattr(encoder, "model", None), "config", None)
+    attention = config._attn_implementation if config is not None else "?"
     batch = args.batch_size or (acceleration.auto_batch_size(device) if cuda else (2 if args.quick else 8))
     images = args.images or (batch * (16 if cuda else 2 if args.quick else 4))
     iterations = args.iterations or (10 if cuda else 1)
@@ -432,8 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "corpus": {k: corpus[k] for k in ("files", "counts")},
                    "decode_frames_per_s_per_worker": round(decode_fps, 2),
                    **host_rate(encoder, corpus, work / "host-store", batch, pool)}
-            print(json.dumps(doc) if args.json else json.dumps(doc, indent=2))
-            return doc
+            return print_doc(doc, args.json)
         inputs = real_batch(corpus, encoder.image_size, batch)
         forward, fp32_out = forward_rate(encoder, inputs, iterations)
         log(f"forward: {forward:.3f} images/s")
@@ -466,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
             "pipeline_seconds": pipe["seconds"],
         }
         if not args.skip_host:
-            doc.update(host_rate(encoder, corpus, work / "host-store", batch, pool))
+            doc.update(host_rate(HostOnlyEncoder.like(encoder), corpus, work / "host-store",
+                                 batch, pool))
             log(f"host side alone: {doc['host_images_per_s']} images/s, "
                 f"{doc['host_main_cpu_ms_per_image']} ms of main-process CPU per image")
         if measured_peak:
@@ -530,10 +548,12 @@ def main(argv: list[str] | None = None) -> dict:
         if pool is not None:
             pool.close()
         shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(doc))
-    else:
-        print(json.dumps(doc, indent=2))
+    return print_doc(doc, args.json)
+
+
+def print_doc(doc: dict, as_json: bool) -> dict:
+    """The one result document on stdout (one line with --json)."""
+    print(json.dumps(doc) if as_json else json.dumps(doc, indent=2))
     return doc
 
 

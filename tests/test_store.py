@@ -56,8 +56,11 @@ def test_filters_return_only_matching_rows_and_k_when_k_exist(store):
         (Filters(modality=["CT"], body_part=["CHEST"]),
          lambda r: r["metadata"]["modality"] == "CT" and r["metadata"]["body_part"] == "CHEST", 10),
     ]
+    everything = store.rows(store.all_vectors()[0].tolist())
     for filters, ok, n_matching in cases:
-        assert len(store.matching_ids(filters)) == n_matching, filters
+        expected = sorted(i for i, row in everything.items() if ok(row))
+        assert len(expected) == n_matching, filters
+        assert store.matching_ids(filters).tolist() == expected, filters  # exact set, sorted
         for k in (5, n_matching, n_matching + 7):
             scores, ids = store.search(q, k, filters)
             got = [int(i) for i in ids[0] if i >= 0]

@@ -48,3 +48,12 @@ def test_embed_benchmark_measures_the_host_side_alone(tiny_model):
     assert doc["images"] == 16 and doc["workers"] == 1
     assert doc["host_images_per_s"] > 0 and doc["host_main_cpu_ms_per_image"] > 0
     assert doc["decode_frames_per_s_per_worker"] > 0
+
+
+def test_int8_ceiling_times_the_same_layers_in_both_precisions():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.embed import linear_layer_seconds
+
+    fp32, int8 = linear_layer_seconds(rows=16, cfg={"hidden_size": 32, "intermediate_size": 64},
+                                      repeats=1)
+    assert 0 < fp32 < 5 and 0 < int8 < 5

@@ -170,27 +170,43 @@ def make_corpus(folder: Path, n: int, composition: str, unique: int = 8) -> dict
             "unique": [str(p) for ps in sources.values() for p in ps]}
 
 
-def decode_rate(corpus: dict, image_size: int) -> float:
-    """Frames per second one worker decodes (hash, read, window, pad, resize), in proportion."""
+def _timed_decode(job: tuple[str, int]) -> tuple[str, float]:
+    """(kind, seconds) of one file's decode (hash, read, window, pad, resize)."""
     from indexer.decode import DecodeOptions, decode_source
     from indexer.sources import SourceFile
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a worker process
-    options = DecodeOptions(image_size=image_size)
-    seconds: dict[str, float] = {}
-    try:
-        for path in corpus["unique"]:
-            kind = Path(path).name.split("_")[1]
-            st = os.stat(path)
-            source = SourceFile(path, st.st_size, st.st_mtime_ns, "dicom" if path.endswith(".dcm") else "image")
-            start = time.perf_counter()
-            decoded = decode_source(source, options)
-            if decoded.error:
-                raise RuntimeError(f"benchmark corpus file failed to decode: {decoded.error}")
-            seconds.setdefault(kind, []).append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+    path, image_size = job
+    st = os.stat(path)
+    source = SourceFile(path, st.st_size, st.st_mtime_ns, "dicom" if path.endswith(".dcm") else "image")
+    start = time.perf_counter()
+    decoded = decode_source(source, DecodeOptions(image_size=image_size))
+    if decoded.error:
+        raise RuntimeError(f"benchmark corpus file failed to decode: {decoded.error}")
+    return Path(path).name.split("_")[1], time.perf_counter() - start
+
+
+def decode_rate(corpus: dict, image_size: int, pool=None) -> float:
+    """Frames per second one worker decodes, in the corpus's proportions.
+
+    Timed inside the decode workers when there are any (their set-up — one thread, the memory
+    settings of `indexer.pipeline._init_worker` — is part of the rate), one file per worker
+    at a time."""
+    jobs = [(path, image_size) for path in corpus["unique"]]
+    if pool is not None:
+        timed = list(pool.map(_timed_decode, jobs, window=pool.workers))
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a worker process
+        try:
+            timed = [_timed_decode(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    seconds: dict[str, list[float]] = {}
+    for result in timed:
+        if not isinstance(result, tuple):  # the pool's report of a crashed or hung decode
+            raise RuntimeError(f"benchmark corpus file failed to decode: {result}")
+        kind, elapsed = result
+        seconds.setdefault(kind, []).append(elapsed)
     total = sum(corpus["counts"][k] * statistics.mean(v) for k, v in seconds.items())
     return corpus["files"] / total
 
@@ -465,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="medsearch-bench-"))
     try:
         corpus = make_corpus(work / "files", images, args.corpus, args.unique)
-        decode_fps = decode_rate(corpus, encoder.image_size)
+        decode_fps = decode_rate(corpus, encoder.image_size, pool)
         log(f"decode: {decode_fps:.1f} frames/s per worker")
         if args.host_only:
             doc = {"device": str(device), "machine": machine(device), "batch_size": batch,

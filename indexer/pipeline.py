@@ -27,7 +27,7 @@ from .decode import Decoded, DecodeOptions, decode_source
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
 from .dicomweb import is_dicomweb, list_instances, removal_allowed
 from .sources import SourceFile, walk
-from .workers import SupervisedPool
+from .workers import SupervisedPool, keep_freed_memory
 
 #: Save the FAISS file at least this often during long runs (the DB is committed per batch).
 SAVE_EVERY_S = 300.0
@@ -61,6 +61,7 @@ def default_workers() -> int:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # one decode per process; the encoder owns the other cores
+    keep_freed_memory()
 
 
 def decode_pool(workers: int | None = None, *, timeout_s: float = 300.0) -> SupervisedPool:

@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from indexer.workers import SupervisedPool
 
 
@@ -47,3 +49,36 @@ def test_started_pool_is_reused_and_recovers_after_a_crash():
         assert "crashed" in results[3] and results[4] == 16
         after = set(dict(pool.map(pid_of, range(8))).values())
         assert after and not after & first  # a broken pool is replaced, then works
+
+
+FAULTS_AFTER_FIRST_BUFFER = """
+import resource, sys
+import torch
+from indexer.workers import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+for _ in range(10):  # 64 MB buffers, past glibc's dynamic mmap threshold (32 MB at most);
+    torch.ones(16 << 20)  # meanwhile the heap grows to its working set
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(16 << 20)
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_decode_workers_reuse_freed_buffers_instead_of_faulting_them_in_again():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FIRST_BUFFER, mode],
+                             capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout.split()
+        return out[0], int(out[1])
+
+    kept, with_reuse = faults("keep")
+    if kept == "False":
+        pytest.skip("this C library has no glibc mallopt")
+    _, without = faults("default")
+    assert without > 10 * 16000  # each 64 MB buffer faulted in again, page by page
+    assert with_reuse < 1000

@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from indexer.workers import SupervisedPool  # noqa: E402
 from retrieval import acceleration  # noqa: E402
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint, select_device  # noqa: E402
 
@@ -185,7 +186,7 @@ def _timed_decode(job: tuple[str, int]) -> tuple[str, float]:
     return Path(path).name.split("_")[1], time.perf_counter() - start
 
 
-def decode_rate(corpus: dict, image_size: int, pool=None) -> float:
+def decode_rate(corpus: dict, image_size: int, pool: SupervisedPool | None = None) -> float:
     """Frames per second one worker decodes, in the corpus's proportions.
 
     Timed inside the decode workers when there are any (their set-up — one thread, the memory

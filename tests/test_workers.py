@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 
@@ -51,34 +52,28 @@ def test_started_pool_is_reused_and_recovers_after_a_crash():
         assert after and not after & first  # a broken pool is replaced, then works
 
 
-FAULTS_AFTER_FIRST_BUFFER = """
-import resource, sys
-import torch
-from indexer.workers import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
-for _ in range(10):  # 64 MB buffers, past glibc's dynamic mmap threshold (32 MB at most);
-    torch.ones(16 << 20)  # meanwhile the heap grows to its working set
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    torch.ones(16 << 20)
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+def page_faults_over_big_buffers(_: int) -> int:
+    """Minor page faults while allocating and freeing 64 MB buffers, past glibc's dynamic mmap
+    threshold (32 MB at most), once the heap has grown to its working set."""
+    import resource
+
+    import torch
+
+    for _ in range(10):
+        torch.ones(16 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.ones(16 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
 def test_decode_workers_reuse_freed_buffers_instead_of_faulting_them_in_again():
-    import subprocess
-    import sys
-    from pathlib import Path
+    from indexer.pipeline import decode_pool
 
-    def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FIRST_BUFFER, mode],
-                             capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1]).stdout.split()
-        return out[0], int(out[1])
-
-    kept, with_reuse = faults("keep")
-    if kept == "False":
-        pytest.skip("this C library has no glibc mallopt")
-    _, without = faults("default")
-    assert without > 10 * 16000  # each 64 MB buffer faulted in again, page by page
-    assert with_reuse < 1000
+    with decode_pool(1) as pool:
+        [in_decode_worker] = list(pool.map(page_faults_over_big_buffers, [0]))
+    with SupervisedPool(lambda item, reason: reason, workers=1, window=1) as plain:
+        [in_plain_worker] = list(plain.map(page_faults_over_big_buffers, [0]))
+    assert in_plain_worker > 10 * 16000  # each buffer faulted in again, page by page
+    assert in_decode_worker < 1000

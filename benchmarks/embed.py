@@ -344,8 +344,7 @@ def linear_layer_seconds(rows: int, cfg: dict, repeats: int = 3) -> tuple[float,
     d, f = cfg["hidden_size"], cfg["intermediate_size"]
     shapes = [(d, d)] * 4 + [(d, f), (f, d)]
     fp32 = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in shapes)).eval()
-    int8 = acceleration.quantize_int8(torch.nn.Sequential(*(torch.nn.Linear(i, o)
-                                                             for i, o in shapes)).eval())
+    int8 = acceleration.quantize_int8(fp32)  # a quantised copy
     inputs = {width: torch.randn(rows, width) for width in (d, f)}
     best = {"fp32": float("inf"), "int8": float("inf")}
     with torch.inference_mode():

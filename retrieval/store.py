@@ -20,7 +20,7 @@ from typing import Iterator
 
 import faiss
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, insert, select
+from sqlalchemy import RowMapping, create_engine, delete, event, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import index_choice
@@ -614,7 +614,7 @@ class Store:
         self.close()
 
 
-def image_dict(row, labels: list[dict]) -> dict:
+def image_dict(row: RowMapping, labels: list[dict]) -> dict:
     """A result row (images joined with its file's path and kind) as the dict results carry."""
     meta = {c: row[c] for c in ("width", "height", *DICOM_FIELDS, "patient_key")}
     meta = {k: v for k, v in meta.items() if v is not None}

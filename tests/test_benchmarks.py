@@ -50,8 +50,8 @@ def test_embed_benchmark_measures_the_host_side_alone(tiny_model):
     assert doc["decode_frames_per_s_per_worker"] > 0
 
 
-def test_int8_ceiling_times_the_same_layers_in_both_precisions():
-    sys.path.insert(0, str(ROOT))
+def test_int8_ceiling_times_the_same_layers_in_both_precisions(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is a checkout folder, not installed
     from benchmarks.embed import linear_layer_seconds
 
     fp32, int8 = linear_layer_seconds(rows=16, cfg={"hidden_size": 32, "intermediate_size": 64},

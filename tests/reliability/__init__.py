@@ -1,0 +1,1 @@
+"""Reliability tests: hostile input, faults, crashes and concurrency (issue 13)."""

@@ -10,6 +10,21 @@ import typer
 
 from retrieval.errors import MedsearchError
 
+
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """``name`` from click and from the click that typer uses (typer >= 0.29 vendors its own
+    copy, whose exceptions are not click's): usage errors must be caught from either."""
+    found = {getattr(click.exceptions, name)}
+    vendored = next((c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"), None)
+    if vendored is not None:
+        found.add(getattr(__import__(vendored.__module__, fromlist=[name]), name, click.ClickException))
+    if name in ("Exit", "Abort"):
+        found.add(getattr(typer, name))
+    return tuple(found)
+
+
+_EXIT, _ABORT, _CLICK_ERROR = (_click_classes(n) for n in ("Exit", "Abort", "ClickException"))
+
 app = typer.Typer(
     name="medsearch",
     help="Search medical images by text and find similar cases (MedSigLIP + FAISS + SQLite).",
@@ -27,13 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     as_json = "--json" in args
     try:
         app(args=args, standalone_mode=False, prog_name="medsearch")
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _EXIT as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except _ABORT:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.ClickException as exc:
+    except _CLICK_ERROR as exc:  # a usage error: the message and usage line, no traceback
         exc.show()
+        if as_json:
+            print(json.dumps({"error": exc.format_message(), "type": "UsageError"}))
         sys.exit(exc.exit_code)
     except MedsearchError as exc:
         _fail(str(exc), type(exc).__name__, as_json)

@@ -149,3 +149,19 @@ def test_settings_file_and_environment_override(tmp_path, monkeypatch):
 def test_unusable_device_is_named(capsys, tiny_model):
     code, doc, _ = cli(capsys, "embed", "--model", str(tiny_model), "--text", "x", "--device", "gpu0")
     assert code == 2 and "--device" in doc["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", ".", "--bogus"], "No such option: --bogus"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["search"], "Missing argument"),
+])
+def test_usage_errors_are_one_line_not_a_traceback(args, message):
+    """Whichever click typer brings (0.29 vendors its own), a usage error is a message."""
+    proc = subprocess.run([sys.executable, "-m", "medsearch", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "medsearch", *args, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in json.loads(proc.stdout)["error"]

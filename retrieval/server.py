@@ -387,7 +387,8 @@ class Engine:
         try:
             tensor = self.decode_stored(row["path"], int(row["frame"]), self.image_size)
         except MedsearchError as exc:
-            raise NotFound(f"the source of image {image_id} can no longer be read: {exc}") from None
+            reason = str(exc).replace(row["path"], self.searcher.redact(row["path"]))
+            raise NotFound(f"the source of image {image_id} can no longer be read: {reason}") from None
         import torch
 
         image = Image.fromarray(model_input_to_uint8(torch.from_numpy(np.asarray(tensor))))

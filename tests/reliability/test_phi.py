@@ -98,7 +98,8 @@ def test_key_file_is_owner_only_outside_the_store_and_never_in_it(tmp_path, tiny
     folder = tmp_path / "in"
     _corpus(folder)
     store = tmp_path / "store"
-    _index(store, folder, tiny_model)
+    cli("index", str(folder), "--store", str(store), "--model", str(tiny_model), "--workers", "1",
+        "--no-progress")  # a real decode worker process: it must get the key to hash with
     fingerprint = _manifest(store)["phi_key_fingerprint"]
     key_file = keys_home / "medsearch" / "keys" / f"{fingerprint}.key"
     assert key_file.is_file() and store not in key_file.parents
@@ -300,7 +301,15 @@ def test_redacted_paths_reveal_no_folder_name_anywhere(tmp_path, tiny_model, mon
         out = tmp_path / f"cohort{suffix}"
         cli("export", "--query", "ct", "--out", str(out), "--store", str(root), "-k", "50")
         outputs.append(out.read_text())
+    with pytest.raises(MedsearchError, match="redact_paths"):  # would need the real paths
+        cli("export", "--query", "ct", "--out", str(tmp_path / "c.csv"), "--store", str(root),
+            "--copy-to", str(tmp_path / "copies"))
+    moved = next(r for r in _rows(root) if r["path"].endswith("mr.dcm"))
+    Path(moved["path"]).rename(tmp_path / "moved.dcm")  # a preview error names no folder
     with running(make_app(root)) as url:
+        missing = httpx.get(f"{url}/images/{moved['id']}/preview")
+        assert missing.status_code == 404
+        outputs.append(missing.text)
         outputs.append(httpx.post(f"{url}/search", json={"query": "ct", "k": 50}).text)
         outputs.append(httpx.post(f"{url}/similar", json={"id": ids[0], "k": 50}).text)
         outputs.append(httpx.post(f"{url}/export?format=json", json={"query": "ct", "k": 50}).text)

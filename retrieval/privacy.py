@@ -207,6 +207,8 @@ def store_key(store: Store, *, create: bool = False, required: bool = True) -> b
         path = configured or default_key_file(fingerprint(key))
         write_key(path, key)
         key = read_key(path)  # another process may have created the shared file first
+        _note(f"patient keys of store {store.root} are hashed with the key in {path} "
+              "(owner-only, outside the store); back it up apart from the store")
     _record(store, fingerprint(key))
     return key
 

@@ -265,16 +265,13 @@ def forget(store: Store, *, patient: str | None = None, study: str | None = None
     else:
         uid = study.strip()
         match, marker, doc["study_uid"] = ImageRow.study_uid == uid, _marker(key, "study", uid), uid
+    file_ids = select(ImageRow.file_id).where(match).scalar_subquery()  # whole files go
     with store.sessions() as session:
-        files = session.execute(select(FileRow.path, FileRow.source_kind).distinct()
-                                .join(ImageRow, ImageRow.file_id == FileRow.id).where(match)).all()
-        images = session.scalar(select(func.count()).select_from(ImageRow)
-                                .join(FileRow, FileRow.id == ImageRow.file_id)
-                                .where(FileRow.path.in_([p for p, _ in files]))) if files else 0
+        files = session.execute(select(FileRow.path, FileRow.source_kind)
+                                .where(FileRow.id.in_(file_ids))).all()
         labels = session.scalar(select(func.count()).select_from(LabelRow)
                                 .join(ImageRow, ImageRow.id == LabelRow.image_id)
-                                .join(FileRow, FileRow.id == ImageRow.file_id)
-                                .where(FileRow.path.in_([p for p, _ in files]))) if files else 0
+                                .where(ImageRow.file_id.in_(file_ids)))
     with store.writer() as writer:  # marker and removal in one transaction
         writer.session.execute(text("PRAGMA secure_delete=ON"))  # freed pages zeroed
         writer.session.merge(SettingRow(key=marker, value=str(int(time.time()))))

@@ -13,7 +13,7 @@ import torch
 from retrieval.preprocess import expand_planes, model_planes
 
 from .dicom import (NoImage, dicom_frames, dicom_metadata, frame_count, no_image_reason,
-                    read_dataset)
+                    patient_key, read_dataset)
 from .images import DecodeError, image_frames
 from .sources import SourceFile
 
@@ -25,7 +25,7 @@ class DecodeOptions:
     image_size: int
     frames: str = "middle"         # all | first | middle | N (at most N, evenly spaced)
     phi_policy: str = "hash"       # hash | keep | drop
-    phi_secret: bytes = b""
+    phi_secret: bytes = field(default=b"", repr=False)  # the store's key: never in logs
     window: str = "file"           # file | auto | a CT preset (indexer.pixels.PRESETS)
 
 
@@ -52,6 +52,7 @@ class Decoded:
     metadata: dict = field(default_factory=dict)
     error: str | None = None      # broken: counted as a failure
     skipped: str | None = None    # valid but nothing to embed (e.g. a DICOM SR)
+    consent_key: str | None = None  # hashed patient key (withdrawn-consent check), never raw
 
 
 def content_hash(path: str | Path) -> str:
@@ -104,6 +105,9 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
             ds, path = read_dataset(source.path), source.path
         if source.kind in ("dicom", "dicomweb"):
             result.metadata = dicom_metadata(ds, options.phi_policy, options.phi_secret)
+            if options.phi_secret:  # hashed here, in the worker, under every PHI policy
+                result.consent_key = patient_key(str(ds.get("PatientID", "") or "").strip(),
+                                                 "hash", options.phi_secret)
             if (reason := no_image_reason(ds)) is not None:
                 raise NoImage(reason)
             wanted = select_frames(frame_count(ds), options.frames)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from retrieval import privacy
 from retrieval.acceleration import stack_planes
 from retrieval.model import VisionEncoder
 from retrieval.store import NewFile, NewImage, Store, known_files
@@ -92,8 +93,13 @@ class Indexer:
         self.workers = pool.workers if pool else default_workers() if workers is None else workers
         self.batch_size = max(1, batch_size)
         self.progress = progress
+        # the key file (retrieval.privacy), never a secret inside the store; needed to hash
+        # patient keys and to keep withdrawn patients and studies out
+        self.withdrawn = privacy.withdrawn_markers(store)
+        secret = privacy.store_key(store, create=True,
+                                   required=phi_policy == "hash" or bool(self.withdrawn))
         self.options = DecodeOptions(image_size=encoder.image_size, frames=frames,
-                                     phi_policy=phi_policy, phi_secret=store.secret("phi_hmac_key"),
+                                     phi_policy=phi_policy, phi_secret=secret or b"",
                                      window=window)
         self.series_vectors, self.dicomweb_query = series_vectors, dicomweb_query
         self.touched_series: set[str] = set()
@@ -198,6 +204,10 @@ class Indexer:
         elif decoded.skipped:
             ops.append(("skip", path, decoded.skipped))
             report.skipped.append({"path": path, "reason": decoded.skipped})
+        elif privacy.withdrawn(self.withdrawn, self.options.phi_secret, decoded.consent_key,
+                               decoded.metadata.get("study_uid")):  # `medsearch forget`
+            ops.append(("withdrawn", path))
+            report.skipped.append({"path": path, "reason": "withdrawn"})
         elif path in known and known[path][2] == decoded.content_hash:
             ops.append(("touch", decoded.source))
             report.unchanged += 1
@@ -242,6 +252,9 @@ class Indexer:
                     writer.record_failure(op[1], op[2], kind="failed" if op[0] == "fail" else "skipped")
                 elif op[0] == "touch":
                     writer.touch_file(op[1].path, op[1].size, op[1].mtime_ns)
+                elif op[0] == "withdrawn":  # nothing of it kept, not even a failure row
+                    writer.remove_file(op[1])
+                    writer.clear_failure(op[1])
                 elif op[0] == "rename":
                     writer.rename_file(op[1], op[2].path, op[2].size, op[2].mtime_ns)
             in_order = iter(vectors)  # one vector per frame, in batch order

@@ -9,6 +9,7 @@ import numpy as np
 from .errors import InputError
 from .filters import Filters
 from .model import TextEncoder, VisionEncoder, resolve_checkpoint
+from .privacy import PathRedactor
 from .store import Store
 
 
@@ -29,7 +30,14 @@ class Searcher:
     """Loads each tower lazily, from the checkpoint the store was built with unless told otherwise."""
 
     def __init__(self, store: Store, model: str | None = None, device: str = "auto",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", redact_paths: str | None = None) -> None:
+        """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor); None takes the
+        ``redact_paths`` setting, so the CLI, the server and exports all follow it."""
+        if redact_paths is None:
+            from .settings import load_settings
+
+            redact_paths = load_settings().redact_paths
+        self.redact = PathRedactor(store, redact_paths)
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
@@ -84,7 +92,7 @@ class Searcher:
             hits = [(i, s) for i, s in hits if s >= min_score]
         hits = hits[:k]
         rows = self.store.rows([i for i, _ in hits])
-        return [Result(i, rows[i]["path"], rows[i]["frame"], s, rows[i]["metadata"])
+        return [Result(i, self.redact(rows[i]["path"]), rows[i]["frame"], s, rows[i]["metadata"])
                 for i, s in hits if i in rows]
 
     def text(self, text: str, k: int = 10, filters: Filters | None = None,

@@ -286,6 +286,12 @@ class Engine:
                 log.warning("store refresh deferred: %s", exc)
                 return
             self._version = version
+            with self._preview_lock:  # previews of removed (e.g. forgotten) images go too
+                cached = {i for i, _ in self._previews}
+            gone = cached - set(self.store.rows(sorted(cached))) if cached else set()
+            with self._preview_lock:
+                for key in [k for k in self._previews if k[0] in gone]:
+                    del self._previews[key]
             log.info("store changed on disk; index now holds %d vectors", self.store.count)
 
     def _check_ids(self, ids: list[int]) -> None:
@@ -371,17 +377,18 @@ class Engine:
 
         size = min(size or self.image_size, self.image_size)
         key = (image_id, size)
+        row = self.row(image_id)  # first: a removed image is never served from the cache
         with self._preview_lock:
             if key in self._previews:
                 self._previews.move_to_end(key)
                 return self._previews[key]
-        row = self.row(image_id)
         if self.decode_stored is None:
             raise NotFound("previews are not available: the server has no image decoder")
         try:
             tensor = self.decode_stored(row["path"], int(row["frame"]), self.image_size)
         except MedsearchError as exc:
-            raise NotFound(f"the source of image {image_id} can no longer be read: {exc}") from None
+            reason = str(exc).replace(row["path"], self.searcher.redact(row["path"]))
+            raise NotFound(f"the source of image {image_id} can no longer be read: {reason}") from None
         import torch
 
         image = Image.fromarray(model_input_to_uint8(torch.from_numpy(np.asarray(tensor))))
@@ -740,7 +747,7 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
     @app.get("/images/{image_id}", tags=["images"])
     def image(image_id: int) -> dict:
         """Stored metadata of one indexed image."""
-        return engine.row(image_id)
+        return engine.searcher.redact.row(engine.row(image_id))
 
     @app.get("/images/{image_id}/preview", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/png": {}}}})

@@ -27,6 +27,8 @@ class Settings(BaseModel, extra="forbid"):
     workers: int | None = None           # decode processes; None = cores - 1 (at most 8)
     frames: str = "middle"               # multi-frame policy: all | first | middle | N
     phi_policy: Literal["hash", "keep", "drop"] = "hash"
+    phi_key_file: str | None = None      # None: one key per store in $XDG_CONFIG_HOME/medsearch/keys
+    redact_paths: Literal["none", "name", "hash"] = "none"  # folder names in results and exports
     index_type: str = "auto"             # a FAISS factory string, or auto (by size and memory)
     k: int = 10
 

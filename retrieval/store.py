@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -54,6 +53,7 @@ class Manifest:
     index_auto: bool = False        # re-chosen from the vector count (retrieval.index_choice)
     index_reason: str = ""          # why this index type (shown by `medsearch info`)
     index_trained_on: int | None = None  # vectors the IVF/PQ/SQ index was trained on (None: unknown)
+    phi_key_fingerprint: str | None = None  # the patient-key file's (retrieval.privacy); never the key
     format_version: int = FORMAT_VERSION
     schema_version: int = SCHEMA_VERSION
     created_at: float = field(default_factory=time.time)
@@ -283,6 +283,10 @@ class Store:
         self.index = self._load_index()
         self._dirty = False
         self.reconcile()
+        if not readonly:  # a patient-key secret kept in the database moves out of the store
+            from .privacy import migrate_legacy
+
+            migrate_legacy(self)
 
     def _migrate(self) -> None:
         """Create or upgrade the schema with Alembic; a read-only open never writes it."""
@@ -514,14 +518,6 @@ class Store:
     def set_setting(self, key: str, value: str) -> None:
         with self.sessions() as session, session.begin():
             session.merge(SettingRow(key=key, value=value))
-
-    def secret(self, key: str) -> bytes:
-        """A random per-store secret (e.g. for the PHI HMAC), created on first use."""
-        value = self.setting(key)
-        if value is None:
-            value = secrets.token_hex(32)
-            self.set_setting(key, value)
-        return bytes.fromhex(value)
 
     # -- reading ---------------------------------------------------------------------------
     def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:

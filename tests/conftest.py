@@ -16,6 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PYDICOM_TEST_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _throwaway_key_folder(tmp_path_factory) -> None:
+    """Patient-key files (retrieval.privacy) go to a temporary folder, never the user's."""
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from retrieval.testmodel import make_test_model

@@ -172,6 +172,10 @@ def export_cmd(
     cfg = settings()
     searcher = Searcher(Store.open(store_path(store, cfg), readonly=True), model,
                         device or cfg.device, cfg.precision)
+    if (copy_to is not None or link_to is not None) and searcher.redact.active:
+        raise InputError("--copy-to and --link-to need the source paths, which redact_paths "
+                         f"({searcher.redact.mode}) hides; export without them, or unset "
+                         "redact_paths / MEDSEARCH_REDACT_PATHS for this export")
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     results = searcher.query(
         terms, k or cfg.k, filters, min_score,

@@ -3,12 +3,11 @@
 CPU: ``auto`` is fp32 unless a short bf16-vs-fp32 matrix product in the tower's MLP shape,
 measured once per machine and cached, shows bf16 at least ``BF16_MIN_SPEEDUP``× as fast: CPU
 flags (AMX, AVX512-BF16) do not say it (emulated bf16 is always slower than fp32), and the
-tower's other operations gain less than its matrix products (see ``_seq_first_keys`` for the
-one that made bf16 3× slower than fp32 on AVX512-BF16 CPUs). ``auto`` never picks int8,
-which moves the embedding. ``int8`` = dynamic int8 quantisation of every Linear layer
-(weights int8, activations quantised per batch: 1.78× faster than fp32 on the full-size
-vision tower on the 2-core reference machine, cosine 0.9998 to fp32). Thread count: one
-intra-op thread per core, set deliberately.
+tower's other operations gain less than its matrix products (``_seq_first_keys`` removes the
+one that cost bf16 most). ``auto`` never picks int8, which moves the embedding. ``int8`` =
+dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
+batch: 1.78× faster than fp32 on the full-size vision tower on the 2-core reference machine,
+cosine 0.9998 to fp32). Thread count: one intra-op thread per core, set deliberately.
 
 CUDA: bf16 autocast (fp32 weights, matrix products in bf16, reductions and norms in fp32),
 SDPA attention, optional ``torch.compile``, batches staged in pinned host memory and copied
@@ -251,10 +250,11 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
 def _seq_first_keys(module: torch.nn.MultiheadAttention, args: tuple) -> tuple | None:
     """Keys laid out sequence-first in memory before a batch-first MultiheadAttention (SigLIP's
     pooling head) transposes them to T×B×C. On a strided view with B > 1 torch projects them
-    as T batched products with the weight expanded T times, materialised in bf16: a 5.4 GB copy
-    and 14 s per batch of two at full size on the 2-core machine, which made its bf16 forward
-    slower than fp32. On a sequence-first buffer the projection is one matrix product; the
-    values are the same up to summation order."""
+    as T batched products with the weight expanded T times, materialised in bf16 (a 5.4 GB
+    copy): 14–20 s per batch of two at full size on the shared 2-core machine, against 33 s
+    for the tower's 27 layers; fp32 2.3 s, int8 1.7 s. On a sequence-first buffer the
+    projection is one matrix product (0.3–0.5 s); the values are the same up to summation
+    order."""
     if len(args) < 3 or not module.batch_first or args[1] is not args[2] or args[1].dim() != 3:
         return None  # not the pooling head's call: leave it alone
     keys = args[1].transpose(0, 1).contiguous().transpose(0, 1)

@@ -475,8 +475,9 @@ def main(argv: list[str] | None = None) -> dict:
     batch = args.batch_size or (acceleration.auto_batch_size(device) if cuda else (2 if args.quick else 8))
     images = args.images or (batch * (16 if cuda else 2 if args.quick else 4))
     iterations = args.iterations or (10 if cuda else 1)
-    log(f"device {device}, precision {encoder.precision}, attention {attention}, batch {batch}, "
-        f"{images} files ({args.corpus})")
+    log(f"device {device}, precision {encoder.precision} (auto here: "
+        f"{acceleration.precision_choice(device)['reason']}), attention {attention}, "
+        f"batch {batch}, {images} files ({args.corpus})")
 
     work = Path(tempfile.mkdtemp(prefix="medsearch-bench-"))
     try:
@@ -504,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
         peak, peak_source, measured_peak = peak_flops(device, encoder.precision)
         doc = {
             "device": str(device), "machine": machine(device), "precision": encoder.precision,
+            "precision_auto": acceleration.precision_choice(device),  # what auto picks, and why
             "attention": attention, "compiled": args.compile,
             "bf16_mode": acceleration.CUDA_BF16_MODE if cuda else None, "batch_size": batch,
             "workers": pipe["workers"], "corpus": {k: corpus[k] for k in ("files", "counts")},
@@ -558,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "int8_speedup": round(int8_rate / fp32_rate, 3) if reference is not None else None,
                     "int8_linear_speedup": round(linear_fp32 / linear_int8, 3),
                     "int8_cosine": round(float(cos.min()), 5),
+                    "int8_cosine_against": doc["precision"],  # the run's own precision
                     "int8_cosine_mean": round(float(cos.mean()), 5)}
 
         def baseline_part() -> dict:

@@ -1,10 +1,13 @@
 """Device and precision: how a tower runs at the hardware's limit on CPU and CUDA.
 
-CPU: fp32 by default; ``int8`` = dynamic int8 quantisation of every Linear layer (weights int8,
-activations quantised per batch: 1.78× faster than fp32 on the full-size vision tower on the
-2-core reference machine, cosine 0.9998 to fp32); bf16 only where the processor has native
-bf16 (AMX / AVX512-BF16) — elsewhere it is emulated and slower than fp32 (9.5 s vs 4.0 s per
-image measured). Thread count: one intra-op thread per core, set deliberately.
+CPU: ``auto`` is fp32 unless a short bf16-vs-fp32 matrix product in the tower's MLP shape,
+measured once per machine and cached, shows bf16 at least ``BF16_MIN_SPEEDUP``× as fast: CPU
+flags (AMX, AVX512-BF16) do not say it (emulated bf16 is always slower than fp32), and the
+tower's other operations gain less than its matrix products (``_seq_first_keys`` removes the
+one that cost bf16 most). ``auto`` never picks int8, which moves the embedding. ``int8`` =
+dynamic int8 quantisation of every Linear layer (weights int8, activations quantised per
+batch: 1.78× faster than fp32 on the full-size vision tower on the 2-core reference machine,
+cosine 0.9998 to fp32). Thread count: one intra-op thread per core, set deliberately.
 
 CUDA: bf16 autocast (fp32 weights, matrix products in bf16, reductions and norms in fp32),
 SDPA attention, optional ``torch.compile``, batches staged in pinned host memory and copied
@@ -14,8 +17,14 @@ asynchronously, pixel scaling/resizing on the device, batch size from free memor
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import platform
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,23 +39,191 @@ MAX_CUDA_BATCH = 256
 #: On CUDA, bf16 as autocast over fp32 weights ("autocast": norms and softmax in fp32) or as
 #: bf16 weights throughout ("weights": half the bytes for every elementwise op).
 CUDA_BF16_MODE = os.environ.get("MEDSEARCH_CUDA_BF16", "weights")
+#: ``auto`` takes bf16 on a CPU only when its matrix products measure this much faster than
+#: fp32: the probe times products alone, and the tower's other ops gain less from bf16.
+BF16_MIN_SPEEDUP = 1.25
+#: The probe: tokens × width → MLP width, the vision tower's largest product (a quarter of a
+#: 448-px image's 1024 tokens), alternating fp32 and bf16 for about PROBE_SECONDS in all.
+PROBE_SHAPE = (256, 1152, 4304)
+PROBE_SECONDS = 0.25
+CACHE_VERSION = 1
+#: Probes run in this process (tests tell a cached decision from a fresh one by it, not by time).
+measurements = 0
+_choices: dict[str, dict] = {}
+log = logging.getLogger(__name__)
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16: bf16 matrix products faster than fp32 on this CPU."""
+    """AMX tiles or AVX512-BF16 instructions: needed for fast bf16 on x86, but not enough."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def cache_path() -> Path:
+    """``$MEDSEARCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/medsearch``, else ``~/.cache/medsearch``."""
+    if os.environ.get("MEDSEARCH_CACHE_DIR"):
+        return Path(os.environ["MEDSEARCH_CACHE_DIR"]) / "precision.json"
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "medsearch" / "precision.json"
+
+
+def machine_key(threads: int) -> str:
+    """What the probe's result depends on: CPU model, its bf16-related flags, torch, threads."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                name, _, value = (part.strip() for part in line.partition(":"))
+                if name == "model name":
+                    model = value
+                elif name in ("flags", "Features"):  # x86, ARM
+                    flags.update(value.split())
+                elif not name and flags:
+                    break  # the first processor's block is enough
+    except OSError:
+        flags.update(["native_bf16"] if cpu_has_native_bf16() else [])
+    relevant = " ".join(sorted(f for f in flags if "bf16" in f or f.startswith("amx")
+                               or f == "avx512f")) or "no bf16 flags"
+    return f"{model} | {relevant} | torch {torch.__version__} | {threads} threads"
+
+
+def _probe_seconds(shape: tuple[int, int, int] = PROBE_SHAPE) -> tuple[float, float | None]:
+    """Best fp32 and bf16 times of ``x @ W.T + b`` in the tower's MLP shape, alternated so a
+    busy neighbour slows both alike; bf16 ``None`` where this build cannot run it."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    args = {torch.float32: (torch.randn(1, m, k, generator=gen), torch.randn(n, k, generator=gen),
+                            torch.zeros(n))}
+    args[torch.bfloat16] = tuple(t.to(torch.bfloat16) for t in args[torch.float32])
+    best = {dtype: float("inf") for dtype in args}
+    with torch.inference_mode():
+        try:
+            torch.nn.functional.linear(*args[torch.bfloat16])  # warm-up: kernel choice, first touch
+        except RuntimeError as exc:
+            log.debug("bf16 matrix product unavailable: %s", exc)
+            del args[torch.bfloat16], best[torch.bfloat16]
+        torch.nn.functional.linear(*args[torch.float32])
+        spent, rounds = 0.0, 0
+        while rounds < 2 or (spent < PROBE_SECONDS and rounds < 8):
+            for dtype, operands in args.items():
+                start = time.perf_counter()
+                torch.nn.functional.linear(*operands)
+                elapsed = time.perf_counter() - start
+                best[dtype], spent = min(best[dtype], elapsed), spent + elapsed
+            rounds += 1
+    return best[torch.float32], best.get(torch.bfloat16)
+
+
+def choose_cpu_precision(fp32_seconds: float, bf16_seconds: float | None,
+                         min_speedup: float = BF16_MIN_SPEEDUP) -> tuple[str, str]:
+    """(precision, why) from measured times: bf16 only when ≥ ``min_speedup``× faster than fp32."""
+    if not bf16_seconds or bf16_seconds <= 0:
+        return "fp32", "bf16 matrix products do not run on this CPU"
+    speedup = fp32_seconds / bf16_seconds
+    if speedup >= min_speedup:
+        return "bf16", (f"bf16 matrix products {speedup:.2f}× as fast as fp32 here "
+                        f"(≥ {min_speedup}× needed)")
+    return "fp32", (f"bf16 matrix products only {speedup:.2f}× as fast as fp32 here "
+                    f"(< {min_speedup}× needed)")
+
+
+def _record(fp32_seconds: float, bf16_seconds: float | None) -> dict:
+    """The decision and its evidence, as cached and as ``info`` shows it."""
+    precision, reason = choose_cpu_precision(fp32_seconds, bf16_seconds)
+    flops = 2 * PROBE_SHAPE[0] * PROBE_SHAPE[1] * PROBE_SHAPE[2]
+    return {"precision": precision, "reason": reason,
+            "fp32_gflops": round(flops / fp32_seconds / 1e9, 1),
+            "bf16_gflops": round(flops / bf16_seconds / 1e9, 1) if bf16_seconds else None,
+            "fp32_seconds": fp32_seconds, "bf16_seconds": bf16_seconds,
+            "probe_shape": list(PROBE_SHAPE)}
+
+
+def _read_cache(path: Path, key: str) -> dict | None:
+    """The cached record for this machine, its decision re-derived from its own timings."""
+    try:
+        entry = json.loads(path.read_text())["machines"][key]
+        fp32, bf16 = float(entry["fp32_seconds"]), entry["bf16_seconds"]
+        if list(entry["probe_shape"]) != list(PROBE_SHAPE) or not fp32 > 0:
+            raise ValueError("another probe or a non-positive time")
+        return _record(fp32, None if bf16 is None else float(bf16))
+    except FileNotFoundError:
+        return None
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        log.debug("precision cache %s not usable for this machine (%r); measuring", path, exc)
+        return None
+
+
+def _write_cache(path: Path, key: str, record: dict) -> None:
+    """Add this machine's record (others kept), atomically; any failure only costs a re-measure."""
+    try:
+        try:
+            doc = json.loads(path.read_text())
+            machines = doc["machines"] if isinstance(doc.get("machines"), dict) else {}
+        except (OSError, ValueError, AttributeError):
+            machines = {}
+        machines[key] = {k: record[k] for k in ("precision", "reason", "fp32_gflops", "bf16_gflops",
+                                                 "fp32_seconds", "bf16_seconds", "probe_shape")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".precision-", suffix=".tmp",
+                                         delete=False) as tmp:
+            json.dump({"version": CACHE_VERSION, "machines": machines}, tmp, indent=1)
+        os.replace(tmp.name, path)
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        log.debug("precision cache %s not written (%r)", path, exc)
+        with contextlib.suppress(OSError, NameError):
+            os.unlink(tmp.name)
+
+
+def precision_choice(device: torch.device | str = "cpu") -> dict:
+    """What ``--precision auto`` resolves to on ``device`` and why (logs, ``medsearch info``).
+
+    CPU: measured once per machine (see ``machine_key``) and cached in ``cache_path()``;
+    ``cached`` says whether this answer came without a new measurement.
+    """
+    global measurements
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        return {"device": str(device), "precision": None, "reason": f"unknown device {device!r}"}
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"device": "cuda", "precision": "bf16" if bf16 else "fp32", "cached": False,
+                "reason": "the GPU runs bf16" if bf16 else "no GPU with bf16 visible to torch"}
+    if device.type != "cpu":
+        return {"device": device.type, "precision": "fp32", "cached": False,
+                "reason": "auto picks bf16 only on CUDA or on a CPU measured to gain from it"}
+    key = machine_key(configure_cpu_threads())
+    if key in _choices:
+        return {**_choices[key], "cached": True}
+    try:
+        path = cache_path()
+    except RuntimeError as exc:  # no home directory
+        log.debug("no cache directory (%r)", exc)
+        path = None
+    record = _read_cache(path, key) if path else None
+    cached = record is not None
+    if record is None:
+        measurements += 1
+        record = _record(*_probe_seconds())
+        if path:
+            _write_cache(path, key, record)
+    record = {"device": "cpu", **record, "machine": key}
+    _choices[key] = record
+    log.info("--precision auto on this CPU: %s, because %s (fp32 %s, bf16 %s GFLOP/s; %s)",
+             record["precision"], record["reason"], record["fp32_gflops"], record["bf16_gflops"],
+             "cached" if cached else "measured now")
+    return {**record, "cached": cached}
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on CUDA (and on CPUs with native bf16), else fp32; checks the rest."""
+    """``auto`` → bf16 on CUDA, and on a CPU where bf16 measured clearly faster; else fp32."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return precision_choice(device)["precision"]
     if precision == "int8" and device.type != "cpu":
         raise InputError("--precision int8 (dynamic quantisation) runs on the CPU only; "
                          "use bf16 on a GPU")
@@ -70,6 +247,20 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def _seq_first_keys(module: torch.nn.MultiheadAttention, args: tuple) -> tuple | None:
+    """Keys laid out sequence-first in memory before a batch-first MultiheadAttention (SigLIP's
+    pooling head) transposes them to T×B×C. On a strided view with B > 1 torch projects them
+    as T batched products with the weight expanded T times, materialised in bf16 (a 5.4 GB
+    copy): 14–20 s per batch of two at full size on the shared 2-core machine, against 33 s
+    for the tower's 27 layers; fp32 2.3 s, int8 1.7 s. On a sequence-first buffer the
+    projection is one matrix product (0.3–0.5 s); the values are the same up to summation
+    order."""
+    if len(args) < 3 or not module.batch_first or args[1] is not args[2] or args[1].dim() != 3:
+        return None  # not the pooling head's call: leave it alone
+    keys = args[1].transpose(0, 1).contiguous().transpose(0, 1)
+    return (args[0], keys, keys, *args[3:])
+
+
 def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
                   compile_model: bool = False) -> torch.nn.Module:
     """Put a loaded tower on its device in its precision (eval mode, no grads)."""
@@ -83,6 +274,9 @@ def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
     elif precision == "bf16" and (device.type == "cpu" or CUDA_BF16_MODE == "weights"):
         model = model.to(torch.bfloat16)  # CPU autocast adds casts per op; native weights are faster
     model = model.to(device)
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):  # SigLIP's pooling head
+            module.register_forward_pre_hook(_seq_first_keys)
     if compile_model:
         model = torch.compile(model, dynamic=False)
     return model

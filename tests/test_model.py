@@ -74,7 +74,8 @@ def test_padding_is_centred_zero_in_unit_range():
 
 
 def test_image_embeddings_equal_transformers_reference(tiny_model):
-    encoder = VisionEncoder.load(str(tiny_model), device="cpu")
+    # fp32 pinned: the reference is fp32, and ``auto`` may pick bf16 on this CPU
+    encoder = VisionEncoder.load(str(tiny_model), device="cpu", precision="fp32")
     reference = SiglipVisionModel.from_pretrained(tiny_model).eval()
     images = samples()
     ours = encoder.embed_pixels(images)
@@ -87,7 +88,7 @@ def test_image_embeddings_equal_transformers_reference(tiny_model):
 
 
 def test_text_embeddings_equal_reference_without_attention_mask(tiny_model):
-    encoder = TextEncoder.load(str(tiny_model), device="cpu")
+    encoder = TextEncoder.load(str(tiny_model), device="cpu", precision="fp32")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     reference = SiglipTextModel.from_pretrained(tiny_model).eval()
     texts = ["Left pneumothorax.", "melanoma on the back", "a chest x-ray showing cardiomegaly"]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from .conftest import write_images
 from retrieval.errors import InputError, ModelUnavailableError
-from retrieval.model import VisionEncoder, resolve_checkpoint
+from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
 from retrieval.zeroshot import (CXR_FINDINGS, PRESETS, LogitScalars, ReviewThresholds,
                                 ZeroShotClassifier, classifications, normalised_entropy,
                                 read_logit_scalars, resolve_labels, score_vectors, softmax,
@@ -76,12 +76,15 @@ def test_sigmoid_uses_the_planted_scale_and_bias(classifier):
                                atol=1e-6)
 
 
-def test_scores_equal_siglip_forward(planted_model, classifier):
-    """Independent reference: transformers' own SiglipModel computes logits_per_image."""
+def test_scores_equal_siglip_forward(planted_model):
+    """Independent reference: transformers' own SiglipModel computes logits_per_image (in
+    fp32, so both towers are pinned to fp32: ``auto`` may pick bf16 on this CPU)."""
     from transformers import AutoTokenizer, SiglipModel
 
+    checkpoint = resolve_checkpoint(str(planted_model))
+    classifier = ZeroShotClassifier(TextEncoder(checkpoint, "cpu", "fp32"))
     pixels = np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8)
-    vision = VisionEncoder.load(str(planted_model), device="cpu")
+    vision = VisionEncoder(checkpoint, "cpu", "fp32")
     vector = vision.embed_pixels([pixels])
     labels = ["left pneumothorax", "cardiomegaly", "normal chest"]
     ours = classifier.classify(vector, labels, ["a chest x-ray showing {}"])[0]

@@ -17,9 +17,12 @@ PYDICOM_TEST_FILES = Path(__import__("pydicom").__file__).parent / "data" / "tes
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _throwaway_key_folder(tmp_path_factory) -> None:
-    """Patient-key files (retrieval.privacy) go to a temporary folder, never the user's."""
+def _throwaway_user_folders(tmp_path_factory) -> None:
+    """Patient-key files (retrieval.privacy) and the precision probe's cache go to temporary
+    folders, never the user's: a run depends on no earlier run (the CLI processes the tests
+    start inherit both, so they and the tests agree on what `auto` picked)."""
     os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    os.environ["MEDSEARCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("medsearch-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands to `app`.
-from .commands import classify, core, demo, dicom, serve  # noqa: E402,F401
+from .commands import classify, core, demo, dicom, maintenance, serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -940,12 +940,105 @@ class Store:
         try:
             yield
         finally:
-            self._lock_fd = None
-            os.close(fd)
+            if self._lock_fd == fd:  # not already released by close() inside the block
+                self._lock_fd = None
+                os.close(fd)
 
     @property
     def holds_lock(self) -> bool:
         return self._lock_fd is not None
+
+    # -- integrity -------------------------------------------------------------------------
+    def check(self) -> dict:
+        """Rows against vectors against the index file on disk, and the file's checksums.
+
+        Returns {ok, problems, reembed, counts}: ``problems`` say what is wrong and what to
+        run; ``reembed`` lists the sources whose vectors are missing or of the wrong size
+        (only re-embedding can fix those: `medsearch repair --drop` then `medsearch index`)."""
+        problems: list[str] = []
+        images, vectors, files = ImageRow.__table__, VectorRow.__table__, FileRow.__table__
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")
+            quick = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+            if quick != ["ok"]:
+                problems.append(f"database {self.root / DATABASE} is damaged ({'; '.join(quick[:3])}); "
+                                "restore it from a backup (`medsearch backup`)")
+            counts = {
+                "files": conn.scalar(select(func.count()).select_from(files)),
+                "images": conn.scalar(select(func.count()).select_from(images)),
+                "vectors": conn.scalar(select(func.count()).select_from(vectors)),
+            }
+            good = np.fromiter(conn.scalars(select(vectors.c.image_id)
+                                            .where(self._whole_vector(vectors))
+                                            .order_by(vectors.c.image_id)), dtype=np.int64)
+            broken = conn.execute(
+                select(images.c.id, files.c.path)
+                .join(files, files.c.id == images.c.file_id)
+                .outerjoin(vectors, vectors.c.image_id == images.c.id)
+                .where((vectors.c.image_id.is_(None)) | ~self._whole_vector(vectors))).all()
+            orphans = conn.scalar(select(func.count()).select_from(vectors).where(
+                ~vectors.c.image_id.in_(select(images.c.id))))
+            db_max = self._db_max_id()
+        counts["vectors_ok"] = int(good.size)
+        reembed = sorted({path for _, path in broken})
+        if broken:
+            problems.append(f"{len(broken)} image(s) in {len(reembed)} file(s) have no vector of "
+                            f"{self.dim} values; they must be re-embedded: run `medsearch "
+                            "repair --drop` and then `medsearch index` on them")
+        if orphans:
+            problems.append(f"{orphans} vector(s) belong to no image; run `medsearch repair`")
+        path = self.root / INDEX_FILE
+        index, problem = read_index_file(path, self.manifest, full=True)
+        counts["index"] = None if index is None else int(index.ntotal)
+        if problem:
+            problems.append(f"index file {path}: {problem}; run `medsearch repair` to rebuild it")
+        elif index is None and good.size:
+            problems.append(f"index file {path} is missing; run `medsearch repair` to build it")
+        elif index is not None:
+            ids = np.sort(_index_ids(index))
+            stale = np.setdiff1d(ids, good, assume_unique=True)
+            lacking = np.setdiff1d(good, ids, assume_unique=True)
+            if _supports_removal(index) and stale.size:
+                problems.append(f"index file {path} holds {stale.size} id(s) with no row "
+                                f"(e.g. {stale[:5].tolist()}); run `medsearch repair`")
+            if lacking.size:
+                problems.append(f"index file {path} lacks {lacking.size} stored vector(s) "
+                                f"(e.g. {lacking[:5].tolist()}); run `medsearch repair`")
+            if self.manifest.index_size is None:
+                problems.append(f"the manifest records no checksum for {path}; run "
+                                "`medsearch repair` to record one")
+            top = max(_max_id(index), db_max)
+            if self.manifest.id_high_water < _max_id(index):
+                problems.append(f"the manifest's id high-water mark {self.manifest.id_high_water} "
+                                f"is below the index's ids (up to {top}); run `medsearch repair`")
+        return {"ok": not problems, "store": str(self.root), "problems": problems,
+                "reembed": reembed, "counts": counts}
+
+    def repair(self, *, drop: bool = False) -> dict:
+        """Rebuild what is derived: the index file and the manifest's record of it, the id
+        high-water mark, owner-only modes. ``drop``: delete the sources that must be
+        re-embedded, so the next `medsearch index` embeds them again. Needs the writer lock."""
+        if self.readonly:
+            raise StoreError(f"store {self.root} was opened read-only")
+        with self.exclusive():
+            before = self.check()
+            dropped: list[str] = []
+            if drop and before["reembed"]:
+                with self.writer() as w:
+                    w.remove_files(before["reembed"])
+                dropped = before["reembed"]
+            with self.sessions() as session, session.begin():
+                self._guard_ids(session)
+            self.rebuild(self.manifest.index_type)
+            self.save()
+            os.chmod(self.root, DIR_MODE)
+            for entry in self.root.iterdir():
+                if entry.is_file() and entry.stat().st_uid == os.getuid():
+                    os.chmod(entry, FILE_MODE)
+            after = self.check()
+        return {"ok": after["ok"], "store": str(self.root), "fixed": before["problems"],
+                "problems": after["problems"], "dropped": dropped,
+                "reembed": after["reembed"], "counts": after["counts"]}
 
     def setting(self, key: str, default: str | None = None) -> str | None:
         with self.sessions() as session:
@@ -1096,3 +1189,74 @@ def known_files(store: Store, roots: list[str]) -> dict[str, tuple[int, int, str
         rows = session.execute(select(FileRow.path, FileRow.size, FileRow.mtime_ns,
                                       FileRow.content_hash).where(or_(*clauses))).all()
     return {path: (size, mtime, digest) for path, size, mtime, digest in rows}
+
+
+def backup(root: str | Path, dest: str | Path) -> dict:
+    """A consistent copy of a store that may be in use, into a new (or empty) folder.
+
+    The database is copied with SQLite's online backup API (one snapshot, writers go on);
+    the index file and manifest are copied as a pair (the manifest read before and after the
+    copy must agree and vouch for the copied file's checksum, else the copy goes without an
+    index). The copy is then opened under its own lock, reconciled with its database and
+    saved, so its index, manifest and rows are of the same moment; returns its `check`."""
+    import shutil
+    import sqlite3
+
+    root, dest = Path(root), Path(dest)
+    if not (root / MANIFEST).is_file():
+        raise StoreError(f"no store at {root} (no {MANIFEST})")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise StoreError(f"{dest} exists and is not empty; back up into a new folder")
+    _make_folder(dest)
+    os.chmod(dest, DIR_MODE)
+    _create_private_file(dest / DATABASE)
+    try:
+        src = sqlite3.connect(root / DATABASE, timeout=30)
+        dst = sqlite3.connect(dest / DATABASE)
+        try:
+            src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
+        finally:
+            dst.close()
+            src.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"could not copy {root / DATABASE} to {dest}: {exc}") from None
+    except OSError as exc:
+        raise _write_error(dest / DATABASE, exc) from None
+    manifest_bytes = None
+    for _ in range(5):
+        first = (root / MANIFEST).read_bytes()
+        index_copy = _temp_name(dest / INDEX_FILE)
+        try:
+            shutil.copyfile(root / INDEX_FILE, index_copy)
+        except FileNotFoundError:
+            index_copy.unlink(missing_ok=True)
+        except OSError as exc:
+            index_copy.unlink(missing_ok=True)
+            raise _write_error(dest / INDEX_FILE, exc) from None
+        if (root / MANIFEST).read_bytes() != first:
+            continue  # a save landed meanwhile: copy the pair again
+        manifest = Manifest(**json.loads(first))
+        if index_copy.exists():
+            index, problem = read_index_file(index_copy, manifest, full=True)
+            if problem or index is None:
+                index_copy.unlink()
+                continue
+            os.chmod(index_copy, FILE_MODE)
+            os.replace(index_copy, dest / INDEX_FILE)
+        manifest_bytes = first
+        break
+    if manifest_bytes is None:  # no agreeing pair: the copy builds its index from its rows
+        manifest = Manifest(**json.loads((root / MANIFEST).read_bytes()))
+        for name in ("index_size", "index_count", "index_crc32", "index_sha256", "index_previous"):
+            setattr(manifest, name, None)
+        (dest / INDEX_FILE).unlink(missing_ok=True)
+        manifest_bytes = json.dumps(asdict(manifest), indent=2).encode()
+    _atomic_write_bytes(dest / MANIFEST, manifest_bytes)
+    copy = Store.open(dest, exclusive=True)
+    try:
+        copy._dirty = True  # record the copy's own index (its rows may be newer than the file)
+        copy.save()
+        report = copy.check()
+    finally:
+        copy.close()
+    return {**report, "source": str(root), "backup": str(dest)}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from retrieval.errors import StoreError
-from retrieval.store import INDEX_FILE, MANIFEST, Manifest, NewImage, Store, backup
+from retrieval.store import INDEX_FILE, MANIFEST, Manifest, NewFile, NewImage, Store, backup
 
 DIM = 16
 REPO = Path(__file__).resolve().parents[2]
@@ -36,8 +36,9 @@ def unit(rng, n=1) -> np.ndarray:
 
 def add(store: Store, names: list[str], vectors: np.ndarray) -> list[int]:
     with store.writer() as w:
-        return [w.add_file(path=name, size=1, mtime_ns=1, content_hash=name, source_kind="image",
-                           images=[NewImage(0, 8, 8, v)])[0] for name, v in zip(names, vectors)]
+        return [ids[0] for ids in w.add_files([
+            NewFile(name, 1, 1, name, "image", [NewImage(0, 8, 8, v)])
+            for name, v in zip(names, vectors)])]
 
 
 def make(root: Path, n: int = 60, index_type: str = "Flat", seed: int = 0):
@@ -202,22 +203,33 @@ def test_full_checksum_catches_what_the_size_check_cannot(tmp_path):
     assert scores[0][0] == pytest.approx(1.0, abs=1e-5)  # switched to the rebuilt index
 
 
-def test_cli_check_exits_non_zero_and_repair_fixes(tmp_path):
+def _cli(capsys, *args: str) -> tuple[int, dict]:
+    """The real CLI entry (argument parsing, exit codes), in-process: no interpreter start."""
+    from medsearch.cli import main
+
+    code = 0
+    try:
+        main([*args, "--json"])
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_check_exits_non_zero_and_repair_fixes(tmp_path, capsys):
     root = tmp_path / "store"
     make(root)
     DAMAGE["truncated"](root, None)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "medsearch", *a, "--store", str(root),
-                                     "--json"], capture_output=True, text=True, env=env, timeout=300)
-    bad = run("check")
-    assert bad.returncode != 0, bad.stderr
-    doc = json.loads(bad.stdout)
+    code, doc = _cli(capsys, "check", "--store", str(root))
+    assert code != 0
     assert doc["ok"] is False and any("index.faiss" in p for p in doc["problems"])
     assert doc["counts"]["images"] == 60
-    fixed = run("repair")
-    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    good = run("check")
-    assert good.returncode == 0 and json.loads(good.stdout)["ok"]
+    code, doc = _cli(capsys, "repair", "--store", str(root))
+    assert code == 0 and doc["ok"], doc
+    code, doc = _cli(capsys, "check", "--store", str(root))
+    assert code == 0 and doc["ok"], doc
+    dest = tmp_path / "copy"
+    code, doc = _cli(capsys, "backup", "--store", str(root), "--to", str(dest))
+    assert code == 0 and doc["ok"] and doc["counts"]["images"] == 60
 
 
 def test_repair_lists_and_drops_what_must_be_re_embedded(tmp_path):
@@ -299,48 +311,59 @@ import sys, time, numpy as np
 from pathlib import Path
 from retrieval.errors import StoreError
 from retrieval.store import Manifest, NewImage, Store
-root, model, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-while not go.exists():
-    time.sleep(0.001)
+base, model, go, rounds = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+print("ready", flush=True)
+while not go.exists() or not go.read_text():
+    time.sleep(0.005)
+start = float(go.read_text())
 m = Manifest(model=model, model_revision="local", model_fingerprint=model, dim=4,
              preprocessing_version="v1")
-try:
-    st = Store.open_or_create(root, m)          # the order `medsearch index` used
-    with st.exclusive():
-        with st.writer() as w:
-            for i in range(5):
-                w.add_file(path=f"/{model}/{i}", size=1, mtime_ns=1, content_hash=model,
-                           source_kind="image",
-                           images=[NewImage(0, 1, 1, np.full(4, 0.5, np.float32))])
-        st.close()
-    print("ok")
-except StoreError as exc:
-    print("refused", exc)
+for r in range(rounds):
+    while time.time() < start + 0.4 * r:   # both start each round at the same instant
+        pass
+    try:
+        st = Store.open_or_create(base / f"store{r}", m)   # the order `medsearch index` used
+        with st.exclusive():
+            with st.writer() as w:
+                for i in range(5):
+                    w.add_file(path=f"/{model}/{i}", size=1, mtime_ns=1, content_hash=model,
+                               source_kind="image",
+                               images=[NewImage(0, 1, 1, np.full(4, 0.5, np.float32))])
+            st.close()
+        print(r, "ok", flush=True)
+    except StoreError as exc:
+        print(r, "refused", exc, flush=True)
 """
 
 
 def test_two_runs_creating_one_store_never_mix_models(tmp_path):
+    import time
+
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for round_ in range(6):
-        root, go = tmp_path / f"store{round_}", tmp_path / f"go{round_}"
-        procs = [subprocess.Popen([sys.executable, "-c", RACER, str(root), model, str(go)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env) for model in ("modelA", "modelB")]
-        import time
-        time.sleep(1.5)  # both imported and waiting
-        go.touch()
-        outs = [p.communicate(timeout=120) for p in procs]
-        for (out, err), p in zip(outs, procs):
-            assert p.returncode == 0 and "Traceback" not in err, err
-            assert out.startswith(("ok", "refused")), out + err
-        winners = [m for m, (out, _) in zip(("modelA", "modelB"), outs) if out.startswith("ok")]
-        assert len(winners) >= 1
-        refused = [out for out, _ in outs if out.startswith("refused")]
-        assert all("another process is writing" in r or "cannot be mixed" in r for r in refused)
+    rounds, go = 8, tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), model, str(go),
+                               str(rounds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for model in ("modelA", "modelB")]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    tmp = tmp_path / "go.tmp"
+    tmp.write_text(str(time.time() + 0.3))
+    tmp.rename(go)
+    outs = [p.communicate(timeout=180) for p in procs]
+    for (out, err), p in zip(outs, procs):
+        assert p.returncode == 0 and "Traceback" not in err, err
+    lines = [dict(enumerate(out.splitlines())) for out, _ in outs]
+    for r in range(rounds):
+        results = {model: lines[k][r] for k, model in enumerate(("modelA", "modelB"))}
+        winners = [m for m, line in results.items() if line.split()[1] == "ok"]
+        refused = [line for line in results.values() if line.split()[1] == "refused"]
+        assert all("another process is writing" in x or "cannot be mixed" in x for x in refused)
+        root = tmp_path / f"store{r}"
         m = Manifest.read(root / MANIFEST)
+        assert winners == [m.model_fingerprint], results
         store = Store.open(root, readonly=True)
-        hashes = {row["path"].split("/")[1] for row in store.rows(store.all_vectors()[0].tolist()).values()}
-        assert hashes == {m.model_fingerprint} and winners == [m.model_fingerprint]
+        owners = {row["path"].split("/")[1]
+                  for row in store.rows(store.all_vectors()[0].tolist()).values()}
+        assert owners == {m.model_fingerprint}
         assert store.check()["ok"]
         store.engine.dispose()
         assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
@@ -349,15 +372,11 @@ def test_two_runs_creating_one_store_never_mix_models(tmp_path):
 def test_a_second_writer_is_refused_with_a_clear_error(tmp_path):
     root = tmp_path / "store"
     first = Store.open_or_create(root, manifest(), exclusive=True)
-    second = subprocess.run(
-        [sys.executable, "-c", "import sys; from retrieval.store import Store, Manifest\n"
-         "from retrieval.errors import StoreError\n"
-         "m = Manifest(model='m', model_revision='local', model_fingerprint='abc', dim=16, "
-         "preprocessing_version='v1')\n"
-         "try:\n    Store.open_or_create(sys.argv[1], m, exclusive=True)\n"
-         "except StoreError as e:\n    print(e)\n", str(root)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    assert "another process is writing" in second.stdout, second.stdout + second.stderr
+    # flock conflicts between two open files even in one process: no second interpreter needed
+    with pytest.raises(StoreError, match="another process is writing"):
+        Store.open_or_create(root, manifest(), exclusive=True)
+    with pytest.raises(StoreError, match="another process is writing"):
+        Store.open(root, exclusive=True)
     first.close()
     again = Store.open_or_create(root, manifest(), exclusive=True)  # free once it is closed
     again.close()

@@ -525,7 +525,7 @@ class Store:
     """Open with :meth:`open` or :meth:`create`; search and write through one object."""
 
     def __init__(self, root: Path, manifest: Manifest, *, readonly: bool = False,
-                 full_check: bool = False) -> None:
+                 full_check: bool = False, lock_fd: int | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.readonly = readonly
@@ -535,7 +535,7 @@ class Store:
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrate()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock_fd: int | None = None
+        self._lock_fd: int | None = lock_fd  # the writer lock, when this store holds it
         #: Deleted ids still inside an index that cannot remove (HNSW): hidden from results
         #: until enough pile up to be worth a rebuild.
         self._tombstones = np.zeros(0, np.int64)
@@ -570,18 +570,17 @@ class Store:
         _make_folder(root)
         fd = _acquire_lock(root)
         try:
-            store = cls._create_locked(root, manifest)
+            store = cls._create_locked(root, manifest, fd)
         except BaseException:
             os.close(fd)
             raise
-        if exclusive:
-            store._lock_fd = fd
-        else:
+        if not exclusive:
+            store._lock_fd = None
             os.close(fd)
         return store
 
     @classmethod
-    def _create_locked(cls, root: Path, manifest: Manifest) -> "Store":
+    def _create_locked(cls, root: Path, manifest: Manifest, lock_fd: int) -> "Store":
         if (root / MANIFEST).exists():
             raise StoreError(f"{root} already holds a store; open it instead")
         ours = {LOCK_FILE, DATABASE, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-journal"}
@@ -598,20 +597,20 @@ class Store:
             manifest.index_type, manifest.index_auto = choice.index_type, True
             manifest.index_reason = f"auto: {choice.reason}"
         new_index(manifest.index_type, manifest.dim)  # validate before writing anything
-        store = cls(root, manifest)
+        store = cls(root, manifest, lock_fd=lock_fd)
         manifest.write(root / MANIFEST)  # last: a reader sees a store only once it is whole
         return store
 
     @classmethod
     def open(cls, root: str | Path, *, readonly: bool = False, exclusive: bool = False,
-             full_check: bool = False) -> "Store":
+             full_check: bool = False, _lock_fd: int | None = None) -> "Store":
         """Open a store; ``exclusive``: take the writer lock first and hold it until
         :meth:`close`; ``full_check``: also verify the index file's sha256."""
         root = Path(root)
         if not (root / MANIFEST).is_file():
             raise StoreError(f"no store at {root} (no {MANIFEST}); create one with "
                              f"`medsearch index PATH --store {root}`")
-        fd = _acquire_lock(root) if exclusive else None
+        fd = _acquire_lock(root) if exclusive else _lock_fd
         try:
             manifest = Manifest.read(root / MANIFEST)
             if manifest.format_version > FORMAT_VERSION or manifest.schema_version > SCHEMA_VERSION:
@@ -620,12 +619,11 @@ class Store:
                                  "upgrade medsearch to open it")
             if fd is not None:
                 _remove_stale_temps(root)
-            store = cls(root, manifest, readonly=readonly, full_check=full_check)
+            store = cls(root, manifest, readonly=readonly, full_check=full_check, lock_fd=fd)
         except BaseException:
-            if fd is not None:
+            if exclusive:
                 os.close(fd)
             raise
-        store._lock_fd = fd
         return store
 
     @classmethod
@@ -642,14 +640,13 @@ class Store:
             fd = _acquire_lock(root)
             try:
                 if (root / MANIFEST).is_file():
-                    store = cls.open(root)
+                    store = cls.open(root, _lock_fd=fd)
                     store.check_compatible(manifest)
                 else:
-                    store = cls._create_locked(root, manifest)
+                    store = cls._create_locked(root, manifest, fd)
             except BaseException:
                 os.close(fd)
                 raise
-            store._lock_fd = fd
             return store
         if (root / MANIFEST).is_file():
             store = cls.open(root)

@@ -448,3 +448,21 @@ def test_backup_while_writing_gives_a_copy_that_agrees_with_itself(tmp_path):
         store.engine.dispose()
     with pytest.raises(StoreError, match="not empty"):
         backup(root, copies[0])
+
+
+def test_a_manifest_from_before_these_fields_still_opens_and_gets_them(tmp_path):
+    root = tmp_path / "store"
+    ids, vectors = make(root)
+    data = json.loads((root / MANIFEST).read_text())
+    for name in ("index_size", "index_count", "index_crc32", "index_sha256", "index_previous",
+                 "id_high_water"):
+        data.pop(name)
+    (root / MANIFEST).write_text(json.dumps(data))
+    old = Store.open(root, readonly=True)
+    assert old.index_problem is None and old.count == 60
+    assert "checksum" in " ".join(old.check()["problems"])  # says repair records one
+    store = Store.open(root, exclusive=True)
+    assert store.repair()["ok"]
+    store.close()
+    m = Manifest.read(root / MANIFEST)
+    assert m.index_count == 60 and m.id_high_water == max(ids) and m.index_sha256

@@ -34,7 +34,7 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands to `app`.
-from .commands import classify, core, demo, dicom, privacy, serve  # noqa: E402,F401
+from .commands import classify, core, demo, dicom, maintenance, privacy, serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

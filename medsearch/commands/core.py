@@ -102,7 +102,9 @@ def index_cmd(
                                 device or cfg.device, precision or cfg.precision, cfg.compile)
         if batch_size is None and encoder.device.type == "cuda":
             batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
-        st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type))
+        # the lock first: two runs never both create the store, nor mix models (issue 13)
+        st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
+                                  exclusive=True)
         with st.exclusive():
             note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
             indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,

@@ -114,6 +114,7 @@ def serve_cmd(
                      token=token,
                      max_upload_bytes=max_bytes, decode_upload=decode_upload,
                      decode_stored=decode_stored)
+    web.state.engine.store.verify_index_file()  # full sha256 at start-up (issue 13): never serve a damaged file
     shown = f"[{host}]" if ":" in host else host
     doc = {"url": f"http://{shown}:{port}/", "store": str(root), "auth": bool(token),
            "max_upload_bytes": max_bytes, "count": web.state.engine.store.count}

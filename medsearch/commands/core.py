@@ -103,9 +103,10 @@ def index_cmd(
         if batch_size is None and encoder.device.type == "cuda":
             batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the lock first: two runs never both create the store, nor mix models (issue 13)
-        st = Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
-                                  exclusive=True)
-        with st.exclusive():
+        # the writer lock is taken before the store is created and held until it is closed,
+        # also when the run fails (an in-process caller can then open the store again)
+        with Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
+                                  exclusive=True) as st:
             note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
             indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
                               batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
@@ -115,7 +116,6 @@ def index_cmd(
                 report = indexer.run(paths)
             except ConnectionError as exc:
                 raise InputError(f"{exc}; is the server running and the address right?") from None
-        st.close()
     emit(report.to_json(), json_out, _index_human)
 
 

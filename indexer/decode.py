@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +111,9 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
             result.frames = [_frame(i, px, options.image_size)
                              for i, px in dicom_frames(ds, path, wanted, options.window)]
         else:
-            frames = list(image_frames(source.path))
-            wanted = select_frames(len(frames), options.frames)
-            result.frames = [_frame(i, frames[i], options.image_size) for i in wanted]
+            choose = partial(select_frames, policy=options.frames)
+            result.frames = [_frame(i, px, options.image_size)
+                             for i, px in image_frames(source.path, choose)]
         if not result.frames:
             raise DecodeError("no frames could be decoded")
     except NoImage as exc:

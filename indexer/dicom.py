@@ -31,6 +31,7 @@ from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
 from retrieval.schema import DICOM_FIELDS
 
 from .images import DecodeError
+from .limits import MAX_FRAMES, budget_reason, frame_reason
 from .pixels import colour_to_unit, grey_to_unit, palette_to_unit
 
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -95,11 +96,14 @@ def _has_pixels(ds: Dataset) -> bool:
 def frame_count(ds: Dataset) -> int:
     value = ds.get("NumberOfFrames", 1)
     try:
-        count = int(value or 1)
+        count = 1 if value in (None, "") else int(value)
     except (TypeError, ValueError):
         raise DecodeError(f"invalid NumberOfFrames {str(value)!r} in the header") from None
     if count < 1:
         raise DecodeError(f"invalid NumberOfFrames {count} in the header")
+    if count > MAX_FRAMES:
+        raise DecodeError(f"invalid NumberOfFrames {count:,} in the header (more than "
+                          f"{MAX_FRAMES:,}, indexer.limits.MAX_FRAMES)")
     return count
 
 
@@ -134,12 +138,51 @@ def no_image_reason(ds: Dataset) -> str | None:
     return f"no pixel data: {name} ({modality})"
 
 
-def check_pixel_module(ds: Dataset) -> None:
-    """Pixel data is meaningless without the Image Pixel module's geometry."""
+def check_pixel_module(ds: Dataset, wanted: int = 1) -> None:
+    """Pixel data is meaningless without the Image Pixel module's geometry, and dangerous with
+    an absurd one: every field is checked, and the frame size and the decoding budget
+    (:mod:`indexer.limits`) are decided from the header before any pixel is allocated."""
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
     if missing:
         raise DecodeError(f"pixel data without {', '.join(missing)}: the Image Pixel module is "
                           "incomplete, so the pixels cannot be interpreted")
+    rows, cols = _header_int(ds, "Rows", 1, 65535), _header_int(ds, "Columns", 1, 65535)
+    samples = _header_int(ds, "SamplesPerPixel", 1, 4, default=1)
+    if samples == 2:
+        raise DecodeError("invalid SamplesPerPixel 2 in the header (must be 1, 3 or 4)")
+    bits = _header_int(ds, "BitsAllocated", 1, 64)
+    if bits != 1 and bits % 8:
+        raise DecodeError(f"invalid BitsAllocated {bits} in the header (must be 1 or a "
+                          "multiple of 8 up to 64)")
+    reason = frame_reason(cols, rows, f"Rows × Columns = {rows} × {cols}:")
+    if reason is None:
+        reason = budget_reason(rows * cols, samples, max(bits // 8, 1), 1, wanted,
+                               f"Rows × Columns × SamplesPerPixel = {rows} × {cols} × {samples}")
+    if reason:
+        raise DecodeError(reason)
+
+
+def _header_int(ds: Dataset, keyword: str, low: int, high: int, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value in (None, "") and default is not None:
+        return default
+    try:
+        number = int(value[0] if isinstance(value, (list, tuple, pydicom.multival.MultiValue))
+                     else value)
+    except (TypeError, ValueError, IndexError):
+        raise DecodeError(f"invalid {keyword} {str(value)[:40]!r} in the header") from None
+    if not low <= number <= high:
+        raise DecodeError(f"invalid {keyword} {number} in the header (must be {low}–{high})")
+    return number
+
+
+def whole_file_reason(ds: Dataset) -> str | None:
+    """Why a decoder that turns every frame at once (GDCM) must not run on this object."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = frame_count(ds)
+    return budget_reason(rows * cols, samples, max(int(ds.BitsAllocated) // 8, 1), frames,
+                         frames, "decoding every frame at once")
 
 
 # -- per-frame display attributes --------------------------------------------------------
@@ -193,6 +236,8 @@ def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.nd
     """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse."""
     import gdcm
 
+    if (reason := whole_file_reason(ds)) is not None:
+        raise DecodeError(reason)
     tmp = None
     if path is None or not Path(path).is_file():
         fd, tmp = tempfile.mkstemp(suffix=".dcm")
@@ -245,9 +290,12 @@ def _decode_edge_tile(ds: Dataset, index: int, frames: int) -> np.ndarray:
     if not _is_encapsulated(ds):
         raise DecodeError("not an encapsulated frame")
     data = get_frame(ds.PixelData, index, number_of_frames=frames)
-    with Image.open(io.BytesIO(data)) as img:
-        tile = np.asarray(img.convert("RGB") if img.mode in ("YCbCr", "P", "CMYK") else img)
     rows, cols = int(ds.Rows), int(ds.Columns)
+    with Image.open(io.BytesIO(data)) as img:
+        if img.size[0] > cols or img.size[1] > rows:  # refused before the tile is decoded
+            raise DecodeError(f"frame {index} is {img.size[0]}×{img.size[1]}, larger than the "
+                              f"header's {cols}×{rows}")
+        tile = np.asarray(img.convert("RGB") if img.mode in ("YCbCr", "P", "CMYK") else img)
     if tile.shape[0] > rows or tile.shape[1] > cols:
         raise DecodeError(f"frame {index} is {tile.shape[1]}×{tile.shape[0]}, larger than the "
                           f"header's {cols}×{rows}")
@@ -316,7 +364,7 @@ def dicom_frames(ds: Dataset, path: str | Path | None, indices: list[int],
     reason = no_image_reason(ds)
     if reason:
         raise NoImage(reason)
-    check_pixel_module(ds)
+    check_pixel_module(ds, len(indices))
     for index in indices:
         stored = decode_stored(ds, path, index)
         yield index, to_display(ds, stored, index, window)

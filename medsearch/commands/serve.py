@@ -45,7 +45,7 @@ def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
 def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
     """An indexed source's frame → model input (for previews); the path comes from the store."""
     from indexer.dicom import NoImage, dicom_frames, read_dataset
-    from indexer.images import DecodeError, image_frames
+    from indexer.images import DecodeError, image_frame
     from indexer.sources import classify
     from retrieval.preprocess import model_input
 
@@ -57,7 +57,7 @@ def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
             ds = read_dataset(source)
             pixels = next(px for _, px in dicom_frames(ds, source, [frame]))
         else:
-            pixels = next(px for i, px in enumerate(image_frames(source)) if i == frame)
+            pixels = image_frame(source, frame)
     except (DecodeError, NoImage, OSError, StopIteration) as exc:
         raise InputError(f"cannot decode it again: {exc or 'frame not found'}") from None
     return model_input(pixels, size).numpy()

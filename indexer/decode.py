@@ -91,6 +91,8 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
     """Never raises for bad input: the reason goes into ``error`` or ``skipped``."""
     result = Decoded(source)
     try:
+        if source.kind == "refused":  # e.g. a DICOMDIR record pointing outside its folder
+            raise DecodeError(getattr(source, "reason", "") or "refused source, not read")
         if source.kind == "dicomweb":  # a PACS instance: fetched here, in the worker
             from .dicomweb import retrieve_instance
 

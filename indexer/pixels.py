@@ -32,6 +32,8 @@ PRESETS: dict[str, tuple[float, float]] = {
 WINDOW_CHOICES = ("file", "auto", *PRESETS)
 #: Percentile fallback bounds: robust against a few hot pixels and padding values.
 PERCENTILES = (0.5, 99.5)
+#: Frames with more pixels than this are windowed in float32 instead of float64.
+FLOAT64_MAX_PIXELS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,14 @@ def file_window(view: pydicom.Dataset, continuous: bool = False) -> Window | Non
 
 
 def _working_dtype(stored: np.ndarray) -> type:
-    """float32 for the display steps (a frame's copies stay small); double data keeps float64
-    so values beyond float32's range do not become infinities."""
-    return np.float64 if stored.dtype == np.float64 else np.float32
+    """float64 for frames up to FLOAT64_MAX_PIXELS (so embeddings in existing stores stay
+    bit-identical) and for double data (float32 would turn large values into infinities);
+    float32 above, where a frame's float copies are what costs memory (2^27 pixels: 0.5 GB
+    each instead of 1 GB)."""
+    pixels = stored.shape[0] * stored.shape[1] if stored.ndim >= 2 else stored.size
+    if stored.dtype == np.float64 or pixels <= FLOAT64_MAX_PIXELS:
+        return np.float64
+    return np.float32
 
 
 def _lut_usable(view: pydicom.Dataset) -> bool:
@@ -99,7 +106,7 @@ def _lut_usable(view: pydicom.Dataset) -> bool:
 
 
 def modality_lut(stored: np.ndarray, view: pydicom.Dataset) -> np.ndarray:
-    """Stored values → modality values (HU for CT) as float32, by LUT or slope/intercept.
+    """Stored values → modality values (HU for CT) as float, by LUT or slope/intercept.
 
     A Modality LUT Sequence whose item lacks LUTDescriptor or LUTData (or that pydicom cannot
     apply) is ignored, as a workstation would: rescale slope/intercept, else the raw values.
@@ -207,4 +214,4 @@ def colour_to_unit(rgb: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
         return np.clip(np.nan_to_num(rgb.astype(np.float32), nan=0.0), 0.0, 1.0)
     bits = int(ds.get("BitsStored", 0) or 0) or 8 * rgb.dtype.itemsize
     top = float(2 ** min(bits, 8 * rgb.dtype.itemsize) - 1)
-    return np.clip(rgb.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
+    return np.clip(rgb.astype(_working_dtype(rgb)) / top, 0.0, 1.0).astype(np.float32)

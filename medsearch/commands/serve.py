@@ -26,14 +26,17 @@ _UPLOAD_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
 
 # -- decoding, injected into the server (retrieval never imports indexer) -----------------------
 def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
-    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files."""
-    from indexer.decode import DecodeOptions, decode_source
+    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files,
+    but in a child process with memory and time limits (indexer.isolation): a crafted upload
+    costs a 422, never the server."""
+    from indexer.decode import DecodeOptions
+    from indexer.isolation import decode_isolated
     from indexer.sources import SourceFile
 
     with tempfile.TemporaryDirectory(prefix="medsearch-upload-") as folder:
         path = Path(folder) / f"upload{_UPLOAD_SUFFIX[kind]}"
         path.write_bytes(content)
-        decoded = decode_source(
+        decoded = decode_isolated(
             SourceFile(str(path), len(content), 0, "dicom" if kind == "dicom" else "image"),
             DecodeOptions(image_size=size, frames="middle", phi_policy="drop"))
     if decoded.error or decoded.skipped or not decoded.frames:

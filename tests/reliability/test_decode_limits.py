@@ -250,3 +250,19 @@ def test_server_answers_422_to_an_upload_bomb_and_stays_up(tmp_path, tiny_model,
         good = next(images.iterdir())
         answer = c.post("/similar", files={"file": ("q", good.read_bytes())}, data={"k": "1"})
         assert answer.status_code == 200 and answer.json()["results"], answer.text[:500]
+
+
+def test_isolated_decode_turns_running_out_of_memory_into_an_error(tmp_path):
+    """Under the limits but over the child's memory cap: an error comes back, no crash here."""
+    from indexer.isolation import decode_isolated
+
+    side = 3000
+    ramp = np.tile(np.arange(side, dtype=np.uint16)[None, :] * 20, (side, 1))
+    Image.fromarray(ramp).save(tmp_path / "big.png")  # 16-bit grey, 9 M pixels
+    source, options = _source(tmp_path / "big.png", "image"), DecodeOptions(image_size=32)
+    starved = decode_isolated(source, options, memory_bytes=32 << 20)
+    assert starved.error and "memory" in starved.error and not starved.frames, starved.error
+    fine = decode_isolated(source, options)
+    assert fine.error is None and len(fine.frames) == 1
+    direct = decode_source(source, options)
+    np.testing.assert_array_equal(fine.frames[0].planes, direct.frames[0].planes)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import io
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -312,6 +313,8 @@ def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarra
     frames = frame_count(ds)
     if not 0 <= index < frames:
         raise DecodeError(f"frame {index} does not exist (the object has {frames})")
+    if (reason := codestream_reason(ds, index, frames)) is not None:
+        raise DecodeError(reason)
     complaints = []
     for name, decode in (("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),
                          ("gdcm", lambda: _decode_with_gdcm(ds, path, index)),
@@ -336,6 +339,48 @@ def _gdcm_colour(ds: Dataset, array: np.ndarray) -> np.ndarray:
 
         return convert_color_space(array, photometric, "RGB")
     return array
+
+
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, None if not found.
+
+    Decoders allocate what the codestream says, whatever Rows and Columns say."""
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # J2K: SOC, then SIZ
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[8:24])
+        return max(xsiz - xosiz, 0), max(ysiz - yosiz, 0)
+    if data[:2] == b"\xff\xd8":
+        try:
+            params = _get_jpg_parameters(data)
+        except Exception:
+            return None
+        if "width" in params and "height" in params:
+            return int(params["width"]), int(params["height"])
+    return None
+
+
+def codestream_reason(ds: Dataset, index: int, frames: int) -> str | None:
+    """Why a compressed frame is refused before decoding: its codestream declares more pixels
+    than Rows × Columns (a bomb hiding behind a small header). Deferred (large) pixel data
+    is left to the decoders, under the worker's or the upload child's limits."""
+    if not _is_encapsulated(ds) or _is_deferred(ds):
+        return None
+    try:
+        from pydicom.encaps import get_frame
+
+        data = get_frame(ds.PixelData, index, number_of_frames=frames)
+    except Exception:
+        return None  # the decoders will say what is wrong
+    size = codestream_size(data)
+    if size is None:
+        return None
+    width, height = size
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if width * height > rows * cols:
+        return (f"frame {index}: the compressed data declares {width}×{height} pixels, more "
+                f"than the header's Columns × Rows = {cols} × {rows}: refused before decoding")
+    return None
 
 
 def _first_line(exc: Exception) -> str:

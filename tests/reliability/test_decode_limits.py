@@ -266,3 +266,27 @@ def test_isolated_decode_turns_running_out_of_memory_into_an_error(tmp_path):
     assert fine.error is None and len(fine.frames) == 1
     direct = decode_source(source, options)
     np.testing.assert_array_equal(fine.frames[0].planes, direct.frames[0].planes)
+
+
+def jpeg_dicom_bomb(path: Path, side: int = 40_000) -> Path:
+    """JPEG Baseline DICOM whose header says 64² but whose codestream's SOF declares side²."""
+    import io
+
+    from pydicom.uid import JPEGBaseline8Bit
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", side, side)  # height, width
+    ds = _dicom(64, 64, JPEGBaseline8Bit, encapsulate([bytes(data)]))
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_compressed_frame_declaring_more_than_the_header_is_refused(tmp_path):
+    out = _measured(jpeg_dicom_bomb(tmp_path / "jpeg_bomb.dcm"), "dicom")
+    assert out["frames"] == 0 and out["error"], out
+    assert "40000×40000" in out["error"] and "Rows" in out["error"], out["error"]
+    assert out["growth_mb"] < MEMORY_BOUND_MB, out

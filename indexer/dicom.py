@@ -234,13 +234,29 @@ def _is_deferred(ds: Dataset) -> bool:
 
 
 def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.ndarray:
-    """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse."""
+    """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse.
+
+    GDCM parses the file again by itself and allocates what a length field claims (fuzzed
+    ones cost 4 GB), so compressed data only reaches it once pydicom has parsed the fragments,
+    in a copy pydicom wrote (every length then agrees with the bytes that follow); native data
+    is read from the file as it is (a copy would hide truncation). The whole-file budget
+    bounds what it decodes.
+    """
     import gdcm
 
     if (reason := whole_file_reason(ds)) is not None:
         raise DecodeError(reason)
+    deferred = _is_deferred(ds)
+    if _is_encapsulated(ds) and not deferred:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            for _ in generate_fragments(ds.PixelData):
+                pass
+        except Exception as exc:
+            raise DecodeError(f"malformed encapsulated pixel data: {_first_line(exc)}") from None
     tmp = None
-    if path is None or not Path(path).is_file():
+    if path is None or not Path(path).is_file() or (_is_encapsulated(ds) and not deferred):
         fd, tmp = tempfile.mkstemp(suffix=".dcm")
         os.close(fd)
         ds.save_as(tmp, enforce_file_format=False)
@@ -313,6 +329,7 @@ def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarra
     frames = frame_count(ds)
     if not 0 <= index < frames:
         raise DecodeError(f"frame {index} does not exist (the object has {frames})")
+    check_pixel_module(ds)  # every caller gets the geometry limits, not only dicom_frames
     if (reason := codestream_reason(ds, index, frames)) is not None:
         raise DecodeError(reason)
     complaints = []

@@ -3,9 +3,10 @@
 The geometry limits (:mod:`indexer.limits`) refuse what a header declares; this is the second
 wall for what they cannot foresee (a decoder bug, a codestream that lies about its size): the
 decode runs in a fresh process forked from a fork server that has the decoders imported
-(~20 ms a start), under ``RLIMIT_AS`` (its address space may grow by ``memory_bytes`` at most)
-and a wall-clock limit. A crafted file then costs one child process, never the server: a
-MemoryError comes back as the file's error, a crash or overrun as a clear reason.
+(0.1–0.2 s an upload once the fork server runs: see :func:`prestart`), under ``RLIMIT_AS``
+(its address space may grow by ``memory_bytes`` at most) and a wall-clock limit. A crafted
+file then costs one child process, never the server: a MemoryError comes back as the file's
+error, a crash or an overrun as a clear reason.
 """
 
 from __future__ import annotations
@@ -95,3 +96,15 @@ def decode_isolated(source: SourceFile, options: DecodeOptions, *,
         if process.is_alive():
             process.kill()
         process.join()
+
+
+def _nothing() -> None:
+    return None
+
+
+def prestart() -> None:
+    """Start the fork server now (it imports the decoders: seconds) so the first upload does
+    not wait for it; a server calls this at start-up. Safe to call more than once."""
+    process = _fork_context().Process(target=_nothing, daemon=True)
+    process.start()
+    process.join()

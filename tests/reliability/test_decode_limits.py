@@ -290,3 +290,12 @@ def test_compressed_frame_declaring_more_than_the_header_is_refused(tmp_path):
     assert out["frames"] == 0 and out["error"], out
     assert "40000×40000" in out["error"] and "Rows" in out["error"], out["error"]
     assert out["growth_mb"] < MEMORY_BOUND_MB, out
+
+
+def test_isolated_decode_that_overruns_its_time_is_stopped(tmp_path):
+    from indexer.isolation import decode_isolated
+
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "small.png")
+    late = decode_isolated(_source(tmp_path / "small.png", "image"), DecodeOptions(image_size=32),
+                           timeout_s=0.001)
+    assert late.error and "longer than" in late.error and not late.frames

@@ -18,6 +18,8 @@ from indexer.decode import DecodeOptions, decode_source
 from indexer.sources import SourceFile
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Peak RSS growth allowed while decoding one kept input.
+MEMORY_BOUND_MB = 300
 REGRESSIONS = sorted((ROOT / "tests" / "data" / "fuzz").glob("*"))
 
 
@@ -29,25 +31,31 @@ def _fuzz_module():
 
 
 def test_regression_inputs_fail_cleanly_in_a_child_process():
-    """Each kept input once crashed a decoder (GDCM segfaulted on them): each must now come back
-    as an error, replayed in a child process so a regression shows as a dead child."""
+    """Each kept input once crashed a decoder (GDCM segfaulted on two, allocated 4 GB on the
+    third): each must now come back as an error in bounded memory, replayed in a child
+    process so a regression shows as a dead child rather than a dead test run."""
     assert REGRESSIONS
     script = """
 import os, sys
 from indexer.decode import DecodeOptions, decode_source
 from indexer.sources import SourceFile
+import resource
 for p in sys.argv[1:]:
     kind = "dicom" if p.endswith(".dcm") else "image"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     d = decode_source(SourceFile(p, os.path.getsize(p), 0, kind), DecodeOptions(image_size=32))
-    print(os.path.basename(p), "|", d.error, flush=True)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+    print(os.path.basename(p), "|", grown, "|", d.error, flush=True)
 """
     done = subprocess.run([sys.executable, "-c", script, *map(str, REGRESSIONS)],
                           capture_output=True, text=True, cwd=ROOT, timeout=180,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-1500:])
-    lines = dict(line.split(" | ", 1) for line in done.stdout.strip().splitlines())
+    lines = {name: (int(grown), reason) for name, grown, reason in
+             (line.split(" | ", 2) for line in done.stdout.strip().splitlines())}
     assert set(lines) == {p.name for p in REGRESSIONS}
-    assert all(reason not in ("", "None") for reason in lines.values()), lines
+    assert all(reason not in ("", "None") for _, reason in lines.values()), lines
+    assert all(grown < MEMORY_BOUND_MB for grown, _ in lines.values()), lines
 
 
 def test_seeds_decode_and_a_short_libfuzzer_run_finds_nothing(tmp_path):

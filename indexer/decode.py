@@ -124,7 +124,10 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
         result.error, result.frames = str(exc), []
     except MemoryError:
         result.error, result.frames = "out of memory while decoding", []
-    except Exception as exc:  # an unforeseen decoder bug must not cost the other files
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # an unforeseen decoder bug (or a Rust panic, a
+        # BaseException) must not cost the other files
         result.error, result.frames = f"unexpected {type(exc).__name__}: {exc}", []
     return result
 

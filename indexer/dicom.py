@@ -341,9 +341,10 @@ def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarra
                 warnings.simplefilter("ignore")
                 array = decode()
             return _gdcm_colour(ds, array) if name == "gdcm" else array
-        except MemoryError:
+        except (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except Exception as exc:  # decoders raise many types; all mean "cannot decode"
+        except BaseException as exc:  # decoders raise many types; all mean "cannot decode"
+            # (a Rust decoder's panic arrives as pyo3's PanicException, a BaseException)
             complaints.append(f"{name}: {_first_line(exc)}")
     raise DecodeError(f"cannot decode pixel data ({transfer_syntax(ds)}): " + "; ".join(complaints))
 

@@ -86,6 +86,23 @@ def native_bomb(path: Path, side: int = 16_384) -> Path:
     return path
 
 
+def jpeg_dicom_bomb(path: Path, side: int = 40_000) -> Path:
+    """JPEG Baseline DICOM whose header says 64² but whose codestream's SOF declares side²."""
+    import io
+
+    from pydicom.uid import JPEGBaseline8Bit
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buffer, format="JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", side, side)  # height, width
+    ds = _dicom(64, 64, JPEGBaseline8Bit, encapsulate([bytes(data)]))
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _source(path: Path, kind: str) -> SourceFile:
     st = path.stat()
     return SourceFile(str(path), st.st_size, st.st_mtime_ns, kind)
@@ -95,22 +112,24 @@ def _decode(path: Path, kind: str, frames: str = "middle"):
     return decode_source(_source(path, kind), DecodeOptions(image_size=32, frames=frames))
 
 
-def _measured(path: Path, kind: str) -> dict:
-    """Decode in a fresh interpreter; report the outcome and peak RSS growth (MB)."""
-    script = f"""
-import json, resource
+def _measured(files: dict[str, tuple[Path, str]]) -> dict[str, dict]:
+    """Decode each file in one fresh interpreter; per file the outcome and the growth of the
+    peak RSS (MB) its decode caused (the peak only grows, so each figure bounds that file)."""
+    script = """
+import json, os, resource, sys
 from indexer.decode import DecodeOptions, decode_source
 from indexer.sources import SourceFile
-import os
-p = {str(path)!r}
-st = os.stat(p)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-d = decode_source(SourceFile(p, st.st_size, st.st_mtime_ns, {kind!r}), DecodeOptions(image_size=32))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"error": d.error, "frames": len(d.frames), "growth_mb": (after - before) / 1024}}))
+out = {}
+for name, path, kind in json.loads(sys.argv[1]):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    d = decode_source(SourceFile(path, os.path.getsize(path), 0, kind), DecodeOptions(image_size=32))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out[name] = {"error": d.error, "frames": len(d.frames), "growth_mb": (after - before) / 1024}
+print(json.dumps(out))
 """
+    todo = json.dumps([[name, str(path), kind] for name, (path, kind) in files.items()])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, todo], capture_output=True, text=True,
                           env=env, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -121,20 +140,27 @@ print(json.dumps({{"error": d.error, "frames": len(d.frames), "growth_mb": (afte
 def bombs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bombs")
     return {"png": png_bomb(folder / "bomb.png"), "rle": rle_bomb(folder / "bomb_rle.dcm"),
-            "native": native_bomb(folder / "bomb_native.dcm")}
+            "native": native_bomb(folder / "bomb_native.dcm"),
+            "jpeg": jpeg_dicom_bomb(folder / "bomb_jpeg.dcm")}
 
 
-def test_png_bomb_is_refused_from_its_header_in_bounded_memory(bombs):
+@pytest.fixture(scope="module")
+def measured(bombs):
+    return _measured({"png": (bombs["png"], "image"), "rle": (bombs["rle"], "dicom"),
+                      "jpeg": (bombs["jpeg"], "dicom")})
+
+
+def test_png_bomb_is_refused_from_its_header_in_bounded_memory(bombs, measured):
     assert bombs["png"].stat().st_size < 1_000_000
-    out = _measured(bombs["png"], "image")
+    out = measured["png"]
     assert out["frames"] == 0 and out["error"], out
     assert "24000×24000" in out["error"] and "pixel" in out["error"], out["error"]
     assert out["growth_mb"] < MEMORY_BOUND_MB, out
 
 
-def test_rle_dicom_bomb_is_refused_before_any_pixel_allocation(bombs):
+def test_rle_dicom_bomb_is_refused_before_any_pixel_allocation(bombs, measured):
     assert bombs["rle"].stat().st_size < 8_000_000
-    out = _measured(bombs["rle"], "dicom")
+    out = measured["rle"]
     assert out["frames"] == 0 and out["error"], out
     assert "Rows" in out["error"] and "Columns" in out["error"], out["error"]
     assert "16384" in out["error"], out["error"]
@@ -242,7 +268,7 @@ def test_server_answers_422_to_an_upload_bomb_and_stays_up(tmp_path, tiny_model,
     write_images(images, 3, seed=5)
     index_store(tmp_path / "store", images, tiny_model)
     with running(make_app(tmp_path / "store")) as url, httpx.Client(base_url=url, timeout=120) as c:
-        for name in ("png", "rle"):
+        for name in ("png", "rle", "jpeg"):
             answer = c.post("/similar", files={"file": (name, bombs[name].read_bytes())},
                             data={"k": "1"})
             assert answer.status_code == 422, (answer.status_code, answer.text[:500])
@@ -268,25 +294,8 @@ def test_isolated_decode_turns_running_out_of_memory_into_an_error(tmp_path):
     np.testing.assert_array_equal(fine.frames[0].planes, direct.frames[0].planes)
 
 
-def jpeg_dicom_bomb(path: Path, side: int = 40_000) -> Path:
-    """JPEG Baseline DICOM whose header says 64² but whose codestream's SOF declares side²."""
-    import io
-
-    from pydicom.uid import JPEGBaseline8Bit
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buffer, format="JPEG")
-    data = bytearray(buffer.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", side, side)  # height, width
-    ds = _dicom(64, 64, JPEGBaseline8Bit, encapsulate([bytes(data)]))
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def test_compressed_frame_declaring_more_than_the_header_is_refused(tmp_path):
-    out = _measured(jpeg_dicom_bomb(tmp_path / "jpeg_bomb.dcm"), "dicom")
+def test_compressed_frame_declaring_more_than_the_header_is_refused(measured):
+    out = measured["jpeg"]
     assert out["frames"] == 0 and out["error"], out
     assert "40000×40000" in out["error"] and "Rows" in out["error"], out["error"]
     assert out["growth_mb"] < MEMORY_BOUND_MB, out

@@ -31,9 +31,10 @@ def _fuzz_module():
 
 
 def test_regression_inputs_fail_cleanly_in_a_child_process():
-    """Each kept input once crashed a decoder (GDCM segfaulted on two, allocated 4 GB on the
-    third): each must now come back as an error in bounded memory, replayed in a child
-    process so a regression shows as a dead child rather than a dead test run."""
+    """Each kept input once took a decoder down: GDCM segfaulted on two and allocated 4 GB on
+    two, pylibjpeg-rle panicked (a BaseException) on one. Each must now come back as an error
+    in bounded memory; replayed in a child process so a regression shows as a dead child
+    rather than a dead test run."""
     assert REGRESSIONS
     script = """
 import os, sys

@@ -155,7 +155,7 @@ def check_pixel_module(ds: Dataset, wanted: int = 1) -> None:
     if bits != 1 and bits % 8:
         raise DecodeError(f"invalid BitsAllocated {bits} in the header (must be 1 or a "
                           "multiple of 8 up to 64)")
-    reason = frame_reason(cols, rows, f"Rows × Columns = {rows} × {cols}:")
+    reason = frame_reason(cols, rows, "the header (Columns × Rows)")
     if reason is None:
         reason = budget_reason(rows * cols, samples, max(bits // 8, 1), 1, wanted,
                                f"Rows × Columns × SamplesPerPixel = {rows} × {cols} × {samples}")
@@ -236,14 +236,14 @@ def _is_deferred(ds: Dataset) -> bool:
 def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.ndarray:
     """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse.
 
-    GDCM parses the file again by itself and allocates what a length field claims (fuzzed
-    ones cost 4 GB), so compressed data only reaches it once pydicom has parsed the fragments,
-    in a copy pydicom wrote (every length then agrees with the bytes that follow); native data
-    is read from the file as it is (a copy would hide truncation). The whole-file budget
-    bounds what it decodes.
+    GDCM parses the file again by itself and allocates what the file claims (fuzzed inputs
+    made it take 4 GB), so it is used only where it is needed, the JPEG family (12-bit JPEG
+    Extended is the gap found in practice; native and RLE data never reach it), after the
+    codestream size check, once pydicom has parsed the fragments, and on a copy pydicom wrote
+    (every length then agrees with the bytes that follow). The whole-file budget bounds what
+    it decodes. And it runs in a forked child under a memory and time limit (fuzzed JPEG
+    Extended streams made its reader take 3.8 GB even so).
     """
-    import gdcm
-
     if (reason := whole_file_reason(ds)) is not None:
         raise DecodeError(reason)
     deferred = _is_deferred(ds)
@@ -262,16 +262,14 @@ def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.nd
         ds.save_as(tmp, enforce_file_format=False)
         path = tmp
     try:
-        reader = gdcm.ImageReader()
-        reader.SetFileName(os.fspath(path))
-        if not reader.Read():
-            raise DecodeError("GDCM could not read the file")
-        image = reader.GetImage()
-        buffer = image.GetBuffer()
-        if buffer is None:
-            raise DecodeError("GDCM could not decode the pixel data")
-        data = buffer.encode("utf-8", "surrogateescape") if isinstance(buffer, str) else buffer
-        scalar = image.GetPixelFormat().GetScalarTypeAsString()
+        from .isolation import LimitedCallFailed, call_limited
+
+        stored = rows_cols_samples_bytes(ds) * frame_count(ds)
+        try:
+            data, scalar = call_limited(_gdcm_buffer, (os.fspath(path),), timeout_s=GDCM_TIMEOUT_S,
+                                        memory_bytes=GDCM_MEMORY_BYTES + 3 * stored)
+        except LimitedCallFailed as exc:
+            raise DecodeError(str(exc)) from None
         dtype = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
                  "UINT32": np.uint32, "INT32": np.int32, "FLOAT32": np.float32,
                  "FLOAT64": np.float64}.get(scalar)
@@ -292,6 +290,39 @@ def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.nd
     finally:
         if tmp:
             os.unlink(tmp)
+
+
+#: GDCM runs in a child with this much address space (plus 3× the stored pixel bytes) to spare.
+GDCM_MEMORY_BYTES = 512 << 20
+GDCM_TIMEOUT_S = 60.0
+
+
+def rows_cols_samples_bytes(ds: Dataset) -> int:
+    """Stored bytes of one frame, from the (already checked) header."""
+    return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+            * max(int(ds.BitsAllocated) // 8, 1))
+
+
+def _gdcm_buffer(path: str) -> tuple[bytes, str]:
+    """(decoded bytes of every frame, scalar type): run in a limited child by call_limited."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(path)
+    if not reader.Read():
+        raise DecodeError("GDCM could not read the file")
+    image = reader.GetImage()
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise DecodeError("GDCM could not decode the pixel data")
+    data = buffer.encode("utf-8", "surrogateescape") if isinstance(buffer, str) else buffer
+    return bytes(data), image.GetPixelFormat().GetScalarTypeAsString()
+
+
+def _is_jpeg_family(ds: Dataset) -> bool:
+    """JPEG, JPEG-LS and JPEG 2000 transfer syntaxes (1.2.840.10008.1.2.4.x)."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return str(uid or "").startswith("1.2.840.10008.1.2.4.")
 
 
 def _is_encapsulated(ds: Dataset) -> bool:
@@ -333,9 +364,12 @@ def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarra
     if (reason := codestream_reason(ds, index, frames)) is not None:
         raise DecodeError(reason)
     complaints = []
-    for name, decode in (("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),
-                         ("gdcm", lambda: _decode_with_gdcm(ds, path, index)),
-                         ("tile", lambda: _decode_edge_tile(ds, index, frames))):
+    decoders = [("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),
+                ("gdcm", lambda: _decode_with_gdcm(ds, path, index)),
+                ("tile", lambda: _decode_edge_tile(ds, index, frames))]
+    if not _is_jpeg_family(ds):  # GDCM fills the plugins' JPEG gaps (see _decode_with_gdcm),
+        decoders = decoders[:1]  # and tiles are JPEG or JPEG 2000
+    for name, decode in decoders:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -56,9 +56,7 @@ def _bytes_per_pixel(img: Image.Image) -> int:
     """Bytes per pixel in Pillow's memory (8-bit modes with several bands take 4)."""
     if img.mode in ("1", "L", "P"):
         return 1
-    if img.mode.startswith("I;16") or img.mode in ("LA", "PA", "La"):
-        return 2 if img.mode.startswith("I;16") else 4
-    return 4
+    return 2 if img.mode.startswith("I;16") else 4
 
 
 def _check(img: Image.Image, frames_decoded: int, what: str) -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import multiprocessing
 import resource
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Callable
 
-from .decode import Decoded, DecodeOptions, decode_source
-from .sources import SourceFile
+if TYPE_CHECKING:
+    from .decode import Decoded, DecodeOptions
+    from .sources import SourceFile
 
 #: How far one upload's decode may grow the child's address space above what it starts with
 #: (the imported decoders and torch). A 5k × 6k 16-bit mammogram needs ~0.4 GB; a frame at
@@ -58,7 +60,10 @@ def limit_memory(extra_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _child(conn: Connection, source: SourceFile, options: DecodeOptions, memory_bytes: int) -> None:
+def _child(conn: Connection, source: "SourceFile", options: "DecodeOptions",
+           memory_bytes: int) -> None:
+    from .decode import decode_source
+
     try:
         import torch
 
@@ -71,14 +76,17 @@ def _child(conn: Connection, source: SourceFile, options: DecodeOptions, memory_
         conn.close()
 
 
-def decode_isolated(source: SourceFile, options: DecodeOptions, *,
+def decode_isolated(source: "SourceFile", options: "DecodeOptions", *,
                     memory_bytes: int = UPLOAD_MEMORY_BYTES,
-                    timeout_s: float = UPLOAD_TIMEOUT_S) -> Decoded:
+                    timeout_s: float = UPLOAD_TIMEOUT_S) -> "Decoded":
     """``decode_source`` in a child process under memory and time limits; never raises for
     bad input: a crash, an overrun or running out of memory becomes ``error``."""
+    from .decode import Decoded
+
     ctx = _fork_context()
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(send, source, options, memory_bytes), daemon=True)
+    # not daemonic: the decode may itself run GDCM in a child (call_limited); killed below
+    process = ctx.Process(target=_child, args=(send, source, options, memory_bytes))
     process.start()
     send.close()
     try:
@@ -91,6 +99,51 @@ def decode_isolated(source: SourceFile, options: DecodeOptions, *,
             return Decoded(source, error="the decoder crashed on this file (its process died"
                                          f", exit code {process.exitcode})")
         return Decoded(source, error=f"decoding took longer than {timeout_s:.0f} s: refused")
+    finally:
+        receive.close()
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+class LimitedCallFailed(Exception):
+    """A call run by :func:`call_limited` crashed, overran or raised; the message says which."""
+
+
+def _call_child(conn: Connection, func: Callable, args: tuple, memory_bytes: int) -> None:
+    try:
+        limit_memory(memory_bytes)
+        try:
+            conn.send((True, func(*args)))
+        except MemoryError:
+            conn.send((False, "out of memory (over its memory limit)"))
+        except BaseException as exc:  # anything at all becomes the caller's error
+            conn.send((False, str(exc) or type(exc).__name__))
+    finally:
+        conn.close()
+
+
+def call_limited(func: Callable, args: tuple, *, memory_bytes: int, timeout_s: float) -> Any:
+    """``func(*args)`` in a forked child under RLIMIT_AS (+``memory_bytes``) and a time limit,
+    for a C library that re-parses untrusted data and allocates what it claims (GDCM).
+    Raises :class:`LimitedCallFailed` when the child raises, crashes or overruns."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_call_child, args=(send, func, args, memory_bytes))
+    process.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            raise LimitedCallFailed(f"took longer than {timeout_s:.0f} s")
+        try:
+            ok, value = receive.recv()
+        except (EOFError, OSError):
+            process.join(5)
+            raise LimitedCallFailed(f"crashed (its process died, exit code {process.exitcode})") \
+                from None
+        if not ok:
+            raise LimitedCallFailed(value)
+        return value
     finally:
         receive.close()
         if process.is_alive():

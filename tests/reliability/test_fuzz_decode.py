@@ -71,7 +71,7 @@ def test_seeds_decode_and_a_short_libfuzzer_run_finds_nothing(tmp_path):
             decoded = decode_source(SourceFile(str(seed), seed.stat().st_size, 0, kind),
                                     DecodeOptions(image_size=32))
             assert decoded.error is None and decoded.frames, (seed.name, decoded.error)
-    report = fuzz.fuzz(12, ["mixed"], tmp_path / "artifacts")
+    report = fuzz.fuzz(8, ["mixed"], tmp_path / "artifacts")
     run = report["formats"]["mixed"]
     assert run["inputs"] > 50, run
     assert (run["crashes"], run["timeouts"], run["ooms"], run["exit_code"]) == (0, 0, 0, 0), run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,8 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
     """Never raises for bad input: the reason goes into ``error`` or ``skipped``."""
     result = Decoded(source)
     try:
+        if source.kind == "refused":  # e.g. a DICOMDIR record pointing outside its folder
+            raise DecodeError(getattr(source, "reason", "") or "refused source, not read")
         if source.kind == "dicomweb":  # a PACS instance: fetched here, in the worker
             from .dicomweb import retrieve_instance
 
@@ -114,9 +117,9 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
             result.frames = [_frame(i, px, options.image_size)
                              for i, px in dicom_frames(ds, path, wanted, options.window)]
         else:
-            frames = list(image_frames(source.path))
-            wanted = select_frames(len(frames), options.frames)
-            result.frames = [_frame(i, frames[i], options.image_size) for i in wanted]
+            choose = partial(select_frames, policy=options.frames)
+            result.frames = [_frame(i, px, options.image_size)
+                             for i, px in image_frames(source.path, choose)]
         if not result.frames:
             raise DecodeError("no frames could be decoded")
     except NoImage as exc:
@@ -125,7 +128,10 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
         result.error, result.frames = str(exc), []
     except MemoryError:
         result.error, result.frames = "out of memory while decoding", []
-    except Exception as exc:  # an unforeseen decoder bug must not cost the other files
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # an unforeseen decoder bug (or a Rust panic, a
+        # BaseException) must not cost the other files
         result.error, result.frames = f"unexpected {type(exc).__name__}: {exc}", []
     return result
 

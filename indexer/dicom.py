@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import io
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
 from retrieval.schema import DICOM_FIELDS
 
 from .images import DecodeError
+from .limits import MAX_FRAMES, budget_reason, frame_reason
 from .pixels import colour_to_unit, grey_to_unit, palette_to_unit
 
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -95,11 +97,14 @@ def _has_pixels(ds: Dataset) -> bool:
 def frame_count(ds: Dataset) -> int:
     value = ds.get("NumberOfFrames", 1)
     try:
-        count = int(value or 1)
+        count = 1 if value in (None, "") else int(value)
     except (TypeError, ValueError):
         raise DecodeError(f"invalid NumberOfFrames {str(value)!r} in the header") from None
     if count < 1:
         raise DecodeError(f"invalid NumberOfFrames {count} in the header")
+    if count > MAX_FRAMES:
+        raise DecodeError(f"invalid NumberOfFrames {count:,} in the header (more than "
+                          f"{MAX_FRAMES:,}, indexer.limits.MAX_FRAMES)")
     return count
 
 
@@ -134,12 +139,51 @@ def no_image_reason(ds: Dataset) -> str | None:
     return f"no pixel data: {name} ({modality})"
 
 
-def check_pixel_module(ds: Dataset) -> None:
-    """Pixel data is meaningless without the Image Pixel module's geometry."""
+def check_pixel_module(ds: Dataset, wanted: int = 1) -> None:
+    """Pixel data is meaningless without the Image Pixel module's geometry, and dangerous with
+    an absurd one: every field is checked, and the frame size and the decoding budget
+    (:mod:`indexer.limits`) are decided from the header before any pixel is allocated."""
     missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
     if missing:
         raise DecodeError(f"pixel data without {', '.join(missing)}: the Image Pixel module is "
                           "incomplete, so the pixels cannot be interpreted")
+    rows, cols = _header_int(ds, "Rows", 1, 65535), _header_int(ds, "Columns", 1, 65535)
+    samples = _header_int(ds, "SamplesPerPixel", 1, 4, default=1)
+    if samples == 2:
+        raise DecodeError("invalid SamplesPerPixel 2 in the header (must be 1, 3 or 4)")
+    bits = _header_int(ds, "BitsAllocated", 1, 64)
+    if bits != 1 and bits % 8:
+        raise DecodeError(f"invalid BitsAllocated {bits} in the header (must be 1 or a "
+                          "multiple of 8 up to 64)")
+    reason = frame_reason(cols, rows, "the header (Columns × Rows)")
+    if reason is None:
+        reason = budget_reason(rows * cols, samples, max(bits // 8, 1), 1, wanted,
+                               f"Rows × Columns × SamplesPerPixel = {rows} × {cols} × {samples}")
+    if reason:
+        raise DecodeError(reason)
+
+
+def _header_int(ds: Dataset, keyword: str, low: int, high: int, default: int | None = None) -> int:
+    value = ds.get(keyword)
+    if value in (None, "") and default is not None:
+        return default
+    try:
+        number = int(value[0] if isinstance(value, (list, tuple, pydicom.multival.MultiValue))
+                     else value)
+    except (TypeError, ValueError, IndexError):
+        raise DecodeError(f"invalid {keyword} {str(value)[:40]!r} in the header") from None
+    if not low <= number <= high:
+        raise DecodeError(f"invalid {keyword} {number} in the header (must be {low}–{high})")
+    return number
+
+
+def whole_file_reason(ds: Dataset) -> str | None:
+    """Why a decoder that turns every frame at once (GDCM) must not run on this object."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = frame_count(ds)
+    return budget_reason(rows * cols, samples, max(int(ds.BitsAllocated) // 8, 1), frames,
+                         frames, "decoding every frame at once")
 
 
 # -- per-frame display attributes --------------------------------------------------------
@@ -190,26 +234,42 @@ def _is_deferred(ds: Dataset) -> bool:
 
 
 def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.ndarray:
-    """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse."""
-    import gdcm
+    """GDCM directly: its own IJG builds decode 8/12/16-bit JPEG that the plugins refuse.
 
+    GDCM parses the file again by itself and allocates what the file claims (fuzzed inputs
+    made it take 4 GB), so it is used only where it is needed, the JPEG family (12-bit JPEG
+    Extended is the gap found in practice; native and RLE data never reach it), after the
+    codestream size check, once pydicom has parsed the fragments, and on a copy pydicom wrote
+    (every length then agrees with the bytes that follow). The whole-file budget bounds what
+    it decodes. And it runs in a forked child under a memory and time limit (fuzzed JPEG
+    Extended streams made its reader take 3.8 GB even so).
+    """
+    if (reason := whole_file_reason(ds)) is not None:
+        raise DecodeError(reason)
+    deferred = _is_deferred(ds)
+    if _is_encapsulated(ds) and not deferred:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            for _ in generate_fragments(ds.PixelData):
+                pass
+        except Exception as exc:
+            raise DecodeError(f"malformed encapsulated pixel data: {_first_line(exc)}") from None
     tmp = None
-    if path is None or not Path(path).is_file():
+    if path is None or not Path(path).is_file() or (_is_encapsulated(ds) and not deferred):
         fd, tmp = tempfile.mkstemp(suffix=".dcm")
         os.close(fd)
         ds.save_as(tmp, enforce_file_format=False)
         path = tmp
     try:
-        reader = gdcm.ImageReader()
-        reader.SetFileName(os.fspath(path))
-        if not reader.Read():
-            raise DecodeError("GDCM could not read the file")
-        image = reader.GetImage()
-        buffer = image.GetBuffer()
-        if buffer is None:
-            raise DecodeError("GDCM could not decode the pixel data")
-        data = buffer.encode("utf-8", "surrogateescape") if isinstance(buffer, str) else buffer
-        scalar = image.GetPixelFormat().GetScalarTypeAsString()
+        from .isolation import LimitedCallFailed, call_limited
+
+        stored = rows_cols_samples_bytes(ds) * frame_count(ds)
+        try:
+            data, scalar = call_limited(_gdcm_buffer, (os.fspath(path),), timeout_s=GDCM_TIMEOUT_S,
+                                        memory_bytes=GDCM_MEMORY_BYTES + 3 * stored)
+        except LimitedCallFailed as exc:
+            raise DecodeError(str(exc)) from None
         dtype = {"UINT8": np.uint8, "INT8": np.int8, "UINT16": np.uint16, "INT16": np.int16,
                  "UINT32": np.uint32, "INT32": np.int32, "FLOAT32": np.float32,
                  "FLOAT64": np.float64}.get(scalar)
@@ -232,6 +292,39 @@ def _decode_with_gdcm(ds: Dataset, path: str | Path | None, index: int) -> np.nd
             os.unlink(tmp)
 
 
+#: GDCM runs in a child with this much address space (plus 3× the stored pixel bytes) to spare.
+GDCM_MEMORY_BYTES = 512 << 20
+GDCM_TIMEOUT_S = 60.0
+
+
+def rows_cols_samples_bytes(ds: Dataset) -> int:
+    """Stored bytes of one frame, from the (already checked) header."""
+    return (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+            * max(int(ds.BitsAllocated) // 8, 1))
+
+
+def _gdcm_buffer(path: str) -> tuple[bytes, str]:
+    """(decoded bytes of every frame, scalar type): run in a limited child by call_limited."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(path)
+    if not reader.Read():
+        raise DecodeError("GDCM could not read the file")
+    image = reader.GetImage()
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise DecodeError("GDCM could not decode the pixel data")
+    data = buffer.encode("utf-8", "surrogateescape") if isinstance(buffer, str) else buffer
+    return bytes(data), image.GetPixelFormat().GetScalarTypeAsString()
+
+
+def _is_jpeg_family(ds: Dataset) -> bool:
+    """JPEG, JPEG-LS and JPEG 2000 transfer syntaxes (1.2.840.10008.1.2.4.x)."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return str(uid or "").startswith("1.2.840.10008.1.2.4.")
+
+
 def _is_encapsulated(ds: Dataset) -> bool:
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return bool(uid) and UID(str(uid)).is_compressed
@@ -245,9 +338,12 @@ def _decode_edge_tile(ds: Dataset, index: int, frames: int) -> np.ndarray:
     if not _is_encapsulated(ds):
         raise DecodeError("not an encapsulated frame")
     data = get_frame(ds.PixelData, index, number_of_frames=frames)
-    with Image.open(io.BytesIO(data)) as img:
-        tile = np.asarray(img.convert("RGB") if img.mode in ("YCbCr", "P", "CMYK") else img)
     rows, cols = int(ds.Rows), int(ds.Columns)
+    with Image.open(io.BytesIO(data)) as img:
+        if img.size[0] > cols or img.size[1] > rows:  # refused before the tile is decoded
+            raise DecodeError(f"frame {index} is {img.size[0]}×{img.size[1]}, larger than the "
+                              f"header's {cols}×{rows}")
+        tile = np.asarray(img.convert("RGB") if img.mode in ("YCbCr", "P", "CMYK") else img)
     if tile.shape[0] > rows or tile.shape[1] > cols:
         raise DecodeError(f"frame {index} is {tile.shape[1]}×{tile.shape[0]}, larger than the "
                           f"header's {cols}×{rows}")
@@ -264,18 +360,25 @@ def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarra
     frames = frame_count(ds)
     if not 0 <= index < frames:
         raise DecodeError(f"frame {index} does not exist (the object has {frames})")
+    check_pixel_module(ds)  # every caller gets the geometry limits, not only dicom_frames
+    if (reason := codestream_reason(ds, index, frames)) is not None:
+        raise DecodeError(reason)
     complaints = []
-    for name, decode in (("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),
-                         ("gdcm", lambda: _decode_with_gdcm(ds, path, index)),
-                         ("tile", lambda: _decode_edge_tile(ds, index, frames))):
+    decoders = [("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),
+                ("gdcm", lambda: _decode_with_gdcm(ds, path, index)),
+                ("tile", lambda: _decode_edge_tile(ds, index, frames))]
+    if not _is_jpeg_family(ds):  # GDCM fills the plugins' JPEG gaps (see _decode_with_gdcm),
+        decoders = decoders[:1]  # and tiles are JPEG or JPEG 2000
+    for name, decode in decoders:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 array = decode()
             return _gdcm_colour(ds, array) if name == "gdcm" else array
-        except MemoryError:
+        except (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except Exception as exc:  # decoders raise many types; all mean "cannot decode"
+        except BaseException as exc:  # decoders raise many types; all mean "cannot decode"
+            # (a Rust decoder's panic arrives as pyo3's PanicException, a BaseException)
             complaints.append(f"{name}: {_first_line(exc)}")
     raise DecodeError(f"cannot decode pixel data ({transfer_syntax(ds)}): " + "; ".join(complaints))
 
@@ -288,6 +391,48 @@ def _gdcm_colour(ds: Dataset, array: np.ndarray) -> np.ndarray:
 
         return convert_color_space(array, photometric, "RGB")
     return array
+
+
+def codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares, None if not found.
+
+    Decoders allocate what the codestream says, whatever Rows and Columns say."""
+    from pydicom.pixels.utils import _get_jpg_parameters
+
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:  # J2K: SOC, then SIZ
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", data[8:24])
+        return max(xsiz - xosiz, 0), max(ysiz - yosiz, 0)
+    if data[:2] == b"\xff\xd8":
+        try:
+            params = _get_jpg_parameters(data)
+        except Exception:
+            return None
+        if "width" in params and "height" in params:
+            return int(params["width"]), int(params["height"])
+    return None
+
+
+def codestream_reason(ds: Dataset, index: int, frames: int) -> str | None:
+    """Why a compressed frame is refused before decoding: its codestream declares more pixels
+    than Rows × Columns (a bomb hiding behind a small header). Deferred (large) pixel data
+    is left to the decoders, under the worker's or the upload child's limits."""
+    if not _is_encapsulated(ds) or _is_deferred(ds):
+        return None
+    try:
+        from pydicom.encaps import get_frame
+
+        data = get_frame(ds.PixelData, index, number_of_frames=frames)
+    except Exception:
+        return None  # the decoders will say what is wrong
+    size = codestream_size(data)
+    if size is None:
+        return None
+    width, height = size
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if width * height > rows * cols:
+        return (f"frame {index}: the compressed data declares {width}×{height} pixels, more "
+                f"than the header's Columns × Rows = {cols} × {rows}: refused before decoding")
+    return None
 
 
 def _first_line(exc: Exception) -> str:
@@ -316,7 +461,7 @@ def dicom_frames(ds: Dataset, path: str | Path | None, indices: list[int],
     reason = no_image_reason(ds)
     if reason:
         raise NoImage(reason)
-    check_pixel_module(ds)
+    check_pixel_module(ds, len(indices))
     for index in indices:
         stored = decode_stored(ds, path, index)
         yield index, to_display(ds, stored, index, window)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-Image.MAX_IMAGE_PIXELS = 400_000_000  # whole radiographs are large; bombs are still refused
+from .limits import MAX_FRAME_PIXELS, budget_reason, frame_reason
+
+# Pillow's own guard stays as a backstop far above ours (it errors at twice this); ours runs
+# first, on every frame, with a reason naming the size, and never lets a warning through.
+Image.MAX_IMAGE_PIXELS = 4 * MAX_FRAME_PIXELS
 
 
 class DecodeError(Exception):
@@ -40,23 +45,96 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))  # CMYK, YCbCr, LAB, HSV …
 
 
-def image_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Every frame of an image file (TIFF stacks have several), EXIF orientation applied."""
+#: Formats whose frames decode independently (seek goes straight to a page); in every other
+#: multi-frame format (APNG, GIF, WebP, FLI …) a frame is composed on top of the one before.
+RANDOM_ACCESS_FORMATS = {"TIFF", "MPO", "ICNS", "ICO", "DCX", "SPIDER", "IM"}
+
+Wanted = Union[list[int], Callable[[int], list[int]], None]
+
+
+def _bytes_per_pixel(img: Image.Image) -> int:
+    """Bytes per pixel in Pillow's memory (8-bit modes with several bands take 4)."""
+    if img.mode in ("1", "L", "P"):
+        return 1
+    return 2 if img.mode.startswith("I;16") else 4
+
+
+def _check(img: Image.Image, frames_decoded: int, what: str) -> None:
+    width, height = img.size
+    reason = frame_reason(width, height, what) or budget_reason(
+        width * height, 1, _bytes_per_pixel(img), 1, frames_decoded, what)
+    if reason:
+        raise DecodeError(reason)
+
+
+def image_frames(path: str | Path, wanted: Wanted = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, pixels) of the wanted frames of an image file, EXIF orientation on frame 0.
+
+    ``wanted`` is a list of indices, a function of the frame count giving them, or None for
+    all. Each frame's declared size is checked against :mod:`indexer.limits` before it is
+    loaded, and only the frames needed are decoded: TIFF pages by seeking to them, animated
+    PNG/GIF up to the last wanted frame (each builds on the one before).
+    """
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # a warned-about size is refused just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            _check(img, 1, "image")  # the header's size, before verify reads anything
             img.verify()
-        with Image.open(path) as img:
-            n = 0
-            for frame in ImageSequence.Iterator(img):
-                frame.load()
-                frame = ImageOps.exif_transpose(frame) if n == 0 else frame
-                pixels = _pixels(frame)
-                if pixels.size == 0:
-                    raise DecodeError("image has no pixels (zero width or height)")
-                n += 1
-                yield pixels
+        with Image.open(path) as img:  # no warning now: the size passed the check above
+            yield from _frames(img, wanted)
     except UnidentifiedImageError:
         raise DecodeError("not a readable image (unknown or corrupt format: check the file "
                           "is really what its name says)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"refused as a possible decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError(f"corrupt or truncated image: {exc}") from None
+
+
+def _frames(img: Image.Image, wanted: Wanted) -> Iterator[tuple[int, np.ndarray]]:
+    count = max(int(getattr(img, "n_frames", 1) or 1), 1)
+    indices = (list(range(count)) if wanted is None else
+               wanted(count) if callable(wanted) else list(wanted))
+    indices = sorted(set(indices))
+    if not indices:
+        return
+    if indices[0] < 0 or indices[-1] >= count:
+        raise DecodeError(f"frame {indices[-1]} does not exist (the image has {count})")
+    sequential = count > 1 and img.format not in RANDOM_ACCESS_FORMATS
+    decoded = indices[-1] + 1 if sequential else len(indices)
+    _check(img, decoded, f"{img.format or 'image'} with {count} frame(s)")
+    for index in indices:
+        if index != img.tell():
+            img.seek(index)
+        _check(img, decoded, f"frame {index}")  # TIFF pages each have their own size
+        img.load()
+        frame = ImageOps.exif_transpose(img) if index == 0 else img
+        pixels = _pixels(frame)
+        if pixels.size == 0:
+            raise DecodeError("image has no pixels (zero width or height)")
+        yield index, pixels
+
+
+def image_frame(path: str | Path, index: int) -> np.ndarray:
+    """One frame of an image file (previews), decoded as :func:`image_frames` does."""
+    for _, pixels in image_frames(path, [index]):
+        return pixels
+    raise DecodeError(f"frame {index} does not exist")
+
+
+def image_frame_count(path: str | Path) -> int:
+    """How many frames an image file declares (from its headers; nothing is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            return max(int(getattr(img, "n_frames", 1) or 1), 1)
+    except UnidentifiedImageError:
+        raise DecodeError("not a readable image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"refused as a possible decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DecodeError(f"corrupt or truncated image: {exc}") from None

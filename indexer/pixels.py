@@ -32,6 +32,8 @@ PRESETS: dict[str, tuple[float, float]] = {
 WINDOW_CHOICES = ("file", "auto", *PRESETS)
 #: Percentile fallback bounds: robust against a few hot pixels and padding values.
 PERCENTILES = (0.5, 99.5)
+#: Frames with more pixels than this are windowed in float32 instead of float64.
+FLOAT64_MAX_PIXELS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -63,27 +65,64 @@ def _first(value) -> float | None:
     return out if np.isfinite(out) else None
 
 
-def file_window(view: pydicom.Dataset) -> Window | None:
-    """The first window in the (frame's) attributes, if it is usable."""
+def file_window(view: pydicom.Dataset, continuous: bool = False) -> Window | None:
+    """The first window in the (frame's) attributes, if it is usable.
+
+    LINEAR (PS3.3 C.11.2.1.2.1) is written for integer stored values: its ``c - 0.5`` and
+    ``w - 1`` assume steps of one, so W = 1 is a threshold and W < 1 is not allowed. Float
+    pixel data (``continuous``: parametric maps, PET SUV, probabilities) has no such steps, and
+    a map in [0, 1] labelled C = 0.5, W = 1 means "show the range 0–1", not "threshold at 0";
+    for it a width of 1 or less is read as LINEAR_EXACT (C.11.2.1.3.2), which maps exactly
+    [c - w/2, c + w/2] to the output range.
+    """
     centre, width = _first(view.get("WindowCenter")), _first(view.get("WindowWidth"))
     if centre is None or width is None or width <= 0:
         return None
     function = str(view.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-    if function == "LINEAR" and width < 1:
-        function = "LINEAR_EXACT"  # LINEAR needs width ≥ 1; float data (PET, maps) has less
+    if function == "LINEAR" and (width < 1 or (continuous and width <= 1)):
+        function = "LINEAR_EXACT"
     return Window(centre, width, function)
 
 
+def _working_dtype(stored: np.ndarray) -> type:
+    """float64 for frames up to FLOAT64_MAX_PIXELS (so embeddings in existing stores stay
+    bit-identical) and for double data (float32 would turn large values into infinities);
+    float32 above, where a frame's float copies are what costs memory (2^27 pixels: 0.5 GB
+    each instead of 1 GB)."""
+    pixels = stored.shape[0] * stored.shape[1] if stored.ndim >= 2 else stored.size
+    if stored.dtype == np.float64 or pixels <= FLOAT64_MAX_PIXELS:
+        return np.float64
+    return np.float32
+
+
+def _lut_usable(view: pydicom.Dataset) -> bool:
+    """A Modality LUT item needs its descriptor (3 numbers) and its data to mean anything."""
+    try:
+        item = view.ModalityLUTSequence[0]
+        descriptor, data = item.get("LUTDescriptor"), item.get("LUTData")
+        return descriptor is not None and len(descriptor) == 3 and data is not None and len(data) > 0
+    except (AttributeError, IndexError, TypeError, KeyError):
+        return False
+
+
 def modality_lut(stored: np.ndarray, view: pydicom.Dataset) -> np.ndarray:
-    """Stored values → modality values (HU for CT) as float64, by LUT or slope/intercept."""
-    if "ModalityLUTSequence" in view:
-        return apply_modality_lut(stored, view).astype(np.float64)
-    values = stored.astype(np.float64)  # a new array: the steps below work in place
+    """Stored values → modality values (HU for CT) as float, by LUT or slope/intercept.
+
+    A Modality LUT Sequence whose item lacks LUTDescriptor or LUTData (or that pydicom cannot
+    apply) is ignored, as a workstation would: rescale slope/intercept, else the raw values.
+    """
+    dtype = _working_dtype(stored)
+    if "ModalityLUTSequence" in view and _lut_usable(view):
+        try:
+            return apply_modality_lut(stored, view).astype(dtype)
+        except Exception:  # a malformed table is no reason to lose the image
+            pass
+    values = stored.astype(dtype)  # a new array: the steps below work in place
     slope, intercept = _first(view.get("RescaleSlope")), _first(view.get("RescaleIntercept"))
     if slope is not None and slope != 0:
-        values *= slope
+        values *= dtype(slope)
     if intercept is not None:
-        values += intercept
+        values += dtype(intercept)
     return values
 
 
@@ -98,7 +137,7 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
     elif w > 1:
         offset, scale = c - 0.5, w - 1.0
     else:
-        return (values > c - 0.5).astype(np.float64)
+        return (values > c - 0.5).astype(values.dtype)
     out = values - offset  # one temporary, then in place: these arrays are 32 MB at 2048²
     out /= scale
     out += 0.5
@@ -112,7 +151,7 @@ def voi_lut_sequence(values: np.ndarray, view: pydicom.Dataset) -> np.ndarray | 
     try:
         item = view.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2])
-        out = apply_voi(values, view, index=0).astype(np.float64)
+        out = apply_voi(values, view, index=0).astype(values.dtype)
     except Exception:
         return None  # a broken LUT is no reason to lose the image: the window/percentiles take over
     top = float(2 ** bits - 1) if 1 <= bits <= 16 else float(np.nanmax(out) or 1.0)
@@ -125,12 +164,12 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     """Fallback when a file has no window: stretch the robust range of the finite values."""
     finite = values[np.isfinite(values)]
     if finite.size == 0:
-        return np.zeros(values.shape, np.float64)
+        return np.zeros(values.shape, values.dtype)
     lo, hi = np.percentile(finite, PERCENTILES)
     if hi <= lo:  # flat or binary images (1-bit segmentations): use the full range
         lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
-        return np.zeros(values.shape, np.float64)
+        return np.zeros(values.shape, values.dtype)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
@@ -138,12 +177,13 @@ def grey_to_unit(stored: np.ndarray, view: pydicom.Dataset, choice: str = "file"
     """Modality LUT → VOI (preset, file LUT/window or percentiles) → MONOCHROME1 inverted."""
     modality = str(view.get("Modality", "") or "").upper()
     values = modality_lut(stored, view)
+    continuous = np.issubdtype(stored.dtype, np.floating)
     unit = None
     if choice in PRESETS and modality == "CT":
         centre, width = PRESETS[choice]
         unit = apply_window(values, Window(centre, width))
     elif choice == "file" or choice in PRESETS:
-        window = file_window(view)
+        window = file_window(view, continuous)
         if window is not None:
             unit = apply_window(values, window)
         else:
@@ -174,4 +214,4 @@ def colour_to_unit(rgb: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
         return np.clip(np.nan_to_num(rgb.astype(np.float32), nan=0.0), 0.0, 1.0)
     bits = int(ds.get("BitsStored", 0) or 0) or 8 * rgb.dtype.itemsize
     top = float(2 ** min(bits, 8 * rgb.dtype.itemsize) - 1)
-    return np.clip(rgb.astype(np.float64) / top, 0.0, 1.0).astype(np.float32)
+    return np.clip(rgb.astype(_working_dtype(rgb)) / top, 0.0, 1.0).astype(np.float32)

@@ -15,7 +15,7 @@ from retrieval.errors import InputError
 from retrieval.preprocess import model_input, model_input_to_uint8
 
 from .decode import select_frames
-from .images import DecodeError, image_frames
+from .images import DecodeError, image_frame, image_frame_count
 from .sources import classify
 
 
@@ -39,12 +39,11 @@ def model_view(path: str | Path, frame: int | None = None, size: int = 448,
                 raise InputError(f"{path}: frame {index} does not exist (it has {count}, 0-based)")
             _, unit = next(dicom_frames(ds, p, [index], window))
         else:
-            frames = list(image_frames(p))
-            count = len(frames)
+            count = image_frame_count(p)
             index = 0 if frame is None else frame
             if not 0 <= index < count:
                 raise InputError(f"{path}: frame {index} does not exist (it has {count}, 0-based)")
-            unit = frames[index]
+            unit = image_frame(p, index)
     except (DecodeError, NoImage) as exc:
         raise InputError(f"{path}: {exc}") from None
     return model_input_to_uint8(model_input(unit, size)), index, count

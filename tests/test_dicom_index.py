@@ -177,3 +177,46 @@ def test_preview_writes_what_the_model_sees(tmp_path, capsys):
     code, _, stderr = _cli(capsys, "preview", str(TF / "CT_small.dcm"), "--window", "nope",
                            "--out", str(tmp_path / "y.png"))
     assert code == 2 and "window must be one of" in stderr
+
+
+def test_dicomdir_records_pointing_outside_its_folder_are_refused_never_read(tiny_model, tmp_path):
+    """Defect 6: ``..``, absolute and symlinked ReferencedFileIDs become failures, not sources."""
+    from pydicom.fileset import FileSet
+
+    secret = tmp_path / "secret.dcm"                       # beside the media folder, outside it
+    shutil.copy(TF / "MR_small.dcm", secret)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(TF / "MR_small.dcm", outside / "OTHER.DCM")
+    folder = tmp_path / "media"
+    fs = FileSet()
+    for number in range(4):
+        ds = pydicom.dcmread(TF / "CT_small.dcm")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = number + 1
+        fs.add(ds)
+    fs.write(folder)
+    (folder / "LINK").symlink_to(outside, target_is_directory=True)
+    ds = pydicom.dcmread(folder / "DICOMDIR")
+    instances = [r for r in ds.DirectoryRecordSequence if "ReferencedFileID" in r]
+    assert len(instances) == 4
+    instances[1].ReferencedFileID = ["..", "secret.dcm"]
+    instances[2].ReferencedFileID = str(secret)            # an absolute path
+    instances[3].ReferencedFileID = ["LINK", "OTHER.DCM"]  # a symlink out of the folder
+    ds.save_as(folder / "DICOMDIR")
+
+    store, report = _index(tmp_path, tiny_model, [folder / "DICOMDIR"])
+    failed = {Path(f["path"].split("#")[0]).name: f["reason"] for f in report.failures}
+    assert report.failed == 3 and set(failed) == {"DICOMDIR"}, report.failures
+    indexed = [r["path"] for r in _all_rows(store)]
+    assert len(indexed) == 1 and all(Path(p).resolve().is_relative_to(folder.resolve())
+                                     for p in indexed)
+    assert not any("secret" in p or "OTHER" in p for p in indexed)
+    store.close()
+    from indexer.dicomdir import dicomdir_references
+
+    inside, refused = dicomdir_references(folder / "DICOMDIR")
+    assert len(inside) == 1 and inside[0].resolve().is_relative_to(folder.resolve())
+    assert len(refused) == 3
+    assert all("DICOMDIR" in reason and "record" in reason and "outside" in reason
+               for _, reason in refused)

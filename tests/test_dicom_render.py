@@ -301,3 +301,47 @@ def test_modality_lut_ignores_empty_rescale(tmp_path):
     shown = to_display(read_dataset(TF / "MR_small.dcm"),
                        decode_stored(read_dataset(TF / "MR_small.dcm"), None, 0))
     assert shown.dtype == np.float32 and 0 <= shown.min() and shown.max() <= 1
+
+
+# -- defect 11: faults that used to cost a file with a wrong reason --------------------------------
+@pytest.mark.parametrize("keep", ["LUTData", "LUTDescriptor", None])
+def test_modality_lut_item_without_descriptor_or_data_falls_back_to_rescale(tmp_path, keep):
+    """An incomplete Modality LUT item is ignored: slope/intercept (here from CT_small) apply."""
+    from indexer.decode import DecodeOptions, decode_source
+    from indexer.preview import model_view
+    from indexer.sources import SourceFile
+
+    ds = pydicom.dcmread(TF / "CT_small.dcm")
+    item = Dataset()
+    if keep == "LUTData":
+        item.add_new(0x00283006, "US", [0, 1, 2, 3])  # LUTData, its VR given explicitly
+    elif keep == "LUTDescriptor":
+        item.LUTDescriptor = [4, 0, 16]
+    item.ModalityLUTType = "HU"
+    ds.ModalityLUTSequence = [item]
+    path = tmp_path / "lut.dcm"
+    ds.save_as(path)
+    expected = render(TF / "CT_small.dcm")
+    np.testing.assert_allclose(render(path), expected, atol=1e-6)
+    decoded = decode_source(SourceFile(str(path), path.stat().st_size, 0, "dicom"),
+                            DecodeOptions(image_size=32))
+    assert decoded.error is None and len(decoded.frames) == 1, decoded.error
+    view, _, _ = model_view(path, size=32)              # `medsearch preview`: no traceback
+    assert view.shape == (32, 32, 3)
+
+
+def test_float_parametric_map_with_unit_window_is_not_a_binary_mask(tmp_path):
+    """C = 0.5, W = 1 on float data in [0, 1] shows the range 0–1, not a threshold at 0."""
+    values = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    path = write_dicom(tmp_path / "map.dcm", values, sop_class="1.2.840.10008.5.1.4.1.1.30",
+                       WindowCenter=0.5, WindowWidth=1.0)
+    shown = render(path)
+    assert len(np.unique(shown)) > 500                   # a gradient, not two levels
+    np.testing.assert_allclose(shown, values, atol=1e-6)  # LINEAR_EXACT over [0, 1]
+
+
+def test_integer_data_with_unit_window_stays_a_threshold(tmp_path):
+    """For integer stored values the standard's LINEAR with W = 1 is a threshold at C - 0.5."""
+    values = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    shown = render(write_dicom(tmp_path / "int.dcm", values, WindowCenter=8, WindowWidth=1))
+    np.testing.assert_array_equal(shown, (values > 7.5).astype(np.float32))

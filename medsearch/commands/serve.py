@@ -26,14 +26,17 @@ _UPLOAD_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
 
 # -- decoding, injected into the server (retrieval never imports indexer) -----------------------
 def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
-    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files."""
-    from indexer.decode import DecodeOptions, decode_source
+    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files,
+    but in a child process with memory and time limits (indexer.isolation): a crafted upload
+    costs a 422, never the server."""
+    from indexer.decode import DecodeOptions
+    from indexer.isolation import decode_isolated
     from indexer.sources import SourceFile
 
     with tempfile.TemporaryDirectory(prefix="medsearch-upload-") as folder:
         path = Path(folder) / f"upload{_UPLOAD_SUFFIX[kind]}"
         path.write_bytes(content)
-        decoded = decode_source(
+        decoded = decode_isolated(
             SourceFile(str(path), len(content), 0, "dicom" if kind == "dicom" else "image"),
             DecodeOptions(image_size=size, frames="middle", phi_policy="drop"))
     if decoded.error or decoded.skipped or not decoded.frames:
@@ -45,7 +48,7 @@ def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
 def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
     """An indexed source's frame → model input (for previews); the path comes from the store."""
     from indexer.dicom import NoImage, dicom_frames, read_dataset
-    from indexer.images import DecodeError, image_frames
+    from indexer.images import DecodeError, image_frame
     from indexer.sources import classify
     from retrieval.preprocess import model_input
 
@@ -57,7 +60,7 @@ def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
             ds = read_dataset(source)
             pixels = next(px for _, px in dicom_frames(ds, source, [frame]))
         else:
-            pixels = next(px for i, px in enumerate(image_frames(source)) if i == frame)
+            pixels = image_frame(source, frame)
     except (DecodeError, NoImage, OSError, StopIteration) as exc:
         raise InputError(f"cannot decode it again: {exc or 'frame not found'}") from None
     return model_input(pixels, size).numpy()

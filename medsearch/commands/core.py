@@ -1,4 +1,4 @@
-"""The core commands: make-test-model, index, search, similar, info, embed, reindex."""
+"""The core commands: make-test-model, index, remove, search, similar, info, embed, reindex."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def _index_human(d: dict) -> str:
         lines.append(f"  failed: {f['path']}: {f['reason']}")
     for s in d["skipped"]:
         lines.append(f"  skipped: {s['path']}: {s['reason']}")
+    for w in d.get("warnings", []):
+        lines.append(f"  warning: {w['path']}: {w['reason']}")
+    for p in d.get("prune_skipped", []):
+        lines.append(f"  not removing missing files under {p['root']}: {p['reason']}")
     return "\n".join(lines)
 
 
@@ -115,6 +119,48 @@ def index_cmd(
                 raise InputError(f"{exc}; is the server running and the address right?") from None
         st.close()
     emit(report.to_json(), json_out, _index_human)
+
+
+@app.command("remove")
+def remove_cmd(
+    paths: Annotated[list[str], typer.Argument(
+        help="Files or folders whose stored images to remove (they need not exist any more).")],
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove stored sources at or under PATHS: rows, vectors, labels and index entries.
+
+    `index` never removes anything under a folder it cannot read or finds empty (an unmounted
+    share looks like that); this is how to drop such entries on purpose."""
+    from sqlalchemy import select
+
+    from retrieval.schema import FailureRow
+    from retrieval.store import known_files
+
+    st = Store.open(store_path(store, settings()))
+    targets = [str(Path(p).expanduser().absolute()) for p in paths]
+    with st.exclusive():
+        found = known_files(st, targets)
+        with st.writer() as writer:
+            failed = [path for path in writer.session.scalars(select(FailureRow.path))
+                      if any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)]
+            images = writer.remove_files(sorted(found))
+            for path in failed:
+                writer.clear_failure(path)
+        st.save()
+    st.close()
+    not_found = [t for t in targets
+                 if not any(p == t or p.startswith(t.rstrip("/") + "/") for p in [*found, *failed])]
+    emit({"removed_files": len(found), "removed_images": images, "cleared_failures": len(failed),
+          "paths": sorted(found), "not_found": not_found}, json_out, _remove_human)
+
+
+def _remove_human(d: dict) -> str:
+    lines = [f"removed {d['removed_files']} file(s) ({d['removed_images']} image(s)) and "
+             f"{d['cleared_failures']} failure record(s)"]
+    lines += [f"  removed: {p}" for p in d["paths"]]
+    lines += [f"  nothing stored at or under {p}" for p in d["not_found"]]
+    return "\n".join(lines)
 
 
 def _store_model(root: Path) -> str | None:

@@ -208,7 +208,7 @@ class Snapshot:
     tag_record: bool
     index_type: str
     index_in_use: str
-    top10: list[list[tuple[str, int]]]
+    top10: list[list[tuple[str, int, float]]]  # (path, frame, score) per query
 
 
 def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snapshot | None:
@@ -261,9 +261,10 @@ def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snaps
             problems.append(f"manifest names {store.manifest.index_type}, the index is {inner}")
         top10 = []
         if len(image_ids):
-            _, found = store.search(queries, 10)
+            scores, found = store.search(queries, 10)
             rows = {r[0]: (r[1], r[2]) for r in image_rows}
-            top10 = [[rows[int(i)] for i in q if i >= 0] for q in found]
+            top10 = [[(*rows[int(i)], float(s)) for i, s in zip(q, qs) if i >= 0]
+                     for q, qs in zip(found, scores)]
         return Snapshot(rows={r[0]: (r[1], r[2], r[3]) for r in image_rows},
                         vectors={p: v for p, v in zip(pairs, stored)}, failures=failures,
                         labels={(p, f, l): s for p, f, l, s in labels}, tag_record=tag_record,
@@ -338,9 +339,20 @@ def same_store(a: Snapshot, ref: Snapshot) -> list[str]:
             out.append(f"{pair}: vector differs from the uninterrupted build")
     if set(a.failures) != set(ref.failures):
         out.append(f"failures differ: {sorted(set(a.failures) ^ set(ref.failures))[:3]}")
-    if a.top10 != ref.top10:
+    if any(not same_ranking(x, y) for x, y in zip(a.top10, ref.top10)) or len(a.top10) != len(ref.top10):
         out.append("top-10 differs from the uninterrupted build")
     return out
+
+
+def same_ranking(a: list[tuple[str, int, float]], b: list[tuple[str, int, float]]) -> bool:
+    """The same results in the same order, but images of equal score (identical frames) may
+    come in either order, and a tie cut by the k-th place may keep either member."""
+    if len(a) != len(b) or not np.allclose([s for *_, s in a], [s for *_, s in b], atol=1e-5):
+        return False
+    groups = lambda rows: [{(p, f) for p, f, s in rows if abs(s - t) <= 1e-5}  # noqa: E731
+                           for *_, t in rows]
+    last = a[-1][2] if a else 0.0
+    return all(x == y for x, y, (*_, s) in zip(groups(a), groups(b), a) if abs(s - last) > 1e-5)
 
 
 def crash_loop(work: Path, model: Path, *, index_kills: int, reindex_kills: int, tag_kills: int,

@@ -121,6 +121,10 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
         result.error, result.frames = str(exc), []
     except MemoryError:
         result.error, result.frames = "out of memory while decoding", []
+    except OSError as exc:  # EIO from a failing disk, a share gone mid-read, permissions
+        result.error = (f"cannot read the file: {exc.strerror}" if exc.errno is not None
+                        else f"unexpected {type(exc).__name__}: {exc}")  # errno-less: a decoder's
+        result.frames = []
     except Exception as exc:  # an unforeseen decoder bug must not cost the other files
         result.error, result.frames = f"unexpected {type(exc).__name__}: {exc}", []
     return result

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from retrieval.acceleration import auto_batch_size
-from retrieval.errors import InputError
+from retrieval.errors import InputError, storage_error
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
 from retrieval.search import Searcher
 from retrieval.store import Manifest, Store, manifest_for
@@ -82,7 +82,6 @@ def index_cmd(
     """Embed every image under PATHS into the store (incremental and resumable)."""
     from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
     from indexer.pixels import check_window_choice
-    from indexer.pipeline import Indexer, decode_pool
 
     cfg = settings()
     root = store_path(store, cfg)
@@ -100,6 +99,33 @@ def index_cmd(
     if missing:
         raise InputError(f"no such file or folder: {', '.join(missing)}")
     workers = cfg.workers if workers is None else workers
+    with _store_faults(root):
+        report = _run_index(root, paths, cfg, workers, decode_timeout, model, device, precision,
+                            batch_size, index_type, frames, phi_policy, progress, window,
+                            series_vectors, query)
+    emit(report.to_json(), json_out, _index_human)
+
+
+@contextmanager
+def _store_faults(root: Path):
+    """A full or failing disk ends the command with what happened and what to do, not a
+    traceback; SQLite has rolled back the batch in flight and the index file is replaced
+    only by a complete one, so the store keeps its last committed state."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except (OSError, OperationalError, RuntimeError) as exc:
+        error = storage_error(root, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _run_index(root, paths, cfg, workers, decode_timeout, model, device, precision, batch_size,
+               index_type, frames, phi_policy, progress, window, series_vectors, query):
+    from indexer.pipeline import Indexer, decode_pool
+
     # decode workers start now, while the model loads (each needs seconds to import)
     with (decode_pool(workers, timeout_s=decode_timeout) if workers != 0 else nullcontext()) as pool:
         encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
@@ -118,7 +144,7 @@ def index_cmd(
             except ConnectionError as exc:
                 raise InputError(f"{exc}; is the server running and the address right?") from None
         st.close()
-    emit(report.to_json(), json_out, _index_human)
+    return report
 
 
 @app.command("remove")
@@ -137,9 +163,10 @@ def remove_cmd(
     from retrieval.schema import FailureRow
     from retrieval.store import known_files
 
-    st = Store.open(store_path(store, settings()))
+    root = store_path(store, settings())
+    st = Store.open(root)
     targets = [str(Path(p).expanduser().absolute()) for p in paths]
-    with st.exclusive():
+    with _store_faults(root), st.exclusive():
         found = known_files(st, targets)
         with st.writer() as writer:
             failed = [path for path in writer.session.scalars(select(FailureRow.path))
@@ -269,8 +296,9 @@ def reindex_cmd(
     store: StoreOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
-    st = Store.open(store_path(store, settings()))
-    with st.exclusive():
+    root = store_path(store, settings())
+    st = Store.open(root)
+    with _store_faults(root), st.exclusive():
         st.rebuild(index_type)
         st.save()
     emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},

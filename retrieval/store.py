@@ -84,10 +84,14 @@ def manifest_for(encoder, index_type: str) -> Manifest:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a partial file taking space
+        raise
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -468,9 +472,13 @@ class Store:
         if self._training_due():
             self.rebuild(self.manifest.index_type)
         tmp = self.root / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            faiss.write_index(self.index, str(tmp))
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep a partial file taking space
+            raise
         os.replace(tmp, self.root / INDEX_FILE)
         _fsync_dir(self.root)
         self._dirty = False

@@ -84,6 +84,7 @@ def test_disk_full_stops_cleanly_keeps_the_store_and_the_next_run_resumes(
     assert code == 2, (out, err)
     assert f"store {store}: disk full" in err and "run the same command again" in err
     assert "Traceback" not in err and json.loads(out)["type"] == "StoreError"
+    assert not list(store.glob("*.tmp")), "a failed write left a temp file taking space"
 
     # the last committed state: opens, agrees with itself, nothing committed was lost
     ledger = crash.Ledger(fresh)
@@ -105,7 +106,6 @@ def test_disk_full_stops_cleanly_keeps_the_store_and_the_next_run_resumes(
     ledger.check(final, problems, after, "after space freed")
     assert ledger.findings == []
     assert crash.same_store(final, crash.snapshot(reference_dir, queries, [])) == []
-    assert not list(store.glob("*.tmp")), "a failed write left a temp file taking space"
 
 
 def test_an_io_error_reading_one_source_costs_that_file_only(tmp_path, tiny_model, monkeypatch,

@@ -355,12 +355,19 @@ class Store:
 
     def _load_index(self) -> faiss.Index:
         path = self.root / INDEX_FILE
+        empty = new_index(self.manifest.index_type, self.dim)
         if path.is_file():
             try:
-                return index_choice.enable_lookup(faiss.read_index(str(path)))
+                index = index_choice.enable_lookup(faiss.read_index(str(path)))
             except RuntimeError:
-                pass  # damaged cache: rebuilt from the vectors below
-        return new_index(self.manifest.index_type, self.dim)
+                return empty  # damaged cache: rebuilt from the vectors by reconcile()
+            # a kill between the manifest naming a new type and the index file of that type
+            # being saved leaves the old one: rebuilt, as the manifest says (exact Flat is
+            # what a type waiting for enough vectors to train is searched with meanwhile)
+            got, want = index_choice.inner_index(index), index_choice.inner_index(empty)
+            if isinstance(got, type(want)) or (isinstance(got, faiss.IndexFlat) and not empty.is_trained):
+                return index
+        return empty
 
     # -- consistency -----------------------------------------------------------------------
     def reconcile(self) -> None:

@@ -406,7 +406,9 @@ def crash_loop(work: Path, model: Path, *, index_kills: int, reindex_kills: int,
     while kills["index"] < index_kills:
         cmd = index_args(corpus, store_dir, model, rng.choice(workers))
         rows_before = len(prev.rows) if prev else 0
-        killed, _ = run_and_kill(cmd, kill_delay(rng, t_index, t_store), log)
+        # a resumed run is shorter: start-up plus the part of the work still to do
+        left = t_store + (t_index - t_store) * (1 - rows_before / max(1, len(reference.rows)))
+        killed, _ = run_and_kill(cmd, kill_delay(rng, left, t_store), log)
         problems = []
         snap = snapshot(store_dir, queries, problems)
         if not killed:

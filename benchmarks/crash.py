@@ -339,7 +339,7 @@ def same_store(a: Snapshot, ref: Snapshot) -> list[str]:
             out.append(f"{pair}: vector differs from the uninterrupted build")
     if set(a.failures) != set(ref.failures):
         out.append(f"failures differ: {sorted(set(a.failures) ^ set(ref.failures))[:3]}")
-    if any(not same_ranking(x, y) for x, y in zip(a.top10, ref.top10)) or len(a.top10) != len(ref.top10):
+    if len(a.top10) != len(ref.top10) or not all(map(same_ranking, a.top10, ref.top10)):
         out.append("top-10 differs from the uninterrupted build")
     return out
 
@@ -472,7 +472,8 @@ def crash_loop(work: Path, model: Path, *, index_kills: int, reindex_kills: int,
     shutil.copytree(ref_dir, work / "reference-hnsw")
     with Store.open(work / "reference-hnsw") as ref_hnsw:
         ref_hnsw.rebuild("HNSW32")
-    diff = same_store(final, snapshot(work / "reference-hnsw", queries, [])) if final else ["no store"]
+    ref_hnsw = snapshot(work / "reference-hnsw", queries, [])
+    diff = same_store(final, ref_hnsw) if final else ["no store"]
     if final is None or final.index_type != "HNSW32" or final.index_in_use != "HNSW32":
         diff.append("the finished reindex did not leave an HNSW32 index")
     ledger.inconsistent += len(diff)

@@ -365,7 +365,8 @@ class Store:
             # being saved leaves the old one: rebuilt, as the manifest says (exact Flat is
             # what a type waiting for enough vectors to train is searched with meanwhile)
             got, want = index_choice.inner_index(index), index_choice.inner_index(empty)
-            if isinstance(got, type(want)) or (isinstance(got, faiss.IndexFlat) and not empty.is_trained):
+            if isinstance(got, type(want)) or (isinstance(got, faiss.IndexFlat)
+                                               and not empty.is_trained):
                 return index
         return empty
 

@@ -129,9 +129,9 @@ def test_an_io_error_reading_one_source_costs_that_file_only(tmp_path, tiny_mode
     st.close()
     reasons = {f["path"]: f["reason"] for f in report.failures}
     assert reasons[bad] == "cannot read the file: Input/output error"
-    clean = Indexer  # the others: everything a run without the fault indexes, less that file
+    # the others: everything a run without the fault indexes, less that one file
     st2 = Store.open_or_create(tmp_path / "clean", manifest_for(encoder, "Flat"))
-    with clean(st2, encoder, workers=0, progress=False, frames="all") as indexer:
+    with Indexer(st2, encoder, workers=0, progress=False, frames="all") as indexer:
         expected = indexer.run([corpus])
     st2.close()
     assert report.indexed == expected.indexed - 1

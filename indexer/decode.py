@@ -128,6 +128,10 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
         result.error, result.frames = str(exc), []
     except MemoryError:
         result.error, result.frames = "out of memory while decoding", []
+    except OSError as exc:  # EIO from a failing disk, a share gone mid-read, permissions
+        result.error = (f"cannot read the file: {exc.strerror}" if exc.errno is not None
+                        else f"unexpected {type(exc).__name__}: {exc}")  # errno-less: a decoder's
+        result.frames = []
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:  # an unforeseen decoder bug (or a Rust panic, a

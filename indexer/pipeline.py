@@ -27,7 +27,7 @@ from retrieval.store import NewFile, NewImage, Store, known_files
 from .decode import Decoded, DecodeOptions, decode_source
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
 from .dicomweb import is_dicomweb, list_instances, removal_allowed
-from .sources import SourceFile, walk
+from .sources import SourceFile, Walker
 from .workers import SupervisedPool, keep_freed_memory
 
 #: Save the FAISS file at least this often during long runs (the DB is committed per batch).
@@ -49,6 +49,10 @@ class IndexReport:
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     series: int = 0   # series-level vectors written (--series-vectors)
+    #: what the walk could not read (folders, files whose stat failed): {root, path, reason}
+    warnings: list[dict] = field(default_factory=list)
+    #: roots whose missing files were NOT removed, and why: {root, reason}
+    prune_skipped: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -139,16 +143,21 @@ class Indexer:
         roots = [str(Path(r).expanduser().absolute()) for r in roots
                  if not is_dicomweb(str(r))] + web_roots
         report = IndexReport()
-        sources = list(expand_dicomdirs(walk(r for r in roots if r not in web_roots)))
+        walker = Walker()
+        sources = list(expand_dicomdirs(walker.walk(r for r in roots if r not in web_roots)))
+        report.warnings = [p.to_json() for p in walker.problems]
+        report.prune_skipped = [{"root": r, "reason": why} for r, why in walker.unsafe.items()]
         for web_root in web_roots:  # a PACS: QIDO-RS lists its instances
             sources += list_instances(web_root, self.dicomweb_query)
         report.total = len(sources)
         known = known_files(self.store, roots)
         todo = [s for s in sources if known.get(s.path, (None, None))[:2] != (s.size, s.mtime_ns)]
         report.unchanged = report.total - len(todo)
-        seen = {s.path for s in sources}
+        # a file we could not stat is kept; an unreadable or empty root prunes nothing
+        seen = {s.path for s in sources} | set(walker.unreadable_files)
         gone = {path: digest for path, (_, _, digest) in known.items()
-                if path not in seen and removal_allowed(path, self.dicomweb_query)}
+                if path not in seen and not _under_any(path, walker.unsafe)
+                and removal_allowed(path, self.dicomweb_query)}
         gone_by_hash = {digest: path for path, digest in gone.items()}
         # files a DICOMDIR given directly references lie beside it, outside the walked roots
         beside = [str(Path(r).parent) for r in roots if Path(r).is_file() and is_dicomdir_path(r)]
@@ -274,6 +283,11 @@ class Indexer:
             chunk = stack_planes(tensors[start:start + self.batch_size], self.encoder.device)
             out.append(self.encoder.embed_batch(chunk))
         return np.concatenate(out)
+
+
+def _under_any(path: str, roots: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``roots`` or lies below one."""
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 def query_image_vector(encoder: VisionEncoder, file: str | Path, frames: str = "middle") -> np.ndarray:

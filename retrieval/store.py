@@ -680,9 +680,22 @@ class Store:
         index, problem = read_index_file(path, self.manifest, full=full_check)
         if problem:
             self._index_damaged(problem)
+        if index is not None and not self._index_type_matches(index):
+            # a kill between the manifest naming a new type (reindex) and the index file of
+            # that type being saved leaves the old file: rebuilt, as the manifest says
+            self._index_damaged(f"it holds another index type than {self.manifest.index_type}")
+            index = None
         if index is not None:
             return index_choice.enable_lookup(index)
         return new_index(self.manifest.index_type, self.dim)
+
+    def _index_type_matches(self, index: faiss.Index) -> bool:
+        """The file holds the manifest's index type (or exact Flat while that type waits for
+        enough vectors to be trained)."""
+        empty = new_index(self.manifest.index_type, self.dim)
+        got, want = index_choice.inner_index(index), index_choice.inner_index(empty)
+        return isinstance(got, type(want)) or (isinstance(got, faiss.IndexFlat)
+                                               and not empty.is_trained)
 
     def _index_damaged(self, problem: str) -> None:
         path = self.root / INDEX_FILE

@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import delete, select
 
 from .errors import InputError
-from .schema import LabelRow, VectorRow
+from .schema import LabelRow, SettingRow, VectorRow
 from .store import Store
 from .zeroshot import ZeroShotClassifier, sigmoid
 
@@ -70,8 +70,9 @@ def tag_store(store: Store, classifier: ZeroShotClassifier, labels: list[str],
                 report.per_label[labels[c]] += int(n)
             report.written += len(rows)
         report.images = len(ids)
-    store.set_setting(f"tags:{source}", json.dumps({
-        "labels": labels, "templates": templates, "min_score": min_score,
-        "model": store.manifest.model, "tagged_at": time.time()}))
+        # in the same transaction: a kill never leaves labels without the record of how
+        session.merge(SettingRow(key=f"tags:{source}", value=json.dumps({
+            "labels": labels, "templates": templates, "min_score": min_score,
+            "model": store.manifest.model, "tagged_at": time.time()})))
     report.seconds = round(time.perf_counter() - started, 3)
     return report

@@ -1,15 +1,15 @@
-"""The core commands: make-test-model, index, search, similar, info, embed, reindex."""
+"""The core commands: make-test-model, index, remove, search, similar, info, embed, reindex."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from retrieval.acceleration import auto_batch_size, precision_choice
-from retrieval.errors import InputError
+from retrieval.errors import InputError, storage_error
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
 from retrieval.search import Searcher
 from retrieval.store import Manifest, Store, manifest_for
@@ -44,6 +44,10 @@ def _index_human(d: dict) -> str:
         lines.append(f"  failed: {f['path']}: {f['reason']}")
     for s in d["skipped"]:
         lines.append(f"  skipped: {s['path']}: {s['reason']}")
+    for w in d.get("warnings", []):
+        lines.append(f"  warning: {w['path']}: {w['reason']}")
+    for p in d.get("prune_skipped", []):
+        lines.append(f"  not removing missing files under {p['root']}: {p['reason']}")
     return "\n".join(lines)
 
 
@@ -78,7 +82,6 @@ def index_cmd(
     """Embed every image under PATHS into the store (incremental and resumable)."""
     from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
     from indexer.pixels import check_window_choice
-    from indexer.pipeline import Indexer, decode_pool
 
     cfg = settings()
     root = store_path(store, cfg)
@@ -96,15 +99,41 @@ def index_cmd(
     if missing:
         raise InputError(f"no such file or folder: {', '.join(missing)}")
     workers = cfg.workers if workers is None else workers
+    with _store_faults(root):
+        report = _run_index(root, paths, cfg, workers, decode_timeout, model, device, precision,
+                            batch_size, index_type, frames, phi_policy, progress, window,
+                            series_vectors, query)
+    emit(report.to_json(), json_out, _index_human)
+
+
+@contextmanager
+def _store_faults(root: Path):
+    """A full or failing disk ends the command with what happened and what to do, not a
+    traceback; SQLite has rolled back the batch in flight and the index file is replaced
+    only by a complete one, so the store keeps its last committed state."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        yield
+    except (OSError, OperationalError, RuntimeError) as exc:
+        error = storage_error(root, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _run_index(root, paths, cfg, workers, decode_timeout, model, device, precision, batch_size,
+               index_type, frames, phi_policy, progress, window, series_vectors, query):
+    from indexer.pipeline import Indexer, decode_pool
+
     # decode workers start now, while the model loads (each needs seconds to import)
     with (decode_pool(workers, timeout_s=decode_timeout) if workers != 0 else nullcontext()) as pool:
         encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
                                 device or cfg.device, precision or cfg.precision, cfg.compile)
         if batch_size is None and encoder.device.type == "cuda":
             batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
-        # the lock first: two runs never both create the store, nor mix models (issue 13)
-        # the writer lock is taken before the store is created and held until it is closed,
-        # also when the run fails (an in-process caller can then open the store again)
+        # the writer lock is taken before the store is created (two runs never both create it,
+        # nor mix models) and held until it is closed, also when the run fails
         with Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
                                   exclusive=True) as st:
             note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
@@ -116,7 +145,47 @@ def index_cmd(
                 report = indexer.run(paths)
             except ConnectionError as exc:
                 raise InputError(f"{exc}; is the server running and the address right?") from None
-    emit(report.to_json(), json_out, _index_human)
+    return report
+
+
+@app.command("remove")
+def remove_cmd(
+    paths: Annotated[list[str], typer.Argument(
+        help="Files or folders whose stored images to remove (they need not exist any more).")],
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove stored sources at or under PATHS: rows, vectors, labels and index entries.
+
+    `index` never removes anything under a folder it cannot read or finds empty (an unmounted
+    share looks like that); this is how to drop such entries on purpose."""
+    from sqlalchemy import select
+
+    from retrieval.schema import FailureRow
+    from retrieval.store import known_files
+
+    root = store_path(store, settings())
+    targets = [str(Path(p).expanduser().absolute()) for p in paths]
+    with _store_faults(root), Store.open(root, exclusive=True) as st:
+        found = known_files(st, targets)
+        with st.writer() as writer:
+            failed = [path for path in writer.session.scalars(select(FailureRow.path))
+                      if any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)]
+            images = writer.remove_files(sorted(found))
+            for path in failed:
+                writer.clear_failure(path)
+    not_found = [t for t in targets
+                 if not any(p == t or p.startswith(t.rstrip("/") + "/") for p in [*found, *failed])]
+    emit({"removed_files": len(found), "removed_images": images, "cleared_failures": len(failed),
+          "paths": sorted(found), "not_found": not_found}, json_out, _remove_human)
+
+
+def _remove_human(d: dict) -> str:
+    lines = [f"removed {d['removed_files']} file(s) ({d['removed_images']} image(s)) and "
+             f"{d['cleared_failures']} failure record(s)"]
+    lines += [f"  removed: {p}" for p in d["paths"]]
+    lines += [f"  nothing stored at or under {p}" for p in d["not_found"]]
+    return "\n".join(lines)
 
 
 def _store_model(root: Path) -> str | None:
@@ -225,8 +294,9 @@ def reindex_cmd(
     store: StoreOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
-    st = Store.open(store_path(store, settings()))
-    with st.exclusive():
+    root = store_path(store, settings())
+    st = Store.open(root)
+    with _store_faults(root), st.exclusive():
         st.rebuild(index_type)
         st.save()
     emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},

@@ -401,3 +401,190 @@ def test_classify_by_id_and_upload(client, data):
     assert len(preset["results"]) == 13
     assert client.post("/classify", json={"id": 1, "labels": ["only one"]}).status_code == 400
     assert client.post("/classify", json={"id": 9999, "labels": labels}).status_code == 404
+
+
+# -- issue 13: DNS rebinding, hostile bodies, labels, logs, tokens ------------------------------
+def _raw_request(url: str, host: bytes | None, path: bytes = b"/stats",
+                 extra: bytes = b"") -> bytes:
+    """One HTTP/1.0 request with exactly the Host header given (None: no Host at all)."""
+    address, port = url.removeprefix("http://").split(":")
+    head = b"GET " + path + b" HTTP/1.0\r\n" + (b"Host: " + host + b"\r\n" if host else b"")
+    with socket.create_connection((address, int(port)), timeout=30) as sock:
+        sock.sendall(head + extra + b"\r\n")
+        data = b""
+        while part := sock.recv(65536):
+            data += part
+    return data
+
+
+def test_host_allowlist_stops_dns_rebinding(client):
+    """A page on evil.example that rebinds its name to 127.0.0.1 sends Host: evil.example."""
+    url = str(client.base_url).rstrip("/")
+    port = url.rsplit(":", 1)[1].encode()
+    for host in (b"evil.example", b"evil.example:" + port, b"127.0.0.1.evil.example:" + port,
+                 b"localhost.evil.example", b"attacker.localhost:" + port, b"127.0.0.2x"):
+        reply = _raw_request(url, host)
+        assert reply.split(b"\r\n")[0] in (b"HTTP/1.1 421 Misdirected Request",
+                                           b"HTTP/1.1 400 Bad Request"), host
+        assert b'"type":"MisdirectedRequest"' in reply and b"count" not in reply, host
+    missing = _raw_request(url, None)
+    assert missing.startswith(b"HTTP/1.1 400") and b"Host" in missing
+    for host in (b"127.0.0.1:" + port, b"localhost:" + port, b"LOCALHOST:" + port,
+                 b"[::1]:" + port, b"127.0.0.1"):
+        reply = _raw_request(url, host)
+        assert reply.startswith(b"HTTP/1.1 200"), (host, reply[:200])
+    # Cross-site requests from a browser carry an Origin that is not ours: refused.
+    evil = _raw_request(url, b"127.0.0.1:" + port, extra=b"Origin: http://evil.example\r\n")
+    assert evil.startswith(b"HTTP/1.1 403")
+    same = _raw_request(url, b"127.0.0.1:" + port,
+                        extra=b"Origin: http://127.0.0.1:" + port + b"\r\n")
+    assert same.startswith(b"HTTP/1.1 200")
+    assert client.post("/search", json={"query": "a"},
+                       headers={"Origin": "null"}).status_code == 403
+
+
+def test_allowed_host_admits_a_reverse_proxy_name(data):
+    app = make_app(data / "store", allowed_hosts=["medsearch.hospital.example"])
+    with running(app) as url:
+        assert _raw_request(url, b"medsearch.hospital.example").startswith(b"HTTP/1.1 200")
+        assert _raw_request(url, b"127.0.0.1").startswith(b"HTTP/1.1 200")
+        assert _raw_request(url, b"evil.example").startswith(b"HTTP/1.1 421")
+
+
+def test_metrics_labels_are_bounded(client):
+    for method in ("FOOBAR", "X-RANDOM-1", "PROPFIND"):
+        client.request(method, "/search")
+    client.get("/images/123456/preview")
+    client.get("/no/such/path/4711")
+    text = client.get("/metrics").text
+    for secret in ("FOOBAR", "X-RANDOM", "PROPFIND", "123456", "4711"):
+        assert secret not in text
+    assert 'method="other"' in text and 'route="/images/{image_id}/preview"' in text
+
+
+def test_classify_counts_labels_after_splitting_on_commas(client, data):
+    png = sorted((data / "images").glob("*.png"))[0].read_bytes()
+    many = ",".join(f"label {i}" for i in range(2000))
+    for response in (client.post("/classify", json={"id": 1, "labels": [many]}),
+                     client.post("/classify", json={"id": 1, "labels": [many, "x"]}),
+                     client.post("/classify", files={"file": ("x", png)}, data={"labels": many})):
+        assert response.status_code == 422, response.text
+        assert "at most 200 labels" in response.json()["error"]
+
+
+def test_hostile_ids_bodies_and_globs_are_422_not_500(client):
+    huge = 2 ** 63
+    for response in (client.get(f"/images/{huge}"), client.get(f"/images/{10 ** 40}/preview"),
+                     client.post("/similar", json={"id": huge}),
+                     client.post("/classify", json={"id": huge, "preset": "cxr"}),
+                     client.post("/export", json={"id": huge}),
+                     client.post("/search", json={"terms": [{"id": huge}]}),
+                     client.post("/search", json={"query": "a", "filters": {"path_glob": "*a" * 30000}}),
+                     client.post("/search", json={"query": "a", "filters": {"path_glob": "*" * 200}})):
+        assert response.status_code == 422, (response.request.url, response.text[:300])
+        assert response.json()["type"] == "ValidationError"
+    assert client.get(f"/images/{2 ** 63 - 1}").status_code == 404
+    assert client.post("/search", json={"query": f"#{10 ** 30}"}).status_code == 404
+    deep = b'{"query": "a", "k": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    for route in ("/search", "/similar", "/export", "/classify"):
+        response = client.post(route, content=deep, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (route, response.text[:300])
+        assert "nested" in response.json()["error"]
+    fine_deep = {"query": "a", "filters": {"modality": [["CT"]]}}
+    assert client.post("/search", json=fine_deep).status_code == 422
+    big = b'{"query": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    assert client.post("/search", content=big,
+                       headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_errors_never_log_request_data(data, caplog):
+    """SQL parameters (a path glob may name a patient) and exception texts stay out of logs."""
+    app = make_app(data / "store")
+    real = app.state.engine.store.rows
+
+    def failing_rows(ids):
+        raise RuntimeError(f"cannot read rows {ids} zebra-4711")
+
+    with running(app) as url:
+        import logging
+        with caplog.at_level(logging.DEBUG):
+            glob = "*Doe^Jane-4711*"
+            assert httpx.post(f"{url}/search", json={"query": "a", "filters": {"path_glob": glob}},
+                              timeout=60).status_code == 200
+            app.state.engine.store.rows = failing_rows
+            assert httpx.get(f"{url}/images/1", timeout=60).status_code == 500
+            app.state.engine.store.rows = real
+            # A real SQLAlchemy error carries its parameters in its message.
+            from sqlalchemy.exc import OperationalError
+            err = OperationalError("SELECT ? AS x", ("Doe^Jane-4711",), Exception("boom"))
+            assert "Doe^Jane" in str(err)
+
+            def sql_error(*_a, **_k):
+                raise err
+
+            app.state.engine.searcher.by_vector = sql_error
+            assert httpx.post(f"{url}/search", json={"query": "a"}, timeout=60).status_code == 500
+    logged = "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") +
+                       (r.exc_text or "") for r in caplog.records)
+    assert "unhandled error" in logged
+    assert "4711" not in logged and "Doe" not in logged and "zebra" not in logged
+
+
+def test_store_engine_hides_sql_parameters(data):
+    from retrieval.store import Store
+
+    st = Store.open(data / "store", readonly=True)
+    assert st.engine.hide_parameters
+
+
+@pytest.mark.parametrize("token", ["                    ", " \t  \n   \u00a0      ", ""])
+def test_blank_tokens_are_refused(token):
+    with pytest.raises(InputError, match="blank|empty"):
+        check_exposure("127.0.0.1", token)
+    with pytest.raises(InputError, match="blank|empty"):
+        check_exposure("0.0.0.0", token)
+
+
+def test_token_surrounding_whitespace_is_stripped(data, monkeypatch):
+    from medsearch.commands.serve import read_token
+
+    assert read_token("  " + TOKEN + "\n") == TOKEN
+    assert read_token(None) is None
+    app = make_app(data / "store", token=" " + TOKEN + " ")
+    with running(app) as url:
+        ok = httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/stats", headers={"Authorization": "Bearer  "}).status_code == 401
+    with pytest.raises(ValueError, match="blank"):
+        make_app(data / "store", token="    ")
+
+
+def test_access_log_leaves_out_query_strings(data, monkeypatch):
+    monkeypatch.delenv("MEDSEARCH_TOKEN", raising=False)
+    env = {k: v for k, v in os.environ.items() if k != "MEDSEARCH_TOKEN"}
+    port = free_port()
+    server = subprocess.Popen([_medsearch(), "serve", "--store", str(data / "store"), "--port",
+                               str(port), "--log-level", "info"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(server, url)
+        assert httpx.get(f"{url}/images/1/preview?size=64&name=Doe-Jane-4711").status_code == 200
+        assert httpx.get(f"{url}/stats", headers={"Host": "evil.example"}).status_code == 421
+    finally:
+        server.terminate()
+        out, err = server.communicate(timeout=30)
+    assert "GET /images/1/preview HTTP/1.1\" 200" in out + err
+    assert "4711" not in out + err and "size=64" not in out + err
+
+
+def _wait_up(server, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.3)

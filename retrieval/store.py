@@ -272,7 +272,7 @@ class Store:
         self.root = root
         self.manifest = manifest
         self.readonly = readonly
-        self.engine = create_engine(f"sqlite:///{root / DATABASE}")
+        self.engine = create_engine(f"sqlite:///{root / DATABASE}", hide_parameters=True)  # no query data in logs
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrate()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)

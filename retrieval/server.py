@@ -35,7 +35,7 @@ import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable, ClassVar, Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -44,7 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -137,6 +137,16 @@ _DATE = r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8})$"
 _NOT_BLANK = r"\S"
 
 
+def _integral(value):
+    """JSON has one number type: 12.0 is the integer 12 (as JSON Schema says); true is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 def _not_blank(value: str | None, name: str) -> str | None:
     if value is not None and not value.strip():
         raise ValueError(f"{name} is blank")
@@ -179,19 +189,50 @@ class FiltersBody(BaseModel):
         return Filters.from_dict(self.model_dump(exclude_none=True))
 
 
-def _one_of(*names: str) -> dict:
-    """JSON Schema: exactly one of these fields is present (and not null)."""
-    return {"oneOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}}
-                      for n in names]}
+def _choice(*names: str, exactly_one: bool = True, never_together: tuple = ()):
+    """JSON Schema for alternative fields: present (never null), exactly one (or at least one)
+    of ``names``, and no pair of ``never_together``. Models using it refuse explicit nulls
+    for these fields (see _NoNulls), so "present" means the same to the schema and the server."""
+
+    def extra(schema: dict, _model=None) -> None:
+        for name in names:
+            prop = schema["properties"][name]
+            options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+            if len(options) == 1:
+                prop.update(options[0])
+            elif options:
+                prop["anyOf"] = options
+            prop.pop("default", None)
+        schema["oneOf" if exactly_one else "anyOf"] = [{"required": [n]} for n in names]
+        if never_together:
+            schema["not"] = {"anyOf": [{"required": list(pair)} for pair in never_together]}
+
+    return extra
 
 
-class TermBody(BaseModel):
+class _NoNulls(BaseModel):
+    """Refuses an explicit null for the alternative fields: leave them out instead."""
+
+    _NOT_NULL: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data):
+        if isinstance(data, dict):
+            for name in cls._NOT_NULL:
+                if name in data and data[name] is None:
+                    raise ValueError(f"{name} is null; leave it out instead")
+        return data
+
+
+class TermBody(_NoNulls):
     """One weighted query term: a text or an indexed image id (exactly one)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_of("text", "id"))
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_choice("text", "id"))
+    _NOT_NULL = ("text", "id")
 
     text: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": _NOT_BLANK})
-    id: int | None = Field(None, ge=0, le=MAX_ID)
+    id: JsonInt | None = Field(None, ge=0, le=MAX_ID)
     weight: float = Field(1.0, ge=-100, le=100)
 
     @field_validator("text")
@@ -210,17 +251,18 @@ _QUERY_DOC = ('query arithmetic, e.g. "pleural effusion" - "chest tube" or 2:"ef
               "(#N is indexed image N); an expression that does not parse is answered 400")
 
 
-class SearchBody(BaseModel):
+class SearchBody(_NoNulls):
     """Text search by ``query`` (text with arithmetic) or by ``terms`` (exactly one of them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True,
-                              json_schema_extra=_one_of("query", "terms"))
+                              json_schema_extra=_choice("query", "terms"))
+    _NOT_NULL = ("query", "terms")
 
     query: str | None = Field(None, max_length=2000, description=_QUERY_DOC,
                               json_schema_extra={"pattern": _NOT_BLANK},
                               examples=['"pleural effusion" - "chest tube"'])
     terms: list[TermBody] | None = Field(None, min_length=1, max_length=MAX_TERMS)
-    k: int = Field(10, ge=1, le=1000)
+    k: JsonInt = Field(10, ge=1, le=1000)
     filters: FiltersBody | None = None
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -241,29 +283,27 @@ class SimilarBody(BaseModel):
 
     model_config = _JSON
 
-    id: int = Field(ge=0, le=MAX_ID)
+    id: JsonInt = Field(ge=0, le=MAX_ID)
     query: str | None = Field(None, max_length=2000, description="extra terms, e.g. '- \"tube\"'")
-    k: int = Field(10, ge=1, le=1000)
+    k: JsonInt = Field(10, ge=1, le=1000)
     filters: FiltersBody | None = None
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
 
-class ExportBody(BaseModel):
+class ExportBody(_NoNulls):
     """What /search (``query`` or ``terms``) or /similar (``id``, with optional extra ``query``
     terms) takes; the rows of the results as a file."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
-        "anyOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}}
-                  for n in ("query", "terms", "id")],
-        "not": {"anyOf": [{"required": ["terms", n], "properties": {
-            "terms": {"not": {"type": "null"}}, n: {"not": {"type": "null"}}}}
-            for n in ("query", "id")]}})
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_choice(
+        "query", "terms", "id", exactly_one=False,
+        never_together=(("terms", "query"), ("terms", "id"))))
+    _NOT_NULL = ("query", "terms", "id")
 
     query: str | None = Field(None, max_length=2000, description=_QUERY_DOC,
                               json_schema_extra={"pattern": _NOT_BLANK})
     terms: list[TermBody] | None = Field(None, min_length=1, max_length=MAX_TERMS)
-    id: int | None = Field(None, ge=0, le=MAX_ID)
-    k: int = Field(10, ge=1, le=1000)
+    id: JsonInt | None = Field(None, ge=0, le=MAX_ID)
+    k: JsonInt = Field(10, ge=1, le=1000)
     filters: FiltersBody | None = None
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -291,13 +331,14 @@ def _check_labels(labels: list[str]) -> list[str]:
     return labels
 
 
-class ClassifyBody(BaseModel):
+class ClassifyBody(_NoNulls):
     """Zero-shot scores of an indexed image: explicit labels (≥ 2) or a preset."""
 
     model_config = ConfigDict(extra="forbid", strict=True,
-                              json_schema_extra=_one_of("labels", "preset"))
+                              json_schema_extra=_choice("labels", "preset"))
+    _NOT_NULL = ("labels", "preset")
 
-    id: int = Field(ge=0, le=MAX_ID)
+    id: JsonInt = Field(ge=0, le=MAX_ID)
     labels: list[str] | None = Field(
         None, min_length=2, max_length=MAX_LABELS, examples=[["pleural effusion", "normal"]],
         description=f"at most {MAX_LABELS} labels; commas inside a label split it; labels "
@@ -305,9 +346,12 @@ class ClassifyBody(BaseModel):
         json_schema_extra={"items": {"type": "string", "maxLength": MAX_LABEL_LENGTH,
                                      "pattern": _LABEL}})
     preset: Literal["cxr", "derm", "fundus", "pathology"] | None = None
-    templates: list[str] | None = Field(None, max_length=20, description="prompt templates with {}")
+    templates: list[Template] | None = Field(None, max_length=20,
+                                             description="prompt templates with {}")
     max_entropy: float = Field(0.8, ge=0.0, le=1.0)
     min_margin: float = Field(0.1, ge=0.0, le=1.0)
+
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -332,13 +376,25 @@ class ClassifyBody(BaseModel):
         return self
 
 
-class ClassifyUploadFields(BaseModel, extra="forbid"):
+Template = Annotated[str, Field(max_length=500, json_schema_extra={"pattern": r"\{\}"})]
+
+
+def _check_templates(value: list[str] | None) -> list[str] | None:
+    if value is not None and any("{}" not in t for t in value):
+        raise ValueError("a template needs '{}' where the label goes, e.g. 'an x-ray showing {}'")
+    return value
+
+
+class ClassifyUploadFields(BaseModel):
     """Form fields that accompany an uploaded ``file`` for /classify."""
 
-    labels: str | None = Field(None, max_length=MAX_LABELS * (MAX_LABEL_LENGTH + 1),
-                               description="comma-separated")
-    preset: str | None = None
-    templates: list[str] | None = Field(None, max_length=20)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_choice("labels", "preset"))
+
+    labels: str | None = Field(None, min_length=1, max_length=MAX_LABELS * (MAX_LABEL_LENGTH + 1),
+                               description=f"comma-separated, at most {MAX_LABELS}")
+    preset: Literal["cxr", "derm", "fundus", "pathology"] | None = None
+    templates: list[Template] | None = Field(None, max_length=20,
+                                             description="prompt templates with {}")
     max_entropy: float = Field(0.8, ge=0.0, le=1.0)
     min_margin: float = Field(0.1, ge=0.0, le=1.0)
 
@@ -346,6 +402,14 @@ class ClassifyUploadFields(BaseModel, extra="forbid"):
     @classmethod
     def _labels(cls, value: str | None) -> str | None:
         return None if value is None else _check_labels([value])[0]
+
+    _templates = field_validator("templates")(classmethod(lambda cls, v: _check_templates(v)))
+
+    @model_validator(mode="after")
+    def _labels_or_preset(self):
+        if (self.labels is None) == (self.preset is None):
+            raise ValueError("give either labels or a preset, exactly one of them")
+        return self
 
 
 class UploadFields(BaseModel, extra="forbid"):
@@ -893,12 +957,15 @@ async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
         raise UnsupportedMedia("the upload is not a PNG, JPEG or DICOM file (checked by its "
                                "content, not its name)")
     fields: dict = {}
+    templates = [v for k, v in form.multi_items() if k == "templates" and isinstance(v, str)]
     for key, value in form.multi_items():
         if key == "file" or value == "":
             continue
         if not isinstance(value, str):
             raise InputError(f"the multipart part {key!r} must be a text field, not a file")
-        if key in ("filters", "templates"):
+        if key == "templates":
+            continue
+        if key == "filters":
             if len(value) > MAX_JSON_BYTES:
                 raise JsonTooLarge(f"the {key!r} field is over {MAX_JSON_BYTES} bytes")
             try:
@@ -910,32 +977,59 @@ async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
             if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
                 raise InvalidBody(f"the {key!r} field is nested too deeply")
         fields[key] = value
+    if templates:
+        fields["templates"] = _form_templates(templates)
     return content, kind, fields
+
+
+def _form_templates(parts: list[str]) -> list[str]:
+    """Templates as form fields: one part per template; one part holding a JSON list of
+    strings is read as that list (how earlier clients sent them)."""
+    if len(parts) == 1 and parts[0].lstrip().startswith("["):
+        try:
+            value = json.loads(parts[0])
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, list) and all(isinstance(t, str) for t in value):
+            return value
+    return parts
+
+
+def _multipart(fields: type[BaseModel]) -> dict:
+    """The multipart body: a ``file`` and the model's fields; objects and lists travel as JSON."""
+    schema = fields.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    schema.pop("title", None)
+    properties = {}
+    for name, prop in schema["properties"].items():  # a form field is text or absent, never null
+        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+        if len(options) == 1:
+            prop.update(options[0])
+        elif options:
+            prop["anyOf"] = options
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        properties[name] = prop
+    schema["properties"] = {"file": {"type": "string", "format": "binary", "minLength": 1,
+                                     "description": "PNG, JPEG or DICOM (judged by its bytes)"},
+                            **properties}
+    schema["required"] = ["file", *schema.get("required", [])]
+    schema["additionalProperties"] = False
+    # filters is one JSON part; templates are one text part each (repeat the field)
+    encoding = {"filters": {"contentType": "application/json"}} if "filters" in properties else {}
+    return {"schema": schema, "encoding": encoding}
 
 
 def _openapi_query_body(json_model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary",
-                                    "description": "PNG, JPEG or DICOM"},
-                           "query": {"type": "string", "description": "extra terms"},
-                           "weight": {"type": "number", "default": 1.0},
-                           "k": {"type": "integer", "default": 10},
-                           "min_score": {"type": "number"},
-                           "filters": {"type": "string", "description": "JSON object"}}}}}}}
+        "multipart/form-data": _multipart(UploadFields)}}}
 
 
 def _openapi_classify_body() -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyBody"}},
-        "multipart/form-data": {"schema": {
-            "type": "object", "required": ["file"],
-            "properties": {"file": {"type": "string", "format": "binary"},
-                           "labels": {"type": "string", "description": "comma-separated"},
-                           "preset": {"type": "string"},
-                           "templates": {"type": "string", "description": "JSON list"}}}}}}}
+        "multipart/form-data": _multipart(ClassifyUploadFields)}}}
 
 
 def _is_multipart(request: Request) -> bool:

@@ -1,0 +1,54 @@
+"""Schemathesis hooks for the API fuzz run (loaded with SCHEMATHESIS_HOOKS=benchmarks.api_fuzz_checks).
+
+The built-in ``positive_data_acceptance`` wants every schema-valid request answered 2xx or
+404. Three refusals of schema-valid requests are right and no schema can state them, so this
+check replaces it and admits exactly those:
+
+- 400 ``InputError`` whose message is about the query expression's grammar or meaning (an
+  unclosed quote, terms that cancel out) or labels that repeat once stripped;
+- 415 ``UnsupportedMedia``: the uploaded bytes are not a PNG, JPEG or DICOM file;
+- 422 ``UndecodableImage``: an upload of a known kind that does not decode.
+
+Anything else, notably 422 ``ValidationError`` (the server and its schema disagree) or a 400
+for an empty query, fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import schemathesis
+
+#: Beginnings of the 400 messages that are about a query's or labels' content, not its shape.
+CONTENT_ERRORS = (
+    "query has ", "a quoted query term is empty", "query term ", "a query may have at most",
+    "every query term has weight 0", "the query's terms cancel", "query ends with an operator",
+    "label(s) given twice", "give at least two labels",
+)
+ADMITTED = {(415, "UnsupportedMedia"), (422, "UndecodableImage")}
+
+
+def _error(response) -> tuple[str, str]:
+    try:
+        body = json.loads(response.content)
+        return str(body.get("type", "")), str(body.get("error", ""))
+    except (ValueError, AttributeError):
+        return "", ""
+
+
+@schemathesis.check
+def accepted_when_valid(ctx, response, case):
+    """A request the schema allows is answered 2xx or 404, or refused for its content only."""
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive:
+        return None
+    status = response.status_code
+    if 200 <= status < 300 or status == 404:
+        return None
+    kind, message = _error(response)
+    if (status, kind) in ADMITTED:
+        return None
+    if status == 400 and kind == "InputError" and message.startswith(CONTENT_ERRORS):
+        return None
+    raise AssertionError(f"a request the schema allows was refused: {status} {kind}: "
+                         f"{message[:300]}")

@@ -144,7 +144,13 @@ def _integral(value):
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_integral)]
+def _json_int(low: int, high: int):
+    """An integer field of a JSON body within [low, high] (the bounds stay in the schema)."""
+    return Annotated[Annotated[int, Field(ge=low, le=high)], BeforeValidator(_integral)]
+
+
+ImageId = _json_int(0, MAX_ID)
+TopK = _json_int(1, 1000)
 
 
 def _not_blank(value: str | None, name: str) -> str | None:
@@ -199,7 +205,7 @@ def _choice(*names: str, exactly_one: bool = True, never_together: tuple = ()):
             prop = schema["properties"][name]
             options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
             if len(options) == 1:
-                prop.update(options[0])
+                prop = schema["properties"][name] = {**options[0], **prop}  # extras win
             elif options:
                 prop["anyOf"] = options
             prop.pop("default", None)
@@ -232,7 +238,7 @@ class TermBody(_NoNulls):
     _NOT_NULL = ("text", "id")
 
     text: str | None = Field(None, max_length=1000, json_schema_extra={"pattern": _NOT_BLANK})
-    id: JsonInt | None = Field(None, ge=0, le=MAX_ID)
+    id: ImageId | None = None
     weight: float = Field(1.0, ge=-100, le=100)
 
     @field_validator("text")
@@ -262,7 +268,7 @@ class SearchBody(_NoNulls):
                               json_schema_extra={"pattern": _NOT_BLANK},
                               examples=['"pleural effusion" - "chest tube"'])
     terms: list[TermBody] | None = Field(None, min_length=1, max_length=MAX_TERMS)
-    k: JsonInt = Field(10, ge=1, le=1000)
+    k: TopK = 10
     filters: FiltersBody | None = None
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -283,9 +289,9 @@ class SimilarBody(BaseModel):
 
     model_config = _JSON
 
-    id: JsonInt = Field(ge=0, le=MAX_ID)
+    id: ImageId
     query: str | None = Field(None, max_length=2000, description="extra terms, e.g. '- \"tube\"'")
-    k: JsonInt = Field(10, ge=1, le=1000)
+    k: TopK = 10
     filters: FiltersBody | None = None
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -302,8 +308,8 @@ class ExportBody(_NoNulls):
     query: str | None = Field(None, max_length=2000, description=_QUERY_DOC,
                               json_schema_extra={"pattern": _NOT_BLANK})
     terms: list[TermBody] | None = Field(None, min_length=1, max_length=MAX_TERMS)
-    id: JsonInt | None = Field(None, ge=0, le=MAX_ID)
-    k: JsonInt = Field(10, ge=1, le=1000)
+    id: ImageId | None = None
+    k: TopK = 10
     filters: FiltersBody | None = None
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -338,7 +344,7 @@ class ClassifyBody(_NoNulls):
                               json_schema_extra=_choice("labels", "preset"))
     _NOT_NULL = ("labels", "preset")
 
-    id: JsonInt = Field(ge=0, le=MAX_ID)
+    id: ImageId
     labels: list[str] | None = Field(
         None, min_length=2, max_length=MAX_LABELS, examples=[["pleural effusion", "normal"]],
         description=f"at most {MAX_LABELS} labels; commas inside a label split it; labels "
@@ -941,7 +947,7 @@ async def _upload_spec(request: Request) -> QuerySpec:
 async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
     """The uploaded ``file`` (checked by its bytes), its kind, and the other form fields."""
     try:
-        form = await request.form(max_files=1, max_fields=16)
+        form = await request.form(max_files=1, max_fields=32)  # 20 templates + the rest
     except _BodyTooLarge:
         raise
     except Exception as exc:

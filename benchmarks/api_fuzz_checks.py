@@ -5,7 +5,8 @@ The built-in ``positive_data_acceptance`` wants every schema-valid request answe
 check replaces it and admits exactly those:
 
 - 400 ``InputError`` whose message is about the query expression's grammar or meaning (an
-  unclosed quote, terms that cancel out) or labels that repeat once stripped;
+  unclosed quote, terms that cancel out), labels that repeat once stripped, or more
+  labels × templates than one request may cost;
 - 415 ``UnsupportedMedia``: the uploaded bytes are not a PNG, JPEG or DICOM file;
 - 422 ``UndecodableImage``: an upload of a known kind that does not decode.
 
@@ -23,7 +24,7 @@ import schemathesis
 CONTENT_ERRORS = (
     "query has ", "a quoted query term is empty", "query term ", "a query may have at most",
     "every query term has weight 0", "the query's terms cancel", "query ends with an operator",
-    "label(s) given twice", "give at least two labels",
+    "label(s) given twice", "give at least two labels", "too many prompts",
 )
 ADMITTED = {(415, "UnsupportedMedia"), (422, "UndecodableImage")}
 

@@ -12,10 +12,16 @@ uploaded file's bytes into the model's input tensor and ``decode_stored`` does t
 indexed path (for previews). The CLI wires both from ``indexer``. No path from a request ever
 reaches the filesystem: previews decode only paths read from the store by id.
 
-Security (see README): a bearer token (or HTTP Basic with the token as password, for
-browsers) guards every route but ``/health`` when set; bodies over the upload limit are
-answered 413 from Content-Length or as soon as the streamed count passes it; uploads are
-recognised by their bytes; errors are JSON without tracebacks; query text is never logged.
+Security (see README): only the Host names in the allowlist are served (loopback names, the
+bound address, ``--allowed-host``; others get 421 before any route runs, so a page that
+rebinds its DNS name to 127.0.0.1 reads nothing) and requests whose Origin names another site
+get 403; a bearer token (or HTTP Basic with the token as password, for browsers) guards every
+route but ``/health`` when set; bodies over the upload limit are answered 413 from
+Content-Length or as soon as the streamed count passes it, JSON bodies over 1 MiB or nested
+deeper than 16 levels are refused; uploads are recognised by their bytes; errors are JSON
+without tracebacks; query text, request data and exception messages are never logged.
+The OpenAPI schema states what the server requires (tests/reliability/test_api_fuzz.py runs
+schemathesis against it).
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ MAX_ID = 2 ** 63 - 1
 #: forward pass under the text lock).
 MAX_LABELS = 200
 MAX_LABEL_LENGTH = 200
+MAX_TEMPLATES = 8
+#: Each label × template is one text forward pass under the text lock.
+MAX_PROMPTS = 400
 #: JSON bodies are small (uploads are multipart): bounds on their size and nesting.
 MAX_JSON_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 16
@@ -352,7 +361,7 @@ class ClassifyBody(_NoNulls):
         json_schema_extra={"items": {"type": "string", "maxLength": MAX_LABEL_LENGTH,
                                      "pattern": _LABEL}})
     preset: Literal["cxr", "derm", "fundus", "pathology"] | None = None
-    templates: list[Template] | None = Field(None, max_length=20,
+    templates: list[Template] | None = Field(None, max_length=MAX_TEMPLATES,
                                              description="prompt templates with {}")
     max_entropy: float = Field(0.8, ge=0.0, le=1.0)
     min_margin: float = Field(0.1, ge=0.0, le=1.0)
@@ -399,7 +408,7 @@ class ClassifyUploadFields(BaseModel):
     labels: str | None = Field(None, min_length=1, max_length=MAX_LABELS * (MAX_LABEL_LENGTH + 1),
                                description=f"comma-separated, at most {MAX_LABELS}")
     preset: Literal["cxr", "derm", "fundus", "pathology"] | None = None
-    templates: list[Template] | None = Field(None, max_length=20,
+    templates: list[Template] | None = Field(None, max_length=MAX_TEMPLATES,
                                              description="prompt templates with {}")
     max_entropy: float = Field(0.8, ge=0.0, le=1.0)
     min_margin: float = Field(0.1, ge=0.0, le=1.0)
@@ -578,6 +587,9 @@ class Engine:
                                read_logit_scalars, resolve_labels)
 
         chosen, prompts = resolve_labels(labels, preset, templates)
+        if len(chosen) * len(prompts) > MAX_PROMPTS:
+            raise InputError(f"too many prompts: {len(chosen)} labels × {len(prompts)} templates "
+                             f"is over {MAX_PROMPTS}; use fewer labels or templates")
         self.refresh()
         if upload is not None:
             vector = self._embed_upload(*upload)
@@ -947,7 +959,7 @@ async def _upload_spec(request: Request) -> QuerySpec:
 async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
     """The uploaded ``file`` (checked by its bytes), its kind, and the other form fields."""
     try:
-        form = await request.form(max_files=1, max_fields=32)  # 20 templates + the rest
+        form = await request.form(max_files=1, max_fields=24)  # 8 templates + the rest
     except _BodyTooLarge:
         raise
     except Exception as exc:

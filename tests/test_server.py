@@ -474,6 +474,12 @@ def test_classify_counts_labels_after_splitting_on_commas(client, data):
                      client.post("/classify", files={"file": ("x", png)}, data={"labels": many})):
         assert response.status_code == 422, response.text
         assert "at most 200 labels" in response.json()["error"]
+    comma = client.post("/classify", json={"id": 1, "labels": ["a,b", "c"]})
+    assert comma.status_code == 422 and "comma" in comma.json()["error"]
+    # labels × templates is the cost: bounded too, before any text is encoded
+    costly = client.post("/classify", json={"id": 1, "labels": [f"l{i}" for i in range(200)],
+                                            "templates": ["a {}", "b {}", "c {}"]})
+    assert costly.status_code == 400 and "too many prompts" in costly.json()["error"]
 
 
 def test_hostile_ids_bodies_and_globs_are_422_not_500(client):
@@ -594,3 +600,22 @@ def _wait_up(server, url: str) -> None:
             pass
         assert server.poll() is None and time.monotonic() < deadline, "server did not start"
         time.sleep(0.3)
+
+
+def test_default_allowed_hosts_and_wildcard_rule():
+    from medsearch.commands.serve import default_allowed_hosts
+    from retrieval.server import HostPolicy
+
+    loopback = HostPolicy(default_allowed_hosts("127.0.0.1", 8000))
+    for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "localhost"):
+        assert loopback.admits(host), host
+    for host in ("evil.example:8000", "127.0.0.1.nip.io:8000", "", ":8000", "[::1", "a:b:c"):
+        assert not loopback.admits(host), host
+    bound = HostPolicy(default_allowed_hosts("192.0.2.10", 8443) + ["proxy.example"])
+    assert bound.admits("192.0.2.10:8443") and not bound.admits("192.0.2.10:9999")
+    assert bound.admits("PROXY.example:443") and bound.admits_origin("https://proxy.example")
+    assert not bound.admits_origin("https://evil.example") and not bound.admits_origin("null")
+    assert HostPolicy(["*"]).admits("anything.example")
+    with pytest.raises(InputError, match="needs a token"):
+        check_exposure("127.0.0.1", None, ["*"])
+    check_exposure("0.0.0.0", TOKEN, ["*"])

@@ -50,7 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -142,8 +142,10 @@ def sniff(data: bytes) -> str | None:
 # and are converted as before.
 _JSON = ConfigDict(extra="forbid", strict=True)
 _DATE = r"^(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8})$"
-#: JSON Schema for "has a character that is not white space" (checked in Python by strip()).
-_NOT_BLANK = r"\S"
+#: "Has a character that is not white space", spelled out: Python's, ECMA's and Rust's \s
+#: differ (\x1c-\x1f, \x85, \ufeff), so the schema and the server use this one class.
+_SPACE = "\\x09-\\x0d\\x20\\x1c-\\x1f\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff"
+_NOT_BLANK = f"[^{_SPACE}]"
 
 
 def _integral(value):
@@ -159,13 +161,29 @@ def _json_int(low: int, high: int):
 
 
 ImageId = _json_int(0, MAX_ID)
+
+
+def _digits(value):
+    """A URL's integer is digits only ("3\n" or " 3" is not 3, whatever int() says)."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]+", value):
+        raise ValueError("must be an integer written in digits")
+    return value
+
+
+PathId = Annotated[Annotated[int, Field(ge=0, le=MAX_ID)], BeforeValidator(_digits)]
+PreviewSize = Annotated[Annotated[int, Field(ge=16, le=4096)], BeforeValidator(_digits)]
 TopK = _json_int(1, 1000)
 
 
 def _not_blank(value: str | None, name: str) -> str | None:
-    if value is not None and not value.strip():
+    if value is not None and not re.search(_NOT_BLANK, value):
         raise ValueError(f"{name} is blank")
     return value
+
+
+#: One value or a list of them (a single schema: a union of the two confuses schema readers).
+OneOrMany = Annotated[list[str] | str | None, WithJsonSchema(
+    {"type": ["array", "string", "null"], "items": {"type": "string"}})]
 
 
 class ErrorBody(BaseModel):
@@ -180,8 +198,8 @@ class FiltersBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    modality: list[str] | str | None = None
-    body_part: list[str] | str | None = None
+    modality: OneOrMany = None
+    body_part: OneOrMany = None
     date_from: str | None = Field(None, description="YYYY-MM-DD or YYYYMMDD",
                                   json_schema_extra={"pattern": _DATE})
     date_to: str | None = Field(None, description="YYYY-MM-DD or YYYYMMDD",
@@ -189,7 +207,7 @@ class FiltersBody(BaseModel):
     path_glob: str | None = Field(None, max_length=MAX_GLOB_LENGTH, pattern=GLOB_PATTERN,
                                   description="SQLite GLOB over the indexed path (at most "
                                               f"{MAX_GLOB_LENGTH} characters, 64 wildcards)")
-    label: list[str] | str | None = None
+    label: OneOrMany = None
     min_label_score: float | None = None
 
     @field_validator("date_from", "date_to")
@@ -976,6 +994,10 @@ async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
                                "content, not its name)")
     fields: dict = {}
     templates = [v for k, v in form.multi_items() if k == "templates" and isinstance(v, str)]
+    seen = [k for k, _ in form.multi_items() if k != "templates"]
+    repeated = sorted({k for k in seen if seen.count(k) > 1})
+    if repeated:
+        raise InvalidBody(f"the multipart field {repeated[0]!r} is given more than once")
     for key, value in form.multi_items():
         if key == "file" or value == "":
             continue
@@ -1216,7 +1238,7 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
 
     @app.get("/images/{image_id}", tags=["images"],
              responses=_responses(*_ALWAYS, 404, 422, 503))
-    def image(image_id: int = FastPath(ge=0, le=MAX_ID)) -> dict:
+    def image(image_id: Annotated[PathId, FastPath()]) -> dict:
         """Stored metadata of one indexed image."""
         return engine.row(image_id)
 
@@ -1225,8 +1247,8 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
                                                                    "format": "binary"}}},
                               "description": "PNG"},
                         **_responses(*_ALWAYS, 404, 422, 503)})
-    def preview(image_id: int = FastPath(ge=0, le=MAX_ID),
-                size: int | None = Query(None, ge=16, le=4096)) -> Response:
+    def preview(image_id: Annotated[PathId, FastPath()],
+                size: PreviewSize | None = Query(None)) -> Response:
         """PNG of the model input (padded, resized) of one indexed image."""
         return Response(engine.preview(image_id, size), media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})

@@ -4,8 +4,9 @@ Builds a small store (tiny test model, a few PNG/JPEG images and pydicom's CT_sm
 starts the real CLI server on 127.0.0.1 twice (without a token, and with one) and runs
 `schemathesis run` on each one's /openapi.json: every phase (examples, coverage, fuzzing,
 stateful), every check (no 5xx, documented status codes, content types and response schemas,
-schema-invalid requests refused, auth not ignored), with `accepted_when_valid`
-(benchmarks/api_fuzz_checks.py) in place of the built-in positive-data check. Prints one JSON
+schema-invalid requests refused, auth not ignored), with `accepted_when_valid` and
+`refused_when_invalid` (benchmarks/api_fuzz_checks.py) in place of the built-in positive- and
+negative-data checks. Prints one JSON
 document: cases tried and failures by kind, per run.
 
     python benchmarks/api_fuzz.py --seconds 120           # two runs of 120 s each
@@ -75,40 +76,44 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(store: Path, token: str | None = None) -> Iterator[str]:
-    """`medsearch serve` in a subprocess on a free loopback port; yields its base URL."""
+def serving(store: Path, *tokens: str | None) -> Iterator[list[str]]:
+    """`medsearch serve` on ``store`` once per token (None: without one), each in a subprocess
+    on a free loopback port, all starting at once; yields their base URLs in that order."""
     import httpx
 
-    port = free_port()
-    env = _env()
-    if token:
-        env["MEDSEARCH_TOKEN"] = token
-    logfile = tempfile.TemporaryFile()
-    server = subprocess.Popen([*_medsearch(), "serve", "--store", str(store), "--port", str(port),
-                               "--log-level", "warning"], env=env, stdout=logfile,
-                              stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    started = []
     try:
+        for token in tokens or (None,):
+            port, env = free_port(), _env()
+            if token:
+                env["MEDSEARCH_TOKEN"] = token
+            logfile = tempfile.TemporaryFile()
+            process = subprocess.Popen([*_medsearch(), "serve", "--store", str(store), "--port",
+                                        str(port), "--log-level", "warning"], env=env,
+                                       stdout=logfile, stderr=subprocess.STDOUT)
+            started.append((process, f"http://127.0.0.1:{port}", logfile))
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                logfile.seek(0)
-                raise RuntimeError("medsearch serve did not start:\n" +
-                                   logfile.read().decode(errors="replace")[-3000:])
-            time.sleep(0.3)
-        yield url
+        for process, url, logfile in started:
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    logfile.seek(0)
+                    raise RuntimeError("medsearch serve did not start:\n" +
+                                       logfile.read().decode(errors="replace")[-3000:])
+                time.sleep(0.3)
+        yield [url for _, url, _ in started]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        logfile.close()
+        for process, _, logfile in started:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            logfile.close()
 
 
 def fuzz(url: str, token: str | None, seconds: float, seed: int,
@@ -118,7 +123,7 @@ def fuzz(url: str, token: str | None, seconds: float, seed: int,
         report = Path(folder) / "report.json"
         command = [
             sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
-            "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+            "--checks", "all", "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
             "--max-time", str(max(1, int(seconds))), "-n", str(max_examples), "--seed", str(seed),
             "--workers", "1", "--generation-database", "none", "--no-color",
             "--request-timeout", "60", "--report", "json", "--report-json-path", str(report),
@@ -158,7 +163,7 @@ def main() -> None:
         store = args.store or build_store(Path(folder))
         runs = []
         for token in (None, TOKEN):
-            with serving(store, token) as url:
+            with serving(store, token) as (url,):
                 log(f"fuzzing {url} ({'with' if token else 'without'} a token) "
                     f"for {args.seconds:g} s, seed {seed}")
                 runs.append(fuzz(url, token, args.seconds, seed, args.max_examples))

@@ -999,7 +999,7 @@ async def _read_upload(request: Request) -> tuple[bytes, str, dict]:
     if repeated:
         raise InvalidBody(f"the multipart field {repeated[0]!r} is given more than once")
     for key, value in form.multi_items():
-        if key == "file" or value == "":
+        if key == "file":
             continue
         if not isinstance(value, str):
             raise InputError(f"the multipart part {key!r} must be a text field, not a file")

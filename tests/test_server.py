@@ -586,11 +586,13 @@ def test_access_log_leaves_out_query_strings(data, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "MEDSEARCH_TOKEN"}
     port = free_port()
     server = subprocess.Popen([_medsearch(), "serve", "--store", str(data / "store"), "--port",
-                               str(port), "--log-level", "info"], env=env,
+                               str(port), "--log-level", "info", "--allowed-host",
+                               "medsearch.proxy.example"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_up(server, url)
+        assert httpx.get(f"{url}/stats", headers={"Host": "medsearch.proxy.example"}).status_code == 200
         assert httpx.get(f"{url}/images/1/preview?size=64&name=Doe-Jane-4711").status_code == 200
         assert httpx.get(f"{url}/stats", headers={"Host": "evil.example"}).status_code == 421
     finally:

@@ -162,14 +162,15 @@ def serve_cmd(
     cfg = settings()
     root = store_path(store, cfg)
     max_bytes = int(max_upload_mb * 1024 * 1024)
+    hosts = default_allowed_hosts(host, port) + list(allowed_host or [])
     web = create_app(root, model=model, device=device or cfg.device, precision=cfg.precision,
                      token=token,
                      max_upload_bytes=max_bytes, decode_upload=decode_upload,
-                     decode_stored=decode_stored,
-                     allowed_hosts=default_allowed_hosts(host, port) + list(allowed_host or []))
+                     decode_stored=decode_stored, allowed_hosts=hosts)
     shown = f"[{host}]" if ":" in host else host
     doc = {"url": f"http://{shown}:{port}/", "store": str(root), "auth": bool(token),
-           "max_upload_bytes": max_bytes, "count": web.state.engine.store.count}
+           "max_upload_bytes": max_bytes, "allowed_hosts": hosts,
+           "count": web.state.engine.store.count}
     note(f"medsearch: serving {doc['count']} vectors from {root} on {doc['url']} "
          f"(token {'required' if token else 'not set: loopback only'}). {RESEARCH_NOTICE}")
     if json_out:

@@ -21,7 +21,7 @@ from benchmarks.api_fuzz import TOKEN, fuzz, serving
 from ..conftest import PYDICOM_TEST_FILES, write_images
 from ..serving import index_store
 
-SECONDS = float(os.environ.get("MEDSEARCH_FUZZ_SECONDS", "12"))
+SECONDS = float(os.environ.get("MEDSEARCH_FUZZ_SECONDS", "10"))
 SEED = int(os.environ.get("MEDSEARCH_FUZZ_SEED", "13"))
 
 
@@ -34,20 +34,25 @@ def store(tmp_path_factory, tiny_model):
     return root / "store"
 
 
+@pytest.fixture(scope="module")
+def servers(store):
+    """`medsearch serve` on the store twice, without and with a token, started side by side."""
+    with serving(store, None, TOKEN) as (open_url, guarded_url):
+        yield {None: open_url, TOKEN: guarded_url}
+
+
 @pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "token"])
-def test_schemathesis_finds_nothing(store, token):
-    with serving(store, token) as url:
-        result = fuzz(url, token, SECONDS, SEED)
+def test_schemathesis_finds_nothing(servers, token):
+    result = fuzz(servers[token], token, SECONDS, SEED)
     assert result["operations_tested"] == 9
     assert result["cases"] > 50, result
     assert result["unique_failures"] == 0 and result["errored"] == 0, result["output_tail"]
 
 
-def test_schema_states_what_is_required(store):
+def test_schema_states_what_is_required(servers):
     """What schemathesis first found: `{}` allowed by the schema for /search, /export and
     /classify, and a boolean taken for a number. The schema now refuses what the server does."""
-    with serving(store) as url:
-        schema = httpx.get(f"{url}/openapi.json").json()
+    schema = httpx.get(f"{servers[None]}/openapi.json").json()
 
     def valid(name: str, body) -> bool:
         validator = jsonschema_rs.Draft202012Validator(

@@ -132,7 +132,7 @@ def fuzz(url: str, token: str | None, seconds: float, seed: int,
             command += ["--header", f"Authorization: Bearer {token}"]
         env = {**_env(), "SCHEMATHESIS_HOOKS": "benchmarks.api_fuzz_checks"}
         started = time.monotonic()
-        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
+        done = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True,
                               timeout=seconds * 3 + 300)
         output = done.stdout + done.stderr
         if not report.exists():

@@ -25,6 +25,8 @@ METADATA_COLUMNS = (
 COLUMNS = ("rank", "score", "id", "path", "frame") + METADATA_COLUMNS
 _INTEGER_COLUMNS = {"rank", "id", "frame", "width", "height"}
 FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
+#: A spreadsheet evaluates a cell that begins with one of these (OWASP "CSV injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json",
                "parquet": "application/vnd.apache.parquet"}
 
@@ -56,15 +58,27 @@ def to_bytes(rows: list[dict], fmt: str) -> bytes:
     """Serialise rows in one of csv / json / parquet."""
     if fmt == "csv":
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+        # RFC 4180 line ends: with "\n" alone, Python leaves a CR inside a value unquoted and
+        # a reader splits the row there.
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\r\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({name: _cell(value) for name, value in row.items()} for row in rows)
         return text.getvalue().encode("utf-8")
     if fmt == "json":
         return (json.dumps(rows, indent=1) + "\n").encode("utf-8")
     if fmt == "parquet":
         return _parquet(rows)
     raise InputError(f"unknown export format {fmt!r}; use csv, json or parquet")
+
+
+def _cell(value):
+    """A CSV cell a spreadsheet shows as text: text that would start a formula gets a leading '.
+
+    Only text is touched (numbers such as a negative score stay numbers), and only in CSV:
+    JSON and Parquet keep the stored values exactly."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
 
 
 def _parquet(rows: list[dict]) -> bytes:

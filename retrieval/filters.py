@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 
 from sqlalchemy import Select, and_, exists, select
 
 from .schema import FileRow, ImageRow, LabelRow
+
+
+#: Bounds on a path glob: SQLite refuses patterns over 50,000 bytes with an error, and each
+#: wildcard multiplies the work per path; real globs are short.
+MAX_GLOB_LENGTH = 1024
+MAX_GLOB_WILDCARDS = 64
+#: The same bound as a regular expression (for the API schema): at most MAX_GLOB_WILDCARDS of * ? [.
+GLOB_PATTERN = rf"^[^*?\[]*(?:[*?\[][^*?\[]*){{0,{MAX_GLOB_WILDCARDS}}}$"
+
+
+def check_glob(value: str | None) -> str | None:
+    """A path glob within the bounds, or an error that says which bound."""
+    if value is None:
+        return None
+    from .errors import InputError
+
+    if len(value) > MAX_GLOB_LENGTH:
+        raise InputError(f"path_glob is {len(value)} characters long; at most {MAX_GLOB_LENGTH}")
+    if sum(value.count(c) for c in "*?[") > MAX_GLOB_WILDCARDS:
+        raise InputError(f"path_glob has more than {MAX_GLOB_WILDCARDS} wildcards (* ? [)")
+    return value
 
 
 def _date(value: str | None, name: str) -> str | None:
@@ -36,6 +58,7 @@ class Filters:
     def __post_init__(self) -> None:
         self.date_from = _date(self.date_from, "date_from")
         self.date_to = _date(self.date_to, "date_to")
+        self.path_glob = check_glob(self.path_glob)
 
     @property
     def empty(self) -> bool:
@@ -53,7 +76,6 @@ class Filters:
 
             raise InputError(f"unknown filter field(s): {', '.join(sorted(unknown))}")
         return cls(**data)
-
 
     def query(self) -> Select:
         """SELECT images.id for every row the filters admit."""

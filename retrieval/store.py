@@ -532,7 +532,8 @@ class Store:
         self.readonly = readonly
         if not readonly and not (root / DATABASE).exists():
             _create_private_file(root / DATABASE)
-        self.engine = create_engine(f"sqlite:///{root / DATABASE}")
+        self.engine = create_engine(f"sqlite:///{root / DATABASE}",
+                                    hide_parameters=True)  # no query data in logs
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self._migrate()
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)

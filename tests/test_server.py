@@ -158,10 +158,13 @@ def test_bad_requests_get_json_errors(client, data):
     png = sorted((data / "images").glob("*.png"))[0].read_bytes()
     cases = [
         (client.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 400),
-        (client.post("/search", json={"query": ""}), 400),
+        (client.post("/search", json={"query": ""}), 422),
+        (client.post("/search", json={}), 422),
+        (client.post("/search", json={"query": "a", "k": False}), 422),
+        (client.post("/search", json={"query": "a", "min_score": False}), 422),
         (client.post("/search", json={"query": "a", "k": 0}), 422),
         (client.post("/search", json={"query": "a", "filters": {"colour": "red"}}), 422),
-        (client.post("/search", json={"query": "a", "filters": {"date_from": "yesterday"}}), 400),
+        (client.post("/search", json={"query": "a", "filters": {"date_from": "yesterday"}}), 422),
         (client.post("/search", json={"query": '"a" - "a"'}), 400),
         (client.post("/similar", json={"id": 9999}), 404),
         (client.post("/similar", json={"k": 3}), 422),
@@ -240,7 +243,7 @@ def test_upload_limit_is_answered_before_the_body(guarded, data):
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
     # Declared too large: 413 at once, without a byte of body sent.
     started = time.monotonic()
-    reply = _raw(guarded, b"POST /similar HTTP/1.1\r\nHost: x\r\n" + auth +
+    reply = _raw(guarded, b"POST /similar HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth +
                  b"Content-Type: multipart/form-data; boundary=b\r\n"
                  b"Content-Length: 5000000000\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413") and b"upload limit" in reply
@@ -249,7 +252,7 @@ def test_upload_limit_is_answered_before_the_body(guarded, data):
     part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
     chunk = b"x" * 65536
     chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in [part] + [chunk] * (LIMIT // len(chunk) + 1)]
-    reply = _raw(guarded, b"POST /similar HTTP/1.1\r\nHost: x\r\n" + auth +
+    reply = _raw(guarded, b"POST /similar HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth +
                  b"Content-Type: multipart/form-data; boundary=b\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\n", chunks)
     assert reply.startswith(b"HTTP/1.1 413") and b"PayloadTooLarge" in reply
@@ -399,5 +402,232 @@ def test_classify_by_id_and_upload(client, data):
     assert [r["label"] for r in upload.json()["results"]] == [r["label"] for r in doc["results"]]
     preset = client.post("/classify", json={"id": 1, "preset": "cxr"}).json()
     assert len(preset["results"]) == 13
-    assert client.post("/classify", json={"id": 1, "labels": ["only one"]}).status_code == 400
+    assert client.post("/classify", json={"id": 1, "labels": ["only one"]}).status_code == 422
+    assert client.post("/classify", json={"id": 1, "labels": ["a", "a"]}).status_code == 400
     assert client.post("/classify", json={"id": 9999, "labels": labels}).status_code == 404
+
+
+# -- issue 13: DNS rebinding, hostile bodies, labels, logs, tokens ------------------------------
+def _raw_request(url: str, host: bytes | None, path: bytes = b"/stats",
+                 extra: bytes = b"") -> bytes:
+    """One HTTP/1.0 request with exactly the Host header given (None: no Host at all)."""
+    address, port = url.removeprefix("http://").split(":")
+    head = b"GET " + path + b" HTTP/1.0\r\n" + (b"Host: " + host + b"\r\n" if host else b"")
+    with socket.create_connection((address, int(port)), timeout=30) as sock:
+        sock.sendall(head + extra + b"\r\n")
+        data = b""
+        while part := sock.recv(65536):
+            data += part
+    return data
+
+
+def test_host_allowlist_stops_dns_rebinding(client):
+    """A page on evil.example that rebinds its name to 127.0.0.1 sends Host: evil.example."""
+    url = str(client.base_url).rstrip("/")
+    port = url.rsplit(":", 1)[1].encode()
+    for host in (b"evil.example", b"evil.example:" + port, b"127.0.0.1.evil.example:" + port,
+                 b"localhost.evil.example", b"attacker.localhost:" + port, b"127.0.0.2x"):
+        reply = _raw_request(url, host)
+        assert reply.split(b"\r\n")[0] in (b"HTTP/1.1 421 Misdirected Request",
+                                           b"HTTP/1.1 400 Bad Request"), host
+        assert b'"type":"MisdirectedRequest"' in reply and b"count" not in reply, host
+    missing = _raw_request(url, None)
+    assert missing.startswith(b"HTTP/1.1 400") and b"Host" in missing
+    for host in (b"127.0.0.1:" + port, b"localhost:" + port, b"LOCALHOST:" + port,
+                 b"[::1]:" + port, b"127.0.0.1"):
+        reply = _raw_request(url, host)
+        assert reply.startswith(b"HTTP/1.1 200"), (host, reply[:200])
+    # Cross-site requests from a browser carry an Origin that is not ours: refused.
+    evil = _raw_request(url, b"127.0.0.1:" + port, extra=b"Origin: http://evil.example\r\n")
+    assert evil.startswith(b"HTTP/1.1 403")
+    same = _raw_request(url, b"127.0.0.1:" + port,
+                        extra=b"Origin: http://127.0.0.1:" + port + b"\r\n")
+    assert same.startswith(b"HTTP/1.1 200")
+    assert client.post("/search", json={"query": "a"},
+                       headers={"Origin": "null"}).status_code == 403
+
+
+def test_allowed_host_admits_a_reverse_proxy_name(data):
+    app = make_app(data / "store", allowed_hosts=["medsearch.hospital.example"])
+    with running(app) as url:
+        assert _raw_request(url, b"medsearch.hospital.example").startswith(b"HTTP/1.1 200")
+        assert _raw_request(url, b"127.0.0.1").startswith(b"HTTP/1.1 200")
+        assert _raw_request(url, b"evil.example").startswith(b"HTTP/1.1 421")
+
+
+def test_metrics_labels_are_bounded(client):
+    for method in ("FOOBAR", "X-RANDOM-1", "PROPFIND"):
+        client.request(method, "/search")
+    client.get("/images/123456/preview")
+    client.get("/no/such/path/4711")
+    text = client.get("/metrics").text
+    for secret in ("FOOBAR", "X-RANDOM", "PROPFIND", "123456", "4711"):
+        assert secret not in text
+    assert 'method="other"' in text and 'route="/images/{image_id}/preview"' in text
+
+
+def test_classify_counts_labels_after_splitting_on_commas(client, data):
+    png = sorted((data / "images").glob("*.png"))[0].read_bytes()
+    many = ",".join(f"label {i}" for i in range(2000))
+    for response in (client.post("/classify", json={"id": 1, "labels": [many]}),
+                     client.post("/classify", json={"id": 1, "labels": [many, "x"]}),
+                     client.post("/classify", files={"file": ("x", png)}, data={"labels": many})):
+        assert response.status_code == 422, response.text
+        assert "at most 200 labels" in response.json()["error"]
+    comma = client.post("/classify", json={"id": 1, "labels": ["a,b", "c"]})
+    assert comma.status_code == 422 and "comma" in comma.json()["error"]
+    # labels × templates is the cost: bounded too, before any text is encoded
+    costly = client.post("/classify", json={"id": 1, "labels": [f"l{i}" for i in range(200)],
+                                            "templates": ["a {}", "b {}", "c {}"]})
+    assert costly.status_code == 400 and "too many prompts" in costly.json()["error"]
+
+
+def test_hostile_ids_bodies_and_globs_are_422_not_500(client, data):
+    huge = 2 ** 63
+    for response in (client.get(f"/images/{huge}"), client.get(f"/images/{10 ** 40}/preview"),
+                     client.post("/similar", json={"id": huge}),
+                     client.post("/classify", json={"id": huge, "preset": "cxr"}),
+                     client.post("/export", json={"id": huge}),
+                     client.post("/search", json={"terms": [{"id": huge}]}),
+                     client.post("/search", json={"query": "a", "filters": {"path_glob": "*a" * 30000}}),
+                     client.post("/search", json={"query": "a", "filters": {"path_glob": "*" * 200}})):
+        assert response.status_code == 422, (response.request.url, response.text[:300])
+        assert response.json()["type"] == "ValidationError"
+    assert client.get(f"/images/{2 ** 63 - 1}").status_code == 404
+    for path in ("/images/3%0A", "/images/%203", "/images/-1", "/images/1/preview?size=64%0A"):
+        assert client.get(path).status_code == 422, path  # int() would take them
+    assert client.post("/search", json={"query": f"#{10 ** 30}"}).status_code == 404
+    deep = b'{"query": "a", "k": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    for route in ("/search", "/similar", "/export", "/classify"):
+        response = client.post(route, content=deep, headers={"content-type": "application/json"})
+        assert response.status_code == 422, (route, response.text[:300])
+        assert "nested" in response.json()["error"]
+    # What the long schemathesis run found: a repeated form field (last one won), and a query
+    # blank to Python but not to the schema's regular expression.
+    png = sorted((data / "images").glob("*.png"))[0].read_bytes()
+    twice = client.post("/similar", files=[("file", ("a.png", png)), ("weight", (None, "1")),
+                                           ("weight", (None, "-1"))])
+    assert twice.status_code == 422 and "more than once" in twice.json()["error"]
+    assert client.post("/search", json={"query": "\x1e \ufeff"}).status_code == 422
+    assert client.post("/search", json={"terms": [{"text": "\u3000"}]}).status_code == 422
+    fine_deep = {"query": "a", "filters": {"modality": [["CT"]]}}
+    assert client.post("/search", json=fine_deep).status_code == 422
+    big = b'{"query": "' + b"a" * (2 * 1024 * 1024) + b'"}'
+    assert client.post("/search", content=big,
+                       headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_errors_never_log_request_data(data, caplog):
+    """SQL parameters (a path glob may name a patient) and exception texts stay out of logs."""
+    app = make_app(data / "store")
+    real = app.state.engine.store.rows
+
+    secret = "zebra-" + str(4700 + 11)  # built, so that no source line in a traceback shows it
+
+    def failing_rows(ids):
+        raise RuntimeError(f"cannot read rows {ids} {secret}")
+
+    with running(app) as url:
+        import logging
+        with caplog.at_level(logging.DEBUG):
+            glob = "*Doe^Jane-4711*"
+            assert httpx.post(f"{url}/search", json={"query": "a", "filters": {"path_glob": glob}},
+                              timeout=60).status_code == 200
+            app.state.engine.store.rows = failing_rows
+            assert httpx.get(f"{url}/images/1", timeout=60).status_code == 500
+            app.state.engine.store.rows = real
+            # A real SQLAlchemy error carries its parameters in its message.
+            from sqlalchemy.exc import OperationalError
+            err = OperationalError("SELECT ? AS x", ("Doe^Jane-4711",), Exception("boom"))
+            assert "Doe^Jane" in str(err)
+
+            def sql_error(*_a, **_k):
+                raise err
+
+            app.state.engine.searcher.by_vector = sql_error
+            assert httpx.post(f"{url}/search", json={"query": "a"}, timeout=60).status_code == 500
+    logged = "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") +
+                       (r.exc_text or "") for r in caplog.records)
+    assert "unhandled error" in logged
+    assert "4711" not in logged and "Doe" not in logged and "zebra" not in logged
+
+
+def test_store_engine_hides_sql_parameters(data):
+    from retrieval.store import Store
+
+    st = Store.open(data / "store", readonly=True)
+    assert st.engine.hide_parameters
+
+
+@pytest.mark.parametrize("token", ["                    ", " \t  \n   \u00a0      ", ""])
+def test_blank_tokens_are_refused(token):
+    with pytest.raises(InputError, match="blank|empty"):
+        check_exposure("127.0.0.1", token)
+    with pytest.raises(InputError, match="blank|empty"):
+        check_exposure("0.0.0.0", token)
+
+
+def test_token_surrounding_whitespace_is_stripped(data, monkeypatch):
+    from medsearch.commands.serve import read_token
+
+    assert read_token("  " + TOKEN + "\n") == TOKEN
+    assert read_token(None) is None
+    app = make_app(data / "store", token=" " + TOKEN + " ")
+    with running(app) as url:
+        ok = httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/stats", headers={"Authorization": "Bearer"}).status_code == 401
+    with pytest.raises(ValueError, match="blank"):
+        make_app(data / "store", token="    ")
+
+
+def test_access_log_leaves_out_query_strings(data, monkeypatch):
+    monkeypatch.delenv("MEDSEARCH_TOKEN", raising=False)
+    env = {k: v for k, v in os.environ.items() if k != "MEDSEARCH_TOKEN"}
+    port = free_port()
+    server = subprocess.Popen([_medsearch(), "serve", "--store", str(data / "store"), "--port",
+                               str(port), "--log-level", "info", "--allowed-host",
+                               "medsearch.proxy.example"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(server, url)
+        assert httpx.get(f"{url}/stats", headers={"Host": "medsearch.proxy.example"}).status_code == 200
+        assert httpx.get(f"{url}/images/1/preview?size=64&name=Doe-Jane-4711").status_code == 200
+        assert httpx.get(f"{url}/stats", headers={"Host": "evil.example"}).status_code == 421
+    finally:
+        server.terminate()
+        out, err = server.communicate(timeout=30)
+    assert "GET /images/1/preview HTTP/1.1\" 200" in out + err
+    assert "4711" not in out + err and "size=64" not in out + err
+
+
+def _wait_up(server, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.3)
+
+
+def test_default_allowed_hosts_and_wildcard_rule():
+    from medsearch.commands.serve import default_allowed_hosts
+    from retrieval.server import HostPolicy
+
+    loopback = HostPolicy(default_allowed_hosts("127.0.0.1", 8000))
+    for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "localhost"):
+        assert loopback.admits(host), host
+    for host in ("evil.example:8000", "127.0.0.1.nip.io:8000", "", ":8000", "[::1", "a:b:c"):
+        assert not loopback.admits(host), host
+    bound = HostPolicy(default_allowed_hosts("192.0.2.10", 8443) + ["proxy.example"])
+    assert bound.admits("192.0.2.10:8443") and not bound.admits("192.0.2.10:9999")
+    assert bound.admits("PROXY.example:443") and bound.admits_origin("https://proxy.example")
+    assert not bound.admits_origin("https://evil.example") and not bound.admits_origin("null")
+    assert HostPolicy(["*"]).admits("anything.example")
+    with pytest.raises(InputError, match="needs a token"):
+        check_exposure("127.0.0.1", None, ["*"])
+    check_exposure("0.0.0.0", TOKEN, ["*"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -76,8 +77,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(host: str, token: str | None) -> None:
+def read_token(value: str | None) -> str | None:
+    """The token as given (--token or MEDSEARCH_TOKEN) without surrounding white space; None
+    when not given. A blank one is kept as "" so that check_exposure can refuse it."""
+    return None if value is None else value.strip()
+
+
+def check_exposure(host: str, token: str | None, allowed_hosts: list[str] | None = None) -> None:
     """Refuse to expose an archive without a token, or with a guessable one."""
+    if token is not None and not token.strip():
+        raise InputError("the token is blank (empty or only spaces); set a real one, e.g. "
+                         "python -c 'import secrets; print(secrets.token_urlsafe(32))', or unset "
+                         "MEDSEARCH_TOKEN / drop --token for a loopback-only server")
+    token = read_token(token)
     if token is not None and len(token) < MIN_TOKEN_LENGTH:
         raise InputError(f"the token is too short ({len(token)} characters); use at least "
                          f"{MIN_TOKEN_LENGTH}, e.g. python -c 'import secrets; "
@@ -87,6 +99,41 @@ def check_exposure(host: str, token: str | None) -> None:
             f"refusing to listen on {host} without a token: anyone who can reach that address "
             "could search the archive. Set --token or MEDSEARCH_TOKEN (at least "
             f"{MIN_TOKEN_LENGTH} characters), or keep the default --host 127.0.0.1.")
+    if "*" in (allowed_hosts or []) and not token:
+        raise InputError("--allowed-host '*' answers every Host name, which lets any web page "
+                         "reach the archive through a browser (DNS rebinding); it needs a token")
+
+
+def default_allowed_hosts(host: str, port: int) -> list[str]:
+    """The Host names a server bound to ``host:port`` answers to unless told more: the loopback
+    names and the bound address (with the port); for a wildcard bind also this machine's names
+    and addresses, as clients on the network know it."""
+    names = ["localhost", "127.0.0.1", "::1"]
+    bound = host.strip("[]")
+    try:
+        wildcard = ipaddress.ip_address(bound).is_unspecified
+    except ValueError:
+        wildcard = False
+    if not wildcard and bound.lower() not in names:
+        names.append(f"[{bound}]:{port}" if ":" in bound else f"{bound}:{port}")
+    if wildcard:
+        machine = {socket.gethostname(), socket.getfqdn()}
+        try:
+            machine |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        except OSError:
+            pass
+        names += sorted(name.lower() for name in machine if name)
+    return names
+
+
+class _PathOnly(logging.Filter):
+    """Access log lines keep the path and drop the query string (it may carry request data)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = args[:2] + (args[2].split("?", 1)[0],) + args[3:]
+        return True
 
 
 @app.command("serve")
@@ -97,6 +144,10 @@ def serve_cmd(
     token: Annotated[Optional[str], typer.Option(
         "--token", envvar="MEDSEARCH_TOKEN", show_envvar=True,
         help="Bearer token required on every route but /health.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", envvar="MEDSEARCH_ALLOWED_HOSTS", show_envvar=True,
+        help="Another Host name to answer to (e.g. a reverse proxy's), NAME or NAME:PORT; "
+             "repeatable. Others get 421 (DNS rebinding).")] = None,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, MB.")] = 64,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     json_out: JsonOpt = False,
@@ -106,25 +157,33 @@ def serve_cmd(
 
     from retrieval.server import create_app
 
-    check_exposure(host, token)
+    check_exposure(host, token, allowed_host)
+    token = read_token(token)
     if log_level not in ("debug", "info", "warning", "error"):
         raise InputError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     cfg = settings()
     root = store_path(store, cfg)
     max_bytes = int(max_upload_mb * 1024 * 1024)
+    hosts = default_allowed_hosts(host, port) + list(allowed_host or [])
     web = create_app(root, model=model, device=device or cfg.device, precision=cfg.precision,
                      token=token,
                      max_upload_bytes=max_bytes, decode_upload=decode_upload,
-                     decode_stored=decode_stored)
-    web.state.engine.store.verify_index_file()  # full sha256 at start-up (issue 13): never serve a damaged file
+                     decode_stored=decode_stored, allowed_hosts=hosts)
+    # the full checksum at start-up: a damaged index file is never answered from
+    web.state.engine.store.verify_index_file()
+    from indexer.isolation import prestart
+
+    prestart()  # the isolated upload decoder's fork server is up before the first upload
     shown = f"[{host}]" if ":" in host else host
     doc = {"url": f"http://{shown}:{port}/", "store": str(root), "auth": bool(token),
-           "max_upload_bytes": max_bytes, "count": web.state.engine.store.count}
+           "max_upload_bytes": max_bytes, "allowed_hosts": hosts,
+           "count": web.state.engine.store.count}
     note(f"medsearch: serving {doc['count']} vectors from {root} on {doc['url']} "
          f"(token {'required' if token else 'not set: loopback only'}). {RESEARCH_NOTICE}")
     if json_out:
         emit(doc, True)
+    logging.getLogger("uvicorn.access").addFilter(_PathOnly())
     uvicorn.run(web, host=host.strip("[]"), port=port, log_level=log_level,
                 server_header=False, proxy_headers=False)
 

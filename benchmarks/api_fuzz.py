@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu  # noqa: E402
+
 TOKEN = "fuzz-token-0123456789abcdefghij"
 
 
@@ -168,7 +173,7 @@ def main() -> None:
                     f"for {args.seconds:g} s, seed {seed}")
                 runs.append(fuzz(url, token, args.seconds, seed, args.max_examples))
     doc = {"runs": runs, "cases": sum(r["cases"] for r in runs),
-           "failures": sum(r["unique_failures"] + r["errored"] for r in runs)}
+           "failures": sum(r["unique_failures"] + r["errored"] for r in runs), "cpu": cpu()}
     print(json.dumps(doc, indent=1))
     sys.exit(1 if doc["failures"] else 0)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -45,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu  # noqa: E402
+
 COS_MIN = 0.9999
 #: Real DICOM from pydicom's wheel: single-frame (raw, RLE, JPEG 2000, odd-sized RGB),
 #: multi-frame (2-frame RGB RLE 8/16-bit, 15-frame dose), a no-image plan, a truncated file.
@@ -54,15 +55,6 @@ DICOM_FILES = ("CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm
 TAG_LABELS = "effusion,pneumothorax,normal,nodule"
 TAG_SOURCE = "zero-shot:crash"
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_corpus(folder: Path, images: int, seed: int = 0) -> None:
@@ -542,7 +534,7 @@ def crash_loop(work: Path, model: Path, *, index_kills: int, reindex_kills: int,
             "seconds_per_reindex_run": round(t_runs["reindex"], 2),
             "seconds_per_tag_run": round(t_runs["tag"], 2),
             "seconds": round(time.perf_counter() - started, 1), "seed": seed,
-            "cpu": cpu_model(), "cores": os.cpu_count()}
+            "cpu": cpu()}
 
 
 def main() -> None:

@@ -26,6 +26,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu  # noqa: E402
+
 FORMATS = ("dicom", "png", "jpeg", "tiff")
 SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg", "tiff": ".tif", "mixed": ".bin"}
 #: ``mixed``: every format's seeds in one run (one start-up: the CI test), kind by magic bytes.
@@ -98,22 +103,10 @@ def run_target(fmt: str, seconds: float, corpus: Path, artifacts: Path) -> dict:
             "log_tail": "" if done.returncode == 0 else log[-1500:]}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def fuzz(seconds: float, formats: list[str], artifacts: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="medsearch-fuzz-") as scratch:
         artifacts = artifacts or Path(tempfile.mkdtemp(prefix="medsearch-fuzz-artifacts-"))
-        report = {"cpu": cpu_model(), "cores": os.cpu_count(), "seconds_per_format":
+        report = {"cpu": cpu(), "seconds_per_format":
                   round(seconds / len(formats), 1), "input_timeout_s": INPUT_TIMEOUT_S,
                   "rss_limit_mb": RSS_LIMIT_MB, "formats": {}}
         for fmt in formats:

@@ -81,10 +81,12 @@ def _schema_allows(case, whole: bool = False) -> bool:
         return not whole
     as_json = _plain(body)
     if case.media_type.startswith("multipart/"):
-        # A form field is text on the wire: false sent as a string field is the text "false".
+        # A form field is text on the wire: false sent as a string field is the text "false",
+        # an object the JSON text "{}" (as schemathesis encodes it), which is a valid string.
         props = content["schema"].get("properties", {})
         for name, value in as_json.items():
-            if props.get(name, {}).get("type") == "string" and isinstance(value, (bool, int, float)):
+            if (props.get(name, {}).get("type") == "string"
+                    and isinstance(value, (bool, int, float, dict, list))):
                 as_json[name] = json.dumps(value)
     validator = jsonschema_rs.validator_for({**content["schema"],
                                              "components": raw.get("components", {})})

@@ -1,5 +1,7 @@
 """Errors a user can act on; the CLI prints their message instead of a traceback."""
 
+import errno
+
 
 class MedsearchError(Exception):
     """Base class: the message says what went wrong and what to do."""
@@ -17,8 +19,7 @@ class InputError(MedsearchError):
     """A file or argument cannot be used; the message names it."""
 
 
-_NO_SPACE = (28, 122)  # ENOSPC, EDQUOT
-_IO_ERROR = 5          # EIO
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def storage_error(root, exc: BaseException) -> StoreError | None:
@@ -29,8 +30,8 @@ def storage_error(root, exc: BaseException) -> StoreError | None:
     import os
 
     text = str(getattr(exc, "orig", None) or exc)
-    errno = getattr(exc, "errno", None)
-    if errno is None and not any(s in text for s in ("disk is full", "disk I/O error",
+    code = getattr(exc, "errno", None)
+    if code is None and not any(s in text for s in ("disk is full", "disk I/O error",
                                                        "No space left", "Input/output error")):
         return None
     try:
@@ -38,14 +39,18 @@ def storage_error(root, exc: BaseException) -> StoreError | None:
         full = st.f_bavail * st.f_frsize < 1 << 20
     except OSError:
         full = False
-    if errno in _NO_SPACE or "disk is full" in text or "No space left" in text or full:
+    if code in _NO_SPACE or "disk is full" in text or "No space left" in text or full:
         return StoreError(
             f"store {root}: disk full (no space left on device) while writing. Everything "
             "committed before stays in the store and searchable; free some space (or index "
             "into a --store on a larger disk) and run the same command again: it resumes "
             "where this one stopped.")
-    if errno == _IO_ERROR or "I/O error" in text:
+    if code == errno.EIO or "I/O error" in text:
         return StoreError(
             f"store {root}: I/O error while writing ({text}). Check the disk (dmesg, SMART); "
             "committed work is kept and the same command resumes once the disk is healthy.")
+    if isinstance(exc, OSError) and code is not None:  # permissions, a vanished folder …
+        return StoreError(f"store {root}: cannot use {exc.filename or root}: {exc.strerror}; "
+                          "check the folder's permissions and free space, then run the command "
+                          "again (committed work is kept)")
     return None

@@ -138,3 +138,18 @@ def test_an_io_error_reading_one_source_costs_that_file_only(tmp_path, tiny_mode
     assert report.indexed == expected.indexed - 1
     assert report.images == expected.images - 1
     assert report.failed == expected.failed + 1
+
+
+def test_storage_faults_become_messages_that_name_the_file(tmp_path):
+    """Any OS error at the store's files is a message naming the file, never a traceback;
+    other errors are left alone for the code that knows them."""
+    import errno
+
+    from retrieval.errors import storage_error
+
+    denied = storage_error(tmp_path, PermissionError(errno.EACCES, "Permission denied",
+                                                     str(tmp_path / "meta.sqlite")))
+    assert denied is not None and "meta.sqlite: Permission denied" in str(denied)
+    assert "disk full" in str(storage_error(tmp_path, OSError(errno.ENOSPC, "No space left")))
+    assert "I/O error" in str(storage_error(tmp_path, OSError(errno.EIO, "Input/output error")))
+    assert storage_error(tmp_path, RuntimeError("a bug")) is None

@@ -27,7 +27,7 @@ from retrieval.store import NewFile, NewImage, Store, known_files
 from .decode import Decoded, DecodeOptions, decode_source
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
 from .dicomweb import is_dicomweb, list_instances, removal_allowed
-from .sources import SourceFile, Walker
+from .sources import SourceFile, Walker, under_any
 from .workers import SupervisedPool, keep_freed_memory
 
 #: Save the FAISS file at least this often during long runs (the DB is committed per batch).
@@ -156,7 +156,7 @@ class Indexer:
         # a file we could not stat is kept; an unreadable or empty root prunes nothing
         seen = {s.path for s in sources} | set(walker.unreadable_files)
         gone = {path: digest for path, (_, _, digest) in known.items()
-                if path not in seen and not _under_any(path, walker.unsafe)
+                if path not in seen and not under_any(path, walker.unsafe)
                 and removal_allowed(path, self.dicomweb_query)}
         gone_by_hash = {digest: path for path, digest in gone.items()}
         # files a DICOMDIR given directly references lie beside it, outside the walked roots
@@ -283,11 +283,6 @@ class Indexer:
             chunk = stack_planes(tensors[start:start + self.batch_size], self.encoder.device)
             out.append(self.encoder.embed_batch(chunk))
         return np.concatenate(out)
-
-
-def _under_any(path: str, roots: Iterable[str]) -> bool:
-    """Whether ``path`` is one of ``roots`` or lies below one."""
-    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 def query_image_vector(encoder: VisionEncoder, file: str | Path, frames: str = "middle") -> np.ndarray:

@@ -45,6 +45,11 @@ def classify(path: Path) -> str | None:
     return "dicom" if has_dicom_preamble(path) else None
 
 
+def under_any(path: str, roots: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``roots`` or lies below one."""
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
 @dataclass
 class WalkProblem:
     """Something the walk could not read: a folder (``root`` is then unsafe to prune) or a

@@ -1,6 +1,7 @@
 """Errors a user can act on; the CLI prints their message instead of a traceback."""
 
 import errno
+import os
 
 
 class MedsearchError(Exception):
@@ -27,8 +28,6 @@ def storage_error(root, exc: BaseException) -> StoreError | None:
     ``exc`` is not a storage fault. SQLite says "database or disk is full" for ENOSPC but
     only "disk I/O error" when it cannot grow its shared-memory file, so a full file system
     is recognised by its free space as well."""
-    import os
-
     text = str(getattr(exc, "orig", None) or exc)
     code = getattr(exc, "errno", None)
     if code is None and not any(s in text for s in ("disk is full", "disk I/O error",

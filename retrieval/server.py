@@ -771,8 +771,7 @@ class HostPolicy:
         parsed = split_host(host)
         if parsed is None:
             return False
-        name, port = parsed
-        return name in self.names or (name, port or 80) in self.pairs
+        return self._known(*parsed, default_port=80)
 
     def admits_origin(self, origin: str) -> bool:
         """An Origin header (scheme://host[:port]) that names one of our hosts."""
@@ -784,9 +783,11 @@ class HostPolicy:
         parsed = split_host(authority)
         if parsed is None:
             return False
-        name, port = parsed
-        return name in self.names or \
-            (name, port or (443 if scheme.lower() == "https" else 80)) in self.pairs
+        return self._known(*parsed, default_port=443 if scheme.lower() == "https" else 80)
+
+    def _known(self, name: str, port: int | None, default_port: int) -> bool:
+        """An allowed name, with any port or with the port it was allowed with."""
+        return name in self.names or (name, port or default_port) in self.pairs
 
 
 class Guard:

@@ -81,6 +81,7 @@ def index_cmd(
 ) -> None:
     """Embed every image under PATHS into the store (incremental and resumable)."""
     from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
+    from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
 
     cfg = settings()
@@ -99,10 +100,26 @@ def index_cmd(
     if missing:
         raise InputError(f"no such file or folder: {', '.join(missing)}")
     workers = cfg.workers if workers is None else workers
-    with _store_faults(root):
-        report = _run_index(root, paths, cfg, workers, decode_timeout, model, device, precision,
-                            batch_size, index_type, frames, phi_policy, progress, window,
-                            series_vectors, query)
+    # decode workers start now, while the model loads (each needs seconds to import)
+    with _store_faults(root), \
+            (decode_pool(workers, timeout_s=decode_timeout) if workers != 0 else nullcontext()) as pool:
+        encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
+                                device or cfg.device, precision or cfg.precision, cfg.compile)
+        if batch_size is None and encoder.device.type == "cuda":
+            batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
+        # the writer lock is taken before the store is created (two runs never both create it,
+        # nor mix models) and held until it is closed, also when the run fails
+        with Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
+                                  exclusive=True) as st:
+            note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
+            indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
+                              batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
+                              phi_policy=phi_policy, progress=progress, window=window,
+                              series_vectors=series_vectors, dicomweb_query=query)
+            try:
+                report = indexer.run(paths)
+            except ConnectionError as exc:
+                raise InputError(f"{exc}; is the server running and the address right?") from None
     emit(report.to_json(), json_out, _index_human)
 
 
@@ -122,32 +139,6 @@ def _store_faults(root: Path):
         raise error from None
 
 
-def _run_index(root, paths, cfg, workers, decode_timeout, model, device, precision, batch_size,
-               index_type, frames, phi_policy, progress, window, series_vectors, query):
-    from indexer.pipeline import Indexer, decode_pool
-
-    # decode workers start now, while the model loads (each needs seconds to import)
-    with (decode_pool(workers, timeout_s=decode_timeout) if workers != 0 else nullcontext()) as pool:
-        encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
-                                device or cfg.device, precision or cfg.precision, cfg.compile)
-        if batch_size is None and encoder.device.type == "cuda":
-            batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
-        # the writer lock is taken before the store is created (two runs never both create it,
-        # nor mix models) and held until it is closed, also when the run fails
-        with Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
-                                  exclusive=True) as st:
-            note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
-            indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
-                              batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
-                              phi_policy=phi_policy, progress=progress, window=window,
-                              series_vectors=series_vectors, dicomweb_query=query)
-            try:
-                report = indexer.run(paths)
-            except ConnectionError as exc:
-                raise InputError(f"{exc}; is the server running and the address right?") from None
-    return report
-
-
 @app.command("remove")
 def remove_cmd(
     paths: Annotated[list[str], typer.Argument(
@@ -161,6 +152,7 @@ def remove_cmd(
     share looks like that); this is how to drop such entries on purpose."""
     from sqlalchemy import select
 
+    from indexer.sources import under_any
     from retrieval.schema import FailureRow
     from retrieval.store import known_files
 
@@ -170,12 +162,11 @@ def remove_cmd(
         found = known_files(st, targets)
         with st.writer() as writer:
             failed = [path for path in writer.session.scalars(select(FailureRow.path))
-                      if any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets)]
+                      if under_any(path, targets)]
             images = writer.remove_files(sorted(found))
             for path in failed:
                 writer.clear_failure(path)
-    not_found = [t for t in targets
-                 if not any(p == t or p.startswith(t.rstrip("/") + "/") for p in [*found, *failed])]
+    not_found = [t for t in targets if not any(under_any(p, [t]) for p in [*found, *failed])]
     emit({"removed_files": len(found), "removed_images": images, "cleared_failures": len(failed),
           "paths": sorted(found), "not_found": not_found}, json_out, _remove_human)
 
@@ -295,10 +286,8 @@ def reindex_cmd(
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
     root = store_path(store, settings())
-    st = Store.open(root)
-    with _store_faults(root), st.exclusive():
+    with _store_faults(root), Store.open(root, exclusive=True) as st:
         st.rebuild(index_type)
-        st.save()
     emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},
          json_out, _reindex_human)
 

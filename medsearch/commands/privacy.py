@@ -36,10 +36,6 @@ def forget_cmd(
 
     if (patient is None) == (study is None):
         raise InputError("give exactly one of --patient KEY or --study UID")
-    st = Store.open(store_path(store, settings()))
-    try:
-        with st.exclusive():
-            doc = forget(st, patient=patient, study=study)
-    finally:
-        st.close()
+    with Store.open(store_path(store, settings()), exclusive=True) as st:
+        doc = forget(st, patient=patient, study=study)
     emit(doc, json_out, _human)

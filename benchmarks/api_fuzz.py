@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu  # noqa: E402
+from benchmarks.serve import free_port  # noqa: E402
 
 TOKEN = "fuzz-token-0123456789abcdefghij"
 
@@ -72,12 +72,6 @@ def build_store(folder: Path, model: Path | None = None) -> Path:
                     "--model", str(model), "--workers", "0", "--no-progress"],
                    check=True, env=_env(), capture_output=True, timeout=600)
     return folder / "store"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

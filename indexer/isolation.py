@@ -83,31 +83,47 @@ def decode_isolated(source: "SourceFile", options: "DecodeOptions", *,
     bad input: a crash, an overrun or running out of memory becomes ``error``."""
     from .decode import Decoded
 
-    ctx = _fork_context()
+    # not daemonic: the decode may itself run GDCM in a child (call_limited); killed after
+    try:
+        return _in_child(_fork_context(), _child, (source, options, memory_bytes), timeout_s)
+    except LimitedCallFailed as exc:
+        if not exc.crashed:
+            return Decoded(source, error=f"decoding took longer than {timeout_s:.0f} s: refused")
+        return Decoded(source, error="the decoder crashed on this file (its process died"
+                                     f", exit code {exc.exitcode})")
+
+
+class LimitedCallFailed(Exception):
+    """A call run in a limited child crashed (``crashed``, with its ``exitcode``), overran or
+    raised; the message says which."""
+
+    def __init__(self, message: str, *, crashed: bool = False,
+                 exitcode: int | None = None) -> None:
+        super().__init__(message)
+        self.crashed, self.exitcode = crashed, exitcode
+
+
+def _in_child(ctx, target: Callable, args: tuple, timeout_s: float) -> Any:
+    """``target(conn, *args)`` in a child process; what it sends back on ``conn`` within
+    ``timeout_s``. The child is killed afterwards whatever happened."""
     receive, send = ctx.Pipe(duplex=False)
-    # not daemonic: the decode may itself run GDCM in a child (call_limited); killed below
-    process = ctx.Process(target=_child, args=(send, source, options, memory_bytes))
+    process = ctx.Process(target=target, args=(send, *args))
     process.start()
     send.close()
     try:
-        if receive.poll(timeout_s):
-            try:
-                return receive.recv()
-            except (EOFError, OSError):
-                pass  # the child died before it could answer
+        if not receive.poll(timeout_s):
+            raise LimitedCallFailed(f"took longer than {timeout_s:.0f} s")
+        try:
+            return receive.recv()
+        except (EOFError, OSError):  # the child died before it could answer
             process.join(5)
-            return Decoded(source, error="the decoder crashed on this file (its process died"
-                                         f", exit code {process.exitcode})")
-        return Decoded(source, error=f"decoding took longer than {timeout_s:.0f} s: refused")
+            raise LimitedCallFailed(f"crashed (its process died, exit code {process.exitcode})",
+                                    crashed=True, exitcode=process.exitcode) from None
     finally:
         receive.close()
         if process.is_alive():
             process.kill()
         process.join()
-
-
-class LimitedCallFailed(Exception):
-    """A call run by :func:`call_limited` crashed, overran or raised; the message says which."""
 
 
 def _call_child(conn: Connection, func: Callable, args: tuple, memory_bytes: int) -> None:
@@ -127,28 +143,11 @@ def call_limited(func: Callable, args: tuple, *, memory_bytes: int, timeout_s: f
     """``func(*args)`` in a forked child under RLIMIT_AS (+``memory_bytes``) and a time limit,
     for a C library that re-parses untrusted data and allocates what it claims (GDCM).
     Raises :class:`LimitedCallFailed` when the child raises, crashes or overruns."""
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_call_child, args=(send, func, args, memory_bytes))
-    process.start()
-    send.close()
-    try:
-        if not receive.poll(timeout_s):
-            raise LimitedCallFailed(f"took longer than {timeout_s:.0f} s")
-        try:
-            ok, value = receive.recv()
-        except (EOFError, OSError):
-            process.join(5)
-            raise LimitedCallFailed(f"crashed (its process died, exit code {process.exitcode})") \
-                from None
-        if not ok:
-            raise LimitedCallFailed(value)
-        return value
-    finally:
-        receive.close()
-        if process.is_alive():
-            process.kill()
-        process.join()
+    ok, value = _in_child(multiprocessing.get_context("fork"), _call_child,
+                          (func, args, memory_bytes), timeout_s)
+    if not ok:
+        raise LimitedCallFailed(value)
+    return value
 
 
 def _nothing() -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import delete, select, text
 
 from .errors import InputError, StoreError
 from .schema import SettingRow
-from .store import MANIFEST, Store
+from .store import MANIFEST, Store, fsync_dir
 
 KEY_BYTES = 32
 #: Where stores before the key file kept their secret (a row of the settings table).
@@ -100,11 +100,7 @@ def write_key(path: Path, key: bytes) -> None:
         pass
     finally:
         tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def _note(message: str) -> None:

@@ -164,7 +164,7 @@ class _AtomicFile:
 
     def replace(self) -> None:
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -204,7 +204,8 @@ def file_checksums(path: Path) -> tuple[int, int, str]:
     return size, crc, sha.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (the entry lives in the folder)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -533,7 +533,10 @@ class Engine:
         self.store_lock = threading.RLock()
         self.decode_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._version_db = sqlite3.connect(store.root / DATABASE, check_same_thread=False)
+        # the version first, then the rows: anything committed while the models loaded (the
+        # store was opened before them) is picked up now, not only after the next commit
         self._version = self._data_version()
+        store.reconcile()
         self._previews: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._preview_lock = threading.Lock()
         self._preview_limit = preview_cache

@@ -4,6 +4,7 @@ precision slower than fp32 (measured, cached per machine); the recipe on a devic
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import numpy as np
@@ -238,3 +239,25 @@ def test_info_shows_what_auto_picks_and_why(tiny_model, tmp_path, fresh_cache, m
     auto = json.loads(out.stdout)["precision_auto"]
     assert (auto["device"], auto["precision"]) == ("cpu", "fp32") and "0.33×" in auto["reason"]
     assert {"fp32_gflops", "bf16_gflops", "cached", "machine"} <= set(auto)
+
+
+def test_a_thread_count_set_once_holds_for_towers_loaded_later(tiny_model, monkeypatch):
+    monkeypatch.setattr(acceleration, "_threads", None)
+    before = torch.get_num_threads()
+    try:
+        assert acceleration.configure_cpu_threads() == (os.cpu_count() or 1)
+        assert acceleration.configure_cpu_threads(1) == 1
+        VisionEncoder(resolve_checkpoint(str(tiny_model)), "cpu", "fp32")
+        assert torch.get_num_threads() == 1 and acceleration.configure_cpu_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cuda_bf16_mode_is_a_parameter(tiny_model):
+    with pytest.raises(InputError, match="weights, autocast"):
+        VisionEncoder(resolve_checkpoint(str(tiny_model)), "cpu", "fp32", cuda_bf16="fp8")
+    cpu = torch.device("cpu")
+    assert acceleration.input_dtype(cpu, "bf16", "autocast") == torch.bfloat16  # CPU: weights
+    cuda = torch.device("cuda")
+    assert acceleration.input_dtype(cuda, "bf16", "autocast") == torch.float32
+    assert acceleration.input_dtype(cuda, "bf16", "weights") == torch.bfloat16

@@ -54,6 +54,8 @@ CACHE_VERSION = 1
 #: Probes run in this process (tests tell a cached decision from a fresh one by it, not by time).
 measurements = 0
 _choices: dict[str, dict] = {}
+#: Intra-op threads asked for by the application (None: one per core).
+_threads: int | None = None
 log = logging.getLogger(__name__)
 
 
@@ -237,9 +239,16 @@ def resolve_precision(precision: str, device: torch.device, cache_dir: Path | No
 
 
 def configure_cpu_threads(threads: int | None = None) -> int:
-    """``threads`` intra-op threads, by default one per core (decode workers are separate
-    processes)."""
-    threads = threads or os.cpu_count() or 1
+    """Set ``threads`` intra-op threads; None keeps a count set by an earlier call, else one
+    per core (decode workers are separate processes).
+
+    Loading a tower calls this without a count, so a count the application set once (its
+    settings) holds for every tower loaded afterwards.
+    """
+    global _threads
+    if threads:
+        _threads = int(threads)
+    threads = _threads or os.cpu_count() or 1
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

@@ -154,8 +154,8 @@ def _small_subset(index: faiss.Index, queries: np.ndarray, allowed: np.ndarray, 
 
     Reading thousands of raw vectors from SQLite per query is slow (~40 ms per 1,000 rows), so
     when the index can decode its own codes for these ids (HNSW over SQ8/flat storage, IVF
-    with its direct map: :func:`retrieval.ann.policy.enable_lookup`) the subset is ranked on those in memory and
-    only the best ``SUBSET_RERANK``·k are re-scored from the raw vectors.
+    with its direct map: :func:`retrieval.ann.policy.enable_lookup`) the subset is ranked on
+    those in memory and only the best ``SUBSET_RERANK``·k are re-scored from the raw vectors.
     """
     if allowed.size > SUBSET_RERANK * k:
         candidates = _scan_graph_codes(index, queries, allowed, SUBSET_RERANK * k)

@@ -1,4 +1,5 @@
-"""Encoders: the vision and text towers on a device, turning model inputs or text into unit vectors."""
+"""Encoders: the vision and text towers on a device, turning model inputs or text into unit
+vectors."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class VisionEncoder:
     @classmethod
     def load(cls, name: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto",
              **options) -> "VisionEncoder":
-        """Resolve ``name`` (hub id or folder) and load its vision tower; ``options`` as __init__."""
+        """Resolve ``name`` (hub id or folder) and load its vision tower (``options``: as
+        ``__init__``)."""
         return cls(resolve_checkpoint(name), device, precision, **options)
 
     def preprocess(self, pixels: np.ndarray) -> torch.Tensor:
@@ -109,7 +111,8 @@ class TextEncoder:
     @classmethod
     def load(cls, name: str = DEFAULT_MODEL, device: str = "auto", precision: str = "auto",
              **options) -> "TextEncoder":
-        """Resolve ``name`` (hub id or folder) and load its text tower; ``options`` as __init__."""
+        """Resolve ``name`` (hub id or folder) and load its text tower (``options``: as
+        ``__init__``)."""
         return cls(resolve_checkpoint(name), device, precision, **options)
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:

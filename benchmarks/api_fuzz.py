@@ -61,7 +61,7 @@ def build_store(folder: Path, model: Path | None = None) -> Path:
     sys.path.insert(0, str(ROOT))
     import pydicom
 
-    from retrieval.testmodel import make_test_model
+    from retrieval.model.testmodel import make_test_model
     from tests.conftest import write_images
 
     model = model or make_test_model(folder / "model" / "tiny-siglip")

@@ -171,7 +171,7 @@ class Fresh:
 def fresh_embeddings(corpus: Path, model: Path) -> Fresh:
     from indexer.decode import DecodeOptions, decode_source
     from indexer.sources import walk
-    from retrieval.acceleration import stack_planes
+    from retrieval.model.acceleration import stack_planes
     from retrieval.model import VisionEncoder
 
     encoder = VisionEncoder.load(str(model), device="cpu", precision="fp32")
@@ -209,7 +209,8 @@ def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snaps
     from sqlalchemy import select
 
     from retrieval.schema import FailureRow, FileRow, ImageRow, LabelRow, SettingRow, VectorRow
-    from retrieval.store import MANIFEST, Store, index_choice
+    from retrieval import ann
+    from retrieval.store import MANIFEST, Store
 
     if not (store_dir / MANIFEST).is_file():
         return None
@@ -247,7 +248,7 @@ def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snaps
         if status["index_in_use"] != store.manifest.index_type:
             problems.append(f"manifest names {store.manifest.index_type}, index in use is "
                             f"{status['index_in_use']}")
-        inner = type(index_choice.inner_index(store.index)).__name__
+        inner = type(ann.inner_index(store.index)).__name__
         expected = {"Flat": "IndexFlat", "HNSW32": "IndexHNSWFlat"}.get(store.manifest.index_type)
         if expected and not inner.startswith(expected):
             problems.append(f"manifest names {store.manifest.index_type}, the index is {inner}")
@@ -552,7 +553,7 @@ def main() -> None:
     try:
         model = args.model
         if model is None:
-            from retrieval.testmodel import make_test_model
+            from retrieval.model.testmodel import make_test_model
             model = make_test_model(work / "tiny-siglip")
         reindex = tag = max(1, args.kills // 5)
         doc = crash_loop(work, model, index_kills=args.kills - reindex - tag,

@@ -36,7 +36,7 @@ def main() -> None:
 
     from indexer.decode import select_frames
     from indexer.dicom import dicom_frames, frame_count, read_dataset, transfer_syntax
-    from retrieval.preprocess import model_input
+    from retrieval.model.preprocess import model_input
 
     torch.set_num_threads(1)  # as in the indexer's workers
     warnings.simplefilter("ignore")

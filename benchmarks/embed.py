@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from indexer.workers import SupervisedPool  # noqa: E402
-from retrieval import acceleration  # noqa: E402
+from retrieval.model import acceleration  # noqa: E402
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint, select_device  # noqa: E402
 
 #: MedSigLIP-448's shapes (model card / config): both towers 27 layers, width 1152.
@@ -67,7 +67,7 @@ def full_size_checkpoint(cache_dir: Path) -> Path:
     from transformers import (SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor,
                               SiglipTokenizer)
 
-    from retrieval.testmodel import train_tokenizer
+    from retrieval.model.testmodel import train_tokenizer
 
     log(f"writing a full-size random checkpoint to {folder} (once) …")
     tmp = folder.with_name(folder.name + ".tmp")
@@ -458,8 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = select_device(args.device)
-    if args.bf16_mode:
-        acceleration.CUDA_BF16_MODE = args.bf16_mode
+    bf16_mode = args.bf16_mode or "weights"
     cuda = device.type == "cuda"
     checkpoint_dir = args.checkpoint or full_size_checkpoint(args.cache_dir)
     checkpoint = resolve_checkpoint(str(checkpoint_dir))
@@ -468,7 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
     pool = decode_pool(args.workers).start() if args.workers != 0 else None  # as the CLI: before the model
     loading = time.perf_counter()
     encoder = (HostOnlyEncoder.from_config(checkpoint, device) if args.host_only else
-               VisionEncoder(checkpoint, str(device), args.precision, args.compile))
+               VisionEncoder(checkpoint, str(device), args.precision, args.compile,
+                             cuda_bf16=bf16_mode))
     model_load_s = time.perf_counter() - loading
     config = getattr(getattr(encoder, "model", None), "config", None)
     attention = config._attn_implementation if config is not None else "?"
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
             "device": str(device), "machine": machine(device), "precision": encoder.precision,
             "precision_auto": acceleration.precision_choice(device),  # what auto picks, and why
             "attention": attention, "compiled": args.compile,
-            "bf16_mode": acceleration.CUDA_BF16_MODE if cuda else None, "batch_size": batch,
+            "bf16_mode": bf16_mode if cuda else None, "batch_size": batch,
             "workers": pipe["workers"], "corpus": {k: corpus[k] for k in ("files", "counts")},
             "images": pipe["images"],
             "images_per_s": round(pipe["images_per_s"], 3),

@@ -2,7 +2,7 @@
 
 For each index type: build seconds, bytes per vector, queries/s for single queries and for one
 batch, recall@10 against exact search, and filtered recall@10 at 1% and 10% selectivity. The
-FAISS rows go through `retrieval.index_choice.search`, the code path the store uses; numpy
+FAISS rows go through `retrieval.ann.search_index`, the code path the store uses; numpy
 brute force, FAISS's own IndexFlatIP search and hnswlib are baselines.
 
     python benchmarks/search.py --json            # 100,000 vectors
@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faiss  # noqa: E402
 import torch  # noqa: E402
 
-from retrieval import index_choice  # noqa: E402
-from retrieval.exact import exact_topk  # noqa: E402
+from retrieval import ann  # noqa: E402
+from retrieval.ann import policy  # noqa: E402
+from retrieval.ann.exact import exact_topk  # noqa: E402
 from retrieval.store import new_index  # noqa: E402
 
 K = 10
@@ -109,20 +110,20 @@ def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
     """One FAISS index type through the store's search path (ids = row numbers)."""
     n, dim = x.shape
     ids = np.arange(n, dtype=np.int64)
-    index = index_choice.configure(new_index(name, dim))
+    index = ann.configure(new_index(name, dim))
     start = time.perf_counter()
     if not index.is_trained:
-        index.train(index_choice.training_sample(x))  # as the store trains
+        index.train(ann.training_sample(x))  # as the store trains
     for s in range(0, n, 100_000):
         index.add_with_ids(x[s:s + 100_000], ids[s:s + 100_000])
     build_s = time.perf_counter() - start
     fetch = (lambda wanted: x[wanted])  # the store reads these from SQLite
     size = faiss.serialize_index(index).nbytes if n <= 2_000_000 else None
-    search = (lambda q, **kw: index_choice.search(index, q, K, fetch_vectors=fetch,
-                                                   rerank=rerank, **kw))
+    search = (lambda q, **kw: ann.search_index(index, q, K, fetch_vectors=fetch,
+                                               rerank=rerank, **kw))
     row = {"index": name, "build_s": round(build_s, 2),
            "bytes_per_vector": round(size / n, 1) if size else
-           round(index_choice.estimated_bytes_per_vector(name, dim), 1)}
+           round(ann.estimated_bytes_per_vector(name, dim), 1)}
     row["qps_single"] = qps_single(lambda q: search(q[None]), queries)
     _, found = search(queries)
     row["qps_batch"] = round(len(queries) / timed(lambda: search(queries), 2), 1)
@@ -132,7 +133,7 @@ def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
         row[key] = recall(found, subset_truth[key])
     if rerank:
         row["rerank"] = rerank
-    base = index_choice.inner_index(index)
+    base = ann.inner_index(index)
     if sweep and isinstance(base, faiss.IndexHNSW):
         default_ef = base.hnsw.efSearch
         row["sweep"] = sweep_rows(lambda ef: setattr(base.hnsw, "efSearch", ef),
@@ -143,7 +144,7 @@ def faiss_row(name: str, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
         row["sweep"] = sweep_rows(lambda n: setattr(base, "nprobe", n),
                                   lambda q: search(q[None]), lambda: search(queries)[1],
                                   queries, truth, sweep_nprobe, "nprobe")
-        base.nprobe = index_choice.IVF_NPROBE
+        base.nprobe = policy.IVF_NPROBE
     del index, base
     gc.collect()
     return row
@@ -193,11 +194,11 @@ def hnswlib_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, subsets: 
     n, dim = x.shape
     index = hnswlib.Index(space="ip", dim=dim)
     start = time.perf_counter()
-    index.init_index(max_elements=n, M=index_choice.HNSW_M,
-                     ef_construction=index_choice.HNSW_EF_CONSTRUCTION)
+    index.init_index(max_elements=n, M=policy.HNSW_M,
+                     ef_construction=policy.HNSW_EF_CONSTRUCTION)
     index.add_items(x, np.arange(n), num_threads=threads)
     build_s = time.perf_counter() - start
-    index.set_ef(index_choice.HNSW_EF_SEARCH)
+    index.set_ef(policy.HNSW_EF_SEARCH)
     with tempfile.TemporaryDirectory() as tmp:
         index.save_index(f"{tmp}/h.bin")
         size = os.path.getsize(f"{tmp}/h.bin")
@@ -210,10 +211,10 @@ def hnswlib_row(x: np.ndarray, queries: np.ndarray, truth: np.ndarray, subsets: 
         members = np.zeros(n, bool)
         members[allowed] = True
         # the same widening rule as the FAISS graph gets
-        index.set_ef(index_choice.widened_ef(index_choice.HNSW_EF_SEARCH, K, allowed.size / n))
+        index.set_ef(ann.widened_ef(policy.HNSW_EF_SEARCH, K, allowed.size / n))
         labels, _ = index.knn_query(queries, K, num_threads=1, filter=lambda i: bool(members[i]))
         row[key] = recall(labels.astype(np.int64), subset_truth[key])
-        index.set_ef(index_choice.HNSW_EF_SEARCH)
+        index.set_ef(policy.HNSW_EF_SEARCH)
     if sweep:
         row["sweep"] = sweep_rows(
             index.set_ef, lambda q: index.knn_query(q[None], K, num_threads=1),
@@ -253,8 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     _, truth = exact_topk(queries, x, None, K)
     subsets = make_subsets(n)
     subset_truth = {key: exact_topk(queries, x[rows], rows, K)[1] for key, rows in subsets.items()}
-    choice = index_choice.choose_index(n, args.dim)
-    nlist = index_choice.ivf_lists(n)
+    choice = ann.choose_index(n, args.dim)
+    nlist = ann.ivf_lists(n)
     types = [t for t in args.indexes.split(";") if t] or [
         "Flat", "HNSW32", "HNSW32,SQ8", f"IVF{nlist},Flat", f"IVF{nlist},SQ8"]
     if choice.index_type not in types:

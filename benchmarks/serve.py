@@ -63,7 +63,7 @@ def synthetic_store(folder: Path, vectors: int, seed: int = 0) -> tuple[Path, Pa
     from retrieval.model import VisionEncoder
     from retrieval.schema import FileRow, ImageRow, VectorRow
     from retrieval.store import Store, manifest_for
-    from retrieval.testmodel import make_test_model
+    from retrieval.model.testmodel import make_test_model
 
     model = make_test_model(folder / "tiny-siglip")
     encoder = VisionEncoder.load(str(model), "cpu")

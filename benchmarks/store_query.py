@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.search import K, clustered_vectors, log, recall  # noqa: E402
-from retrieval.exact import exact_topk  # noqa: E402
+from retrieval.ann.exact import exact_topk  # noqa: E402
 from retrieval.filters import Filters  # noqa: E402
-from retrieval.preprocess import PREPROCESSING_VERSION  # noqa: E402
+from retrieval.model.preprocess import PREPROCESSING_VERSION  # noqa: E402
 from retrieval.store import Manifest, NewFile, NewImage, Store  # noqa: E402
 
 SELECTIONS = {"none": None, "10pct": "CT", "1pct": "MG"}

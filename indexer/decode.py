@@ -11,7 +11,7 @@ import numpy as np
 
 import torch
 
-from retrieval.preprocess import expand_planes, model_planes
+from retrieval.model.preprocess import expand_planes, model_planes
 
 from .dicom import (NoImage, dicom_frames, dicom_metadata, frame_count, no_image_reason,
                     patient_key, read_dataset)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from retrieval import privacy
-from retrieval.acceleration import stack_planes
+from retrieval.model.acceleration import stack_planes
 from retrieval.model import VisionEncoder
 from retrieval.store import NewFile, NewImage, Store, known_files
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import InputError
-from retrieval.preprocess import model_input, model_input_to_uint8
+from retrieval.model.preprocess import model_input, model_input_to_uint8
 
 from .decode import select_frames
 from .images import DecodeError, image_frame, image_frame_count

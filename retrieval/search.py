@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import InputError
 from .filters import Filters
-from .model import TextEncoder, VisionEncoder, resolve_checkpoint
+from .model import TextEncoder, VisionEncoder, model_input, resolve_checkpoint
 from .privacy import PathRedactor
 from .store import Store
 
@@ -73,7 +73,8 @@ class Searcher:
         return self.text_encoder.embed_cached(text.strip())
 
     def image_vector(self, pixels: np.ndarray) -> np.ndarray:
-        return self.vision_encoder.embed_pixels([pixels])[0]
+        encoder = self.vision_encoder
+        return encoder.embed_batch(model_input(pixels, encoder.image_size)[None])[0]
 
     def id_vector(self, image_id: int) -> np.ndarray:
         if not self.store.rows([image_id]):

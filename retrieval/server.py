@@ -656,7 +656,7 @@ class Engine:
         """PNG of exactly what the model saw for this image, optionally scaled down."""
         from PIL import Image
 
-        from .preprocess import model_input_to_uint8
+        from .model.preprocess import model_input_to_uint8
 
         size = min(size or self.image_size, self.image_size)
         key = (image_id, size)

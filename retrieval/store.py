@@ -34,7 +34,7 @@ import numpy as np
 from sqlalchemy import RowMapping, create_engine, delete, event, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import index_choice
+from . import ann
 from .errors import StoreError
 from .filters import Filters
 from .schema import (DICOM_FIELDS, SCHEMA_VERSION, FailureRow, FileRow, ImageRow, LabelRow,
@@ -69,7 +69,7 @@ class Manifest:
     dim: int
     preprocessing_version: str
     index_type: str = DEFAULT_INDEX_TYPE
-    index_auto: bool = False        # re-chosen from the vector count (retrieval.index_choice)
+    index_auto: bool = False        # re-chosen from the vector count (retrieval.ann.policy)
     index_reason: str = ""          # why this index type (shown by `medsearch info`)
     index_trained_on: int | None = None  # vectors the IVF/PQ/SQ index was trained on (None: unknown)
     phi_key_fingerprint: str | None = None  # the patient-key file's (retrieval.privacy); never the key
@@ -101,7 +101,7 @@ class Manifest:
 
 def manifest_for(encoder, index_type: str) -> Manifest:
     """The manifest for vectors made by a VisionEncoder (local folders by absolute path)."""
-    from .preprocess import PREPROCESSING_VERSION
+    from .model.preprocess import PREPROCESSING_VERSION
 
     ckpt = encoder.checkpoint
     name = str(ckpt.path) if ckpt.revision == "local" else ckpt.name
@@ -330,14 +330,14 @@ def _create_private_file(path: Path) -> None:
 
 def new_index(index_type: str, dim: int) -> faiss.Index:
     """An empty index of a FAISS factory type, addressed by our row ids (IDMap2 wrapper)."""
-    if index_type == index_choice.AUTO:
-        index_type = index_choice.choose_index(0, dim).index_type
+    if index_type == ann.AUTO:
+        index_type = ann.choose_index(0, dim).index_type
     try:
         base = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise StoreError(f"invalid FAISS index type {index_type!r}: "
                          f"{str(exc).splitlines()[-1]}") from None
-    return faiss.IndexIDMap2(index_choice.configure(base))
+    return faiss.IndexIDMap2(ann.configure(base))
 
 
 def _make_folder(root: Path) -> None:
@@ -599,8 +599,8 @@ class Store:
                              "restore the manifest or choose a new folder for the store")
         _remove_stale_temps(root)
         os.chmod(root, DIR_MODE)
-        if manifest.index_type == index_choice.AUTO:
-            choice = index_choice.choose_index(0, manifest.dim)
+        if manifest.index_type == ann.AUTO:
+            choice = ann.choose_index(0, manifest.dim)
             manifest.index_type, manifest.index_auto = choice.index_type, True
             manifest.index_reason = f"auto: {choice.reason}"
         new_index(manifest.index_type, manifest.dim)  # validate before writing anything
@@ -688,14 +688,14 @@ class Store:
             self._index_damaged(f"it holds another index type than {self.manifest.index_type}")
             index = None
         if index is not None:
-            return index_choice.enable_lookup(index)
+            return ann.enable_lookup(index)
         return new_index(self.manifest.index_type, self.dim)
 
     def _index_type_matches(self, index: faiss.Index) -> bool:
         """The file holds the manifest's index type (or exact Flat while that type waits for
         enough vectors to be trained)."""
         empty = new_index(self.manifest.index_type, self.dim)
-        got, want = index_choice.inner_index(index), index_choice.inner_index(empty)
+        got, want = ann.inner_index(index), ann.inner_index(empty)
         return isinstance(got, type(want)) or (isinstance(got, faiss.IndexFlat)
                                                and not empty.is_trained)
 
@@ -823,10 +823,10 @@ class Store:
         stored raw vectors; a type that needs more vectors to train than the store holds is
         searched exactly until it has them (see :meth:`index_status`)."""
         ids, vectors = self.all_vectors()
-        auto = index_type == index_choice.AUTO or (
+        auto = index_type == ann.AUTO or (
             self.manifest.index_auto and index_type == self.manifest.index_type)
-        if index_type == index_choice.AUTO:
-            choice = index_choice.choose_index(len(ids), self.dim)
+        if index_type == ann.AUTO:
+            choice = ann.choose_index(len(ids), self.dim)
             index_type, reason = choice.index_type, f"auto: {choice.reason}"
         else:
             reason = self.manifest.index_reason if auto else "chosen by the user"
@@ -835,7 +835,7 @@ class Store:
             if len(ids) < self._training_minimum(index_type):
                 index = new_index("Flat", self.dim)  # exact until there is enough to train on
             else:
-                sample = index_choice.training_sample(vectors)
+                sample = ann.training_sample(vectors)
                 try:
                     index.train(sample)
                 except RuntimeError as exc:
@@ -859,31 +859,31 @@ class Store:
         """The index actually in memory: the manifest's type, or exact search while that type
         waits for enough vectors to be trained."""
         needed = self._training_minimum(self.manifest.index_type)
-        waiting = bool(needed) and isinstance(index_choice.inner_index(self.index), faiss.IndexFlat)
+        waiting = bool(needed) and isinstance(ann.inner_index(self.index), faiss.IndexFlat)
         return {"index_in_use": "Flat" if waiting else self.manifest.index_type,
                 "index_trained_on": self.manifest.index_trained_on,
                 "index_waiting_for": needed if waiting else None}
 
     def _training_minimum(self, index_type: str) -> int:
-        if not index_choice.needs_training(index_type, self.dim):
+        if not ann.needs_training(index_type, self.dim):
             return 0
-        return max(index_choice.training_minimum(index_type), 1)
+        return max(ann.training_minimum(index_type), 1)
 
     def _training_due(self) -> bool:
         status = self.index_status()
         if status["index_waiting_for"]:
             return self.count >= status["index_waiting_for"]
-        return index_choice.retraining_due(self.manifest.index_type,
-                                           self.manifest.index_trained_on, self.count)
+        return ann.retraining_due(self.manifest.index_type,
+                                  self.manifest.index_trained_on, self.count)
 
     def save(self) -> None:
         """Write the index atomically if it changed; a kill mid-save keeps the old file."""
         if self.readonly or not self._dirty:
             return
         if self.manifest.index_auto:
-            choice = index_choice.choose_index(self.count, self.dim)
+            choice = ann.choose_index(self.count, self.dim)
             if choice.index_type != self.manifest.index_type:
-                self.rebuild(index_choice.AUTO)  # the collection outgrew (or shrank below) it
+                self.rebuild(ann.AUTO)  # the collection outgrew (or shrank below) it
             elif self.manifest.index_reason != f"auto: {choice.reason}":
                 self.manifest.index_reason = f"auto: {choice.reason}"  # reason for today's size
                 self.manifest.write(self.root / MANIFEST)
@@ -1115,10 +1115,10 @@ class Store:
         k = max(1, int(k))
         allowed = None if filters is None or filters.empty else self.matching_ids(filters)
         # exact path for Flat, bitmap filters with widened HNSW/IVF search, exact re-ranking
-        # for PQ codes, deleted-but-not-removed graph entries hidden: retrieval/index_choice.py
-        return index_choice.search(self.index, queries, k, allowed=allowed,
-                                   fetch_vectors=self.vectors, hidden=self._tombstones,
-                                   rerank=index_choice.rerank_for(self.manifest.index_type))
+        # for PQ codes, deleted-but-not-removed graph entries hidden: retrieval/ann/search.py
+        return ann.search_index(self.index, queries, k, allowed=allowed,
+                                fetch_vectors=self.vectors, hidden=self._tombstones,
+                                rerank=ann.rerank_for(self.manifest.index_type))
 
     def rows(self, ids: list[int]) -> dict[int, dict]:
         """Metadata of images by id, as plain dicts (path and frame included)."""

@@ -27,7 +27,7 @@ def _throwaway_user_folders(tmp_path_factory) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from retrieval.testmodel import make_test_model
+    from retrieval.model.testmodel import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("model") / "tiny-siglip")
 

@@ -153,7 +153,7 @@ def test_preview_writes_what_the_model_sees(tmp_path, capsys):
     import torch
 
     from indexer.decode import DecodeOptions, decode_path
-    from retrieval.preprocess import model_input_to_uint8
+    from retrieval.model.preprocess import model_input_to_uint8
 
     out = tmp_path / "ybr.png"
     code, stdout, stderr = _cli(capsys, "preview", str(TF / "examples_ybr_color.dcm"), "--out",

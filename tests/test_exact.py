@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval import exact
-from retrieval.exact import exact_topk, flat_storage
+from retrieval.ann.exact import exact_topk, flat_storage
 
 
 def unit(rng, n, d=64):

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, SiglipTextModel, SiglipVisionModel
 
 from retrieval.errors import ModelUnavailableError
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
-from retrieval.preprocess import model_input
+from retrieval.model.preprocess import model_input
 
 
 def numpy_bilinear(img: np.ndarray, size: int) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_image_embeddings_equal_transformers_reference(tiny_model):
     encoder = VisionEncoder.load(str(tiny_model), device="cpu", precision="fp32")
     reference = SiglipVisionModel.from_pretrained(tiny_model).eval()
     images = samples()
-    ours = encoder.embed_pixels(images)
+    ours = encoder.embed_batch(torch.stack([model_input(p, encoder.image_size) for p in images]))
     with torch.no_grad():
         pooled = reference(pixel_values=torch.stack([reference_input(p, 448) for p in images])).pooler_output
     expected = torch.nn.functional.normalize(pooled, dim=-1).numpy()
@@ -114,8 +114,10 @@ def test_long_text_is_truncated_to_64_tokens(tiny_model):
 
 
 def test_missing_model_gives_one_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from huggingface_hub import constants  # the hub library's resolved settings
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(ModelUnavailableError) as err:
         resolve_checkpoint("google/medsiglip-448")
     message = str(err.value)

@@ -4,16 +4,17 @@ precision slower than fp32 (measured, cached per machine); the recipe on a devic
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import numpy as np
 import pytest
 import torch
 
-from retrieval import acceleration
+from retrieval.model import acceleration
 from retrieval.errors import InputError
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
-from retrieval.preprocess import model_input
+from retrieval.model.preprocess import model_input, pad_to_square, resize_square, to_rgb
 
 
 def cosine(a, b):
@@ -53,8 +54,8 @@ def test_bf16_on_cpu_runs_and_stays_close(tiny_model, batch):
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
-    """An empty per-machine cache and no decision remembered in this process."""
-    monkeypatch.setenv("MEDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    """An empty per-machine cache (its folder is passed as ``cache_dir``) and no decision
+    remembered in this process."""
     monkeypatch.setattr(acceleration, "_choices", {})
     return tmp_path / "cache" / "precision.json"
 
@@ -83,39 +84,39 @@ def test_auto_decision_is_a_function_of_the_measured_times(fp32, bf16, expected)
 def test_auto_picks_fp32_when_bf16_measures_slower_but_honours_explicit_bf16(fresh_cache, monkeypatch):
     fake_probe(monkeypatch, 0.01, 0.03)
     cpu = torch.device("cpu")
-    assert acceleration.resolve_precision("auto", cpu) == "fp32"
+    assert acceleration.resolve_precision("auto", cpu, fresh_cache.parent) == "fp32"
     assert acceleration.resolve_precision("bf16", cpu) == "bf16"
     assert acceleration.resolve_precision("INT8", cpu) == "int8"
-    choice = acceleration.precision_choice(cpu)
+    choice = acceleration.precision_choice(cpu, fresh_cache.parent)
     assert choice["precision"] == "fp32" and "0.33×" in choice["reason"]
     assert choice["bf16_gflops"] < choice["fp32_gflops"]
 
 
 def test_the_real_probe_gives_a_choice_its_own_timings_support(fresh_cache, caplog):
     before = acceleration.measurements
-    with caplog.at_level(logging.INFO, logger="retrieval.acceleration"):
-        choice = acceleration.precision_choice("cpu")
-        again = acceleration.precision_choice("cpu")
+    with caplog.at_level(logging.INFO, logger="retrieval.model.acceleration"):
+        choice = acceleration.precision_choice("cpu", fresh_cache.parent)
+        again = acceleration.precision_choice("cpu", fresh_cache.parent)
     assert acceleration.measurements == before + 1 and not choice["cached"] and again["cached"]
     assert choice["precision"] in ("fp32", "bf16")  # never int8: it moves the embedding
     fp32, bf16 = choice["fp32_seconds"], choice["bf16_seconds"]
     assert choice["precision"] == acceleration.choose_cpu_precision(fp32, bf16)[0]
     m, k, n = acceleration.PROBE_SHAPE
     assert choice["fp32_gflops"] == pytest.approx(2 * m * k * n / fp32 / 1e9, abs=0.1)
-    assert acceleration.resolve_precision("auto", torch.device("cpu")) == choice["precision"]
+    assert acceleration.resolve_precision("auto", torch.device("cpu"), fresh_cache.parent) == choice["precision"]
     logged = [r.getMessage() for r in caplog.records if "--precision auto" in r.getMessage()]
     assert len(logged) == 1 and choice["precision"] in logged[0]  # once per process
 
 
 def test_the_decision_is_cached_per_machine_and_reused(fresh_cache, monkeypatch):
     calls = fake_probe(monkeypatch, 0.01, 0.005)
-    first = acceleration.precision_choice("cpu")
+    first = acceleration.precision_choice("cpu", fresh_cache.parent)
     assert first["precision"] == "bf16" and not first["cached"] and len(calls) == 1
     key = first["machine"]
     assert str(torch.get_num_threads()) in key and torch.__version__ in key
     assert set(json.loads(fresh_cache.read_text())["machines"]) == {key}
     monkeypatch.setattr(acceleration, "_choices", {})  # as a new process would start
-    second = acceleration.precision_choice("cpu")
+    second = acceleration.precision_choice("cpu", fresh_cache.parent)
     assert second["cached"] and len(calls) == 1
     assert {k: second[k] for k in ("precision", "fp32_gflops", "bf16_gflops")} == \
         {k: first[k] for k in ("precision", "fp32_gflops", "bf16_gflops")}
@@ -125,18 +126,18 @@ def test_the_decision_is_cached_per_machine_and_reused(fresh_cache, monkeypatch)
     doc["machines"] = {"other CPU | amx_bf16 | torch 0 | 64 threads": doc["machines"][key]}
     fresh_cache.write_text(json.dumps(doc))
     monkeypatch.setattr(acceleration, "_choices", {})
-    assert not acceleration.precision_choice("cpu")["cached"] and len(calls) == 2
+    assert not acceleration.precision_choice("cpu", fresh_cache.parent)["cached"] and len(calls) == 2
     assert len(json.loads(fresh_cache.read_text())["machines"]) == 2
 
 
 def test_a_cached_choice_follows_its_own_timings(fresh_cache, monkeypatch):
     calls = fake_probe(monkeypatch, 0.01, 0.005)
-    key = acceleration.precision_choice("cpu")["machine"]
+    key = acceleration.precision_choice("cpu", fresh_cache.parent)["machine"]
     doc = json.loads(fresh_cache.read_text())
     doc["machines"][key].update(precision="bf16", bf16_seconds=0.03)  # edited by hand
     fresh_cache.write_text(json.dumps(doc))
     monkeypatch.setattr(acceleration, "_choices", {})
-    choice = acceleration.precision_choice("cpu")
+    choice = acceleration.precision_choice("cpu", fresh_cache.parent)
     assert choice["cached"] and choice["precision"] == "fp32" and len(calls) == 1
 
 
@@ -146,7 +147,7 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(fresh_cache, monkeypatch, cont
     calls = fake_probe(monkeypatch, 0.01, 0.03)
     fresh_cache.parent.mkdir(parents=True)
     fresh_cache.write_text(content)
-    choice = acceleration.precision_choice("cpu")
+    choice = acceleration.precision_choice("cpu", fresh_cache.parent)
     assert choice["precision"] == "fp32" and not choice["cached"] and len(calls) == 1
     assert json.loads(fresh_cache.read_text())["machines"][choice["machine"]]["precision"] == "fp32"
 
@@ -154,10 +155,10 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(fresh_cache, monkeypatch, cont
 def test_an_unwritable_cache_never_fails_a_command(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("MEDSEARCH_CACHE_DIR", str(blocker / "cache"))  # under a file: no mkdir
     monkeypatch.setattr(acceleration, "_choices", {})
     calls = fake_probe(monkeypatch, 0.01, 0.03)
-    assert acceleration.resolve_precision("auto", torch.device("cpu")) == "fp32" and calls
+    unwritable = blocker / "cache"  # under a file: no mkdir
+    assert acceleration.resolve_precision("auto", torch.device("cpu"), unwritable) == "fp32" and calls
     assert list(tmp_path.iterdir()) == [blocker]
 
 
@@ -195,10 +196,13 @@ def test_the_pooling_head_projects_keys_in_one_product(tiny_model, precision):
 
 @pytest.mark.parametrize("shape,dtype", [((300, 200), np.uint16), ((150, 333, 3), np.uint8),
                                          ((500, 500), np.uint8), ((100, 140, 2), np.uint16)])
-def test_device_recipe_equals_host_recipe(shape, dtype):
+def test_tensor_recipe_equals_host_recipe(shape, dtype):
+    """The recipe's tensor steps (any torch device) give the host recipe's input."""
     rng = np.random.default_rng(1)
     pixels = (rng.random(shape) * np.iinfo(dtype).max).astype(dtype)
-    on_device = acceleration.device_model_input(pixels, 448, torch.device("cpu"))
+    unit = to_rgb(pixels.astype(np.float64) / np.iinfo(dtype).max)
+    chw = torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1)))
+    on_device = (resize_square(pad_to_square(chw), 448) * 2.0 - 1.0).to(torch.float32)
     torch.testing.assert_close(on_device, model_input(pixels, 448), atol=1e-6, rtol=0)
 
 
@@ -235,3 +239,25 @@ def test_info_shows_what_auto_picks_and_why(tiny_model, tmp_path, fresh_cache, m
     auto = json.loads(out.stdout)["precision_auto"]
     assert (auto["device"], auto["precision"]) == ("cpu", "fp32") and "0.33×" in auto["reason"]
     assert {"fp32_gflops", "bf16_gflops", "cached", "machine"} <= set(auto)
+
+
+def test_a_thread_count_set_once_holds_for_towers_loaded_later(tiny_model, monkeypatch):
+    monkeypatch.setattr(acceleration, "_threads", None)
+    before = torch.get_num_threads()
+    try:
+        assert acceleration.configure_cpu_threads() == (os.cpu_count() or 1)
+        assert acceleration.configure_cpu_threads(1) == 1
+        VisionEncoder(resolve_checkpoint(str(tiny_model)), "cpu", "fp32")
+        assert torch.get_num_threads() == 1 and acceleration.configure_cpu_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cuda_bf16_mode_is_a_parameter(tiny_model):
+    with pytest.raises(InputError, match="weights, autocast"):
+        VisionEncoder(resolve_checkpoint(str(tiny_model)), "cpu", "fp32", cuda_bf16="fp8")
+    cpu = torch.device("cpu")
+    assert acceleration.input_dtype(cpu, "bf16", "autocast") == torch.bfloat16  # CPU: weights
+    cuda = torch.device("cuda")
+    assert acceleration.input_dtype(cuda, "bf16", "autocast") == torch.float32
+    assert acceleration.input_dtype(cuda, "bf16", "weights") == torch.bfloat16

@@ -67,7 +67,7 @@ def test_report_cli_with_store(labelled_store, tiny_model, tmp_path):
     from medsearch.cli import app
     from medsearch.commands.classify import query_input
     from retrieval.model import VisionEncoder
-    from retrieval.preprocess import model_input_to_uint8
+    from retrieval.model.preprocess import model_input_to_uint8
     from retrieval.store import Store
 
     query = sorted((labelled_store.parent / "images").iterdir())[0]      # image 0, indexed

@@ -130,7 +130,7 @@ def test_similar_by_id_and_upload(client, data):
 
 def test_images_and_previews(client, data):
     from indexer.decode import DecodeOptions, decode_path
-    from retrieval.preprocess import model_input_to_uint8
+    from retrieval.model.preprocess import model_input_to_uint8
     import torch
 
     path = data / "images" / "MR_small.dcm"

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import index_choice
+from retrieval import ann
 from retrieval.errors import StoreError
 from retrieval.filters import Filters
 from retrieval.store import Manifest, NewImage, Store
@@ -158,7 +158,7 @@ def test_deleting_from_a_graph_index_hides_rows_without_rebuilding(store, tmp_pa
     assert reopened.count == 195
     _, ids = reopened.search(vectors[:5], 3)
     assert not set(ids.ravel()) & {1, 2, 3, 4, 5}
-    inner = index_choice.inner_index(reopened.index)
+    inner = ann.inner_index(reopened.index)
     if isinstance(inner, faiss.IndexIVF):
         inner.nprobe = inner.nlist  # every list: the search is exact
     _, ids = reopened.search(vectors[5:], 1)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from .conftest import write_images
 from retrieval.errors import InputError, ModelUnavailableError
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
+from retrieval.model.preprocess import model_input
 from retrieval.zeroshot import (CXR_FINDINGS, PRESETS, LogitScalars, ReviewThresholds,
                                 ZeroShotClassifier, classifications, normalised_entropy,
                                 read_logit_scalars, resolve_labels, score_vectors, softmax,
@@ -85,7 +86,7 @@ def test_scores_equal_siglip_forward(planted_model):
     classifier = ZeroShotClassifier(TextEncoder(checkpoint, "cpu", "fp32"))
     pixels = np.random.default_rng(1).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     vision = VisionEncoder(checkpoint, "cpu", "fp32")
-    vector = vision.embed_pixels([pixels])
+    vector = vision.embed_batch(model_input(pixels, vision.image_size)[None])
     labels = ["left pneumothorax", "cardiomegaly", "normal chest"]
     ours = classifier.classify(vector, labels, ["a chest x-ray showing {}"])[0]
 
@@ -163,7 +164,7 @@ def build_store(folder: Path, model: Path, n: int, labels: dict[int, list[str]] 
     (independent of the indexing pipeline); ``labels``: image number → user labels."""
     from PIL import Image
 
-    from retrieval.preprocess import PREPROCESSING_VERSION
+    from retrieval.model.preprocess import PREPROCESSING_VERSION
     from retrieval.store import Manifest, NewImage, Store
 
     paths = write_images(folder / "images", n)
@@ -175,7 +176,7 @@ def build_store(folder: Path, model: Path, n: int, labels: dict[int, list[str]] 
     with store.writer() as writer:
         for i, path in enumerate(paths):
             pixels = np.asarray(Image.open(path))
-            vector = encoder.embed_pixels([pixels])[0]
+            vector = encoder.embed_batch(model_input(pixels, encoder.image_size)[None])[0]
             writer.add_file(path=str(path.absolute()), size=path.stat().st_size, mtime_ns=0,
                             content_hash=f"h{i}", source_kind="image",
                             images=[NewImage(0, pixels.shape[1], pixels.shape[0], vector,

@@ -284,7 +284,7 @@ def report_cmd(
 
     Labels default to the cxr preset; --labels or --preset choose others.
     """
-    from retrieval.preprocess import model_input_to_uint8
+    from retrieval.model.preprocess import model_input_to_uint8
     from retrieval.report import findings, findings_html, image_png, write_html
 
     if not labels and not preset:

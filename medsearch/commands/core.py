@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from retrieval.acceleration import auto_batch_size, precision_choice
+from retrieval.model.acceleration import auto_batch_size, precision_choice
 from retrieval.errors import InputError, storage_error
 from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
 from retrieval.search import Searcher
@@ -29,7 +29,7 @@ def make_test_model_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Write a tiny random SigLIP checkpoint (for tests and demos; rankings are meaningless)."""
-    from retrieval.testmodel import make_test_model
+    from retrieval.model.testmodel import make_test_model
 
     path = make_test_model(directory)
     emit({"path": str(path.absolute())}, json_out,

@@ -18,7 +18,7 @@ from PIL import Image
 from retrieval.model import VisionEncoder
 from retrieval.search import Searcher
 from retrieval.store import Store, manifest_for
-from retrieval.testmodel import make_test_model
+from retrieval.model.testmodel import make_test_model
 
 from ..cli import app
 from ..options import JsonOpt

@@ -51,7 +51,7 @@ def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
     from indexer.dicom import NoImage, dicom_frames, read_dataset
     from indexer.images import DecodeError, image_frame
     from indexer.sources import classify
-    from retrieval.preprocess import model_input
+    from retrieval.model.preprocess import model_input
 
     source = Path(path)
     if not source.is_file():

@@ -42,7 +42,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory) -> Path:
     """A second tiny SigLIP with other weights (another fingerprint)."""
-    from retrieval.testmodel import make_test_model
+    from retrieval.model.testmodel import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("model2") / "tiny-siglip-b", seed=1)
 

@@ -53,7 +53,7 @@ def test_a_kill_between_the_manifest_and_the_index_save_is_recovered(tmp_path, t
     import sys
 
     from indexer.pipeline import Indexer
-    from retrieval.index_choice import inner_index
+    from retrieval.ann import inner_index
     from retrieval.model import VisionEncoder
     from retrieval.store import Store, manifest_for
 

@@ -1,4 +1,5 @@
-"""Automatic index choice, the store's use of it, and filtered search that keeps its recall."""
+"""Automatic index choice (retrieval.ann.policy), the store's use of it, and filtered search
+(retrieval.ann.search) that keeps its recall."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import index_choice
-from retrieval.exact import exact_topk
-from retrieval.index_choice import choose_index, estimated_bytes_per_vector
+from retrieval.ann import policy
+from retrieval.ann import search as ann_search
+from retrieval.ann.exact import exact_topk
+from retrieval.ann.policy import choose_index, estimated_bytes_per_vector
 from retrieval.store import INDEX_FILE, Manifest, NewImage, Store, new_index
 
 GIB = 2**30
@@ -29,7 +31,7 @@ def test_choice_follows_size_and_budget():
     assert big.index_type.startswith("IVF") and big.index_type.endswith("_HNSW32,SQ8")
     huge = choose_index(50_000_000, 1152, 64 * GIB)
     assert ",PQ" in huge.index_type and huge.rerank > 0
-    assert index_choice.rerank_for(huge.index_type) == huge.rerank
+    assert policy.rerank_for(huge.index_type) == huge.rerank
     for choice in (small, mid, million, tight, big, huge):
         assert choice.reason
         faiss.index_factory(1152, choice.index_type, faiss.METRIC_INNER_PRODUCT)  # valid strings
@@ -61,7 +63,7 @@ def recall(found, truth):
 @pytest.mark.parametrize("spec", ["HNSW16", "IVF64,Flat", "Flat"])
 @pytest.mark.parametrize("fraction", [0.01, 0.10])
 def test_filtered_search_keeps_recall(spec, fraction, monkeypatch):
-    monkeypatch.setattr(index_choice, "EXACT_SUBSET_LIMIT", 0)  # force the selector route
+    monkeypatch.setattr(ann_search, "EXACT_SUBSET_LIMIT", 0)  # force the selector route
     x = clustered(8000, 32)
     q = clustered(30, 32, seed=1)
     ids = np.arange(100_000, 108_000, dtype=np.int64)
@@ -71,7 +73,7 @@ def test_filtered_search_keeps_recall(spec, fraction, monkeypatch):
     allowed = np.sort(np.random.default_rng(2).choice(ids, int(len(ids) * fraction), replace=False))
     rows = np.searchsorted(ids, allowed)
     _, truth = exact_topk(q, x[rows], allowed, 10)
-    _, found = index_choice.search(index, q, 10, allowed=allowed)
+    _, found = ann_search.search_index(index, q, 10, allowed=allowed)
     assert np.isin(found[found >= 0], allowed).all()
     assert recall(found, truth) >= 0.95
 
@@ -86,11 +88,11 @@ def test_small_subsets_are_answered_exactly_and_lossy_codes_are_reranked():
     fetch = lambda wanted: x[wanted]  # noqa: E731  (the store reads SQLite here)
     allowed = ids[::50]
     _, truth = exact_topk(q, x[allowed], allowed, 10)
-    _, found = index_choice.search(index, q, 10, allowed=allowed, fetch_vectors=fetch)
+    _, found = ann_search.search_index(index, q, 10, allowed=allowed, fetch_vectors=fetch)
     assert recall(found, truth) == 1.0
     _, truth = exact_topk(q, x, ids, 10)
-    plain = recall(index_choice.search(index, q, 10)[1], truth)
-    reranked = recall(index_choice.search(index, q, 10, fetch_vectors=fetch, rerank=4)[1], truth)
+    plain = recall(ann_search.search_index(index, q, 10)[1], truth)
+    reranked = recall(ann_search.search_index(index, q, 10, fetch_vectors=fetch, rerank=4)[1], truth)
     assert reranked > plain
 
 
@@ -115,9 +117,9 @@ def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
 
     allowed = ids[::5]  # 1,200 rows: ranked on the index's own codes, then re-scored
     _, truth = exact_topk(q, x[allowed - 50_000], allowed, 10)
-    scores, found = index_choice.search(index, q, 10, allowed=allowed, fetch_vectors=fetch)
+    scores, found = ann_search.search_index(index, q, 10, allowed=allowed, fetch_vectors=fetch)
     assert recall(found, truth) == 1.0
-    assert max(asked) <= index_choice.SUBSET_RERANK * 10 < allowed.size
+    assert max(asked) <= ann_search.SUBSET_RERANK * 10 < allowed.size
     exact_scores = (q[:, None, :] * x[found - 50_000]).sum(-1)
     assert np.allclose(scores, exact_scores, atol=1e-5)  # scores come from the raw vectors
 
@@ -126,10 +128,10 @@ def test_small_subset_reads_few_raw_vectors_and_stays_exact(spec):
 def test_a_graph_scans_its_codes_for_a_selection_in_place(spec):
     _, q, ids, index = indexed_with_offset_ids(spec, 70_000, queries=4)
     allowed = ids[::3]
-    scanned = index_choice._scan_graph_codes(index, q, allowed, 50)
+    scanned = ann_search._scan_graph_codes(index, q, allowed, 50)
     _, decoded = exact_topk(q, index.reconstruct_batch(allowed), allowed, 50)
     assert all(set(a) == set(b) for a, b in zip(scanned, decoded))  # same ranking, in place
-    assert index_choice._scan_graph_codes(index, q, ids[:50], 50) is None  # under 1/64: decode
+    assert ann_search._scan_graph_codes(index, q, ids[:50], 50) is None  # under 1/64: decode
 
 
 def test_an_ivf_index_saved_without_a_direct_map_gets_one_on_load(tmp_path):
@@ -140,7 +142,7 @@ def test_an_ivf_index_saved_without_a_direct_map_gets_one_on_load(tmp_path):
     store.close()
     path = str(tmp_path / "store" / INDEX_FILE)
     index = faiss.read_index(path)
-    index_choice.inner_index(index).set_direct_map_type(faiss.DirectMap.NoMap)  # an older file
+    policy.inner_index(index).set_direct_map_type(faiss.DirectMap.NoMap)  # an older file
     faiss.write_index(index, path)
     with Store.open(tmp_path / "store", readonly=True) as reopened:
         ids, vectors = reopened.all_vectors()
@@ -152,9 +154,9 @@ def test_an_ivf_index_saved_without_a_direct_map_gets_one_on_load(tmp_path):
 
         allowed = ids[::4]
         _, truth = exact_topk(x[:3], vectors[::4], allowed, 10)
-        _, found = index_choice.search(reopened.index, x[:3], 10, allowed=allowed, fetch_vectors=fetch)
+        _, found = ann_search.search_index(reopened.index, x[:3], 10, allowed=allowed, fetch_vectors=fetch)
         assert recall(found, truth) == 1.0
-        assert max(asked) <= index_choice.SUBSET_RERANK * 10 < allowed.size
+        assert max(asked) <= ann_search.SUBSET_RERANK * 10 < allowed.size
 
 
 def manifest(index_type):
@@ -170,8 +172,8 @@ def add(store, vectors, start=0):
 
 
 def test_store_auto_index_is_rechosen_as_it_grows(tmp_path, monkeypatch):
-    monkeypatch.setattr(index_choice, "EXACT_MAX_BYTES", 16 * 4 * 100)  # exact up to 100 vectors
-    monkeypatch.setattr(index_choice, "SQ_MIN_TRAIN", 100)
+    monkeypatch.setattr(policy, "EXACT_MAX_BYTES", 16 * 4 * 100)  # exact up to 100 vectors
+    monkeypatch.setattr(policy, "SQ_MIN_TRAIN", 100)
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((160, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -200,10 +202,10 @@ def test_a_chosen_ivf_waits_for_enough_vectors_and_retrains_as_the_store_grows(t
     searched exactly instead of training (or failing to train) on the first batch."""
     x = clustered(4200, 16)
     store = Store.create(tmp_path / "s", manifest("IVF16,SQ8"))
-    assert index_choice.training_minimum("IVF16,SQ8") == 1_000
-    assert index_choice.training_minimum("IVF4096_HNSW32,PQ96x8") == 39 * 4096
-    assert index_choice.training_minimum("RQ4x8") == 39 * 256
-    assert index_choice.training_minimum("HNSW32") == 0 and not index_choice.needs_training("HNSW32", 16)
+    assert policy.training_minimum("IVF16,SQ8") == 1_000
+    assert policy.training_minimum("IVF4096_HNSW32,PQ96x8") == 39 * 4096
+    assert policy.training_minimum("RQ4x8") == 39 * 256
+    assert policy.training_minimum("HNSW32") == 0 and not policy.needs_training("HNSW32", 16)
     add(store, x[:300])  # enough for k-means to run, too few to train 16 lists and SQ8 well
     store.save()
     status = store.index_status()
@@ -221,13 +223,13 @@ def test_a_chosen_ivf_waits_for_enough_vectors_and_retrains_as_the_store_grows(t
     store.close()
     reopened = Store.open(tmp_path / "s", readonly=True)
     assert reopened.index_status()["index_trained_on"] == 4200  # retrained on the whole store
-    assert isinstance(index_choice.inner_index(reopened.index), faiss.IndexIVF)
+    assert isinstance(policy.inner_index(reopened.index), faiss.IndexIVF)
     assert reopened.count == 4200
     reopened.close()
     (tmp_path / "s" / INDEX_FILE).unlink()  # killed before the first save: rebuilt from SQLite
     with Store.open(tmp_path / "s") as rebuilt:
         assert rebuilt.index_status()["index_in_use"] == "IVF16,SQ8" and rebuilt.count == 4200
-        index_choice.inner_index(rebuilt.index).nprobe = 16
+        policy.inner_index(rebuilt.index).nprobe = 16
         _, ids = rebuilt.search(x[:50], 1)
         assert (ids[:, 0] == np.arange(1, 51)).all()
 

@@ -9,9 +9,13 @@ dynamic int8 quantisation of every Linear layer (weights int8, activations quant
 batch: 1.78× faster than fp32 on the full-size vision tower on the 2-core reference machine,
 cosine 0.9998 to fp32). Thread count: one intra-op thread per core, set deliberately.
 
-CUDA: bf16 autocast (fp32 weights, matrix products in bf16, reductions and norms in fp32),
-SDPA attention, optional ``torch.compile``, batches staged in pinned host memory and copied
-asynchronously, pixel scaling/resizing on the device, batch size from free memory.
+CUDA: bf16 as bf16 weights throughout (``cuda_bf16="weights"``, half the bytes for every
+elementwise op) or as autocast over fp32 weights (``"autocast"``: reductions and norms in
+fp32), SDPA attention, optional ``torch.compile``, batches staged in pinned host memory and
+copied asynchronously, batch size from free memory.
+
+Nothing here reads the environment: the cache folder, thread count and CUDA bf16 mode are
+parameters, resolved by the caller's settings.
 """
 
 from __future__ import annotations
@@ -29,16 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 #: Activation memory per image for the vision tower in bf16 at 448 px (1024 tokens, width
 #: 1152, MLP 4304), with a 2× margin; used to size batches from free GPU memory.
 VISION_BYTES_PER_IMAGE = 96 * 2**20
 MAX_CUDA_BATCH = 256
-#: On CUDA, bf16 as autocast over fp32 weights ("autocast": norms and softmax in fp32) or as
-#: bf16 weights throughout ("weights": half the bytes for every elementwise op).
-CUDA_BF16_MODE = os.environ.get("MEDSEARCH_CUDA_BF16", "weights")
+#: On CUDA, bf16 as bf16 weights throughout ("weights": half the bytes for every elementwise
+#: op) or as autocast over fp32 weights ("autocast": norms and softmax in fp32).
+CUDA_BF16_MODES = ("weights", "autocast")
 #: ``auto`` takes bf16 on a CPU only when its matrix products measure this much faster than
 #: fp32: the probe times products alone, and the tower's other ops gain less from bf16.
 BF16_MIN_SPEEDUP = 1.25
@@ -50,6 +54,8 @@ CACHE_VERSION = 1
 #: Probes run in this process (tests tell a cached decision from a fresh one by it, not by time).
 measurements = 0
 _choices: dict[str, dict] = {}
+#: Intra-op threads asked for by the application (None: one per core).
+_threads: int | None = None
 log = logging.getLogger(__name__)
 
 
@@ -59,12 +65,17 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def cache_path() -> Path:
-    """``$MEDSEARCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/medsearch``, else ``~/.cache/medsearch``."""
-    if os.environ.get("MEDSEARCH_CACHE_DIR"):
-        return Path(os.environ["MEDSEARCH_CACHE_DIR"]) / "precision.json"
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "medsearch" / "precision.json"
+def check_cuda_bf16(mode: str) -> str:
+    """The CUDA bf16 mode, validated: ``weights`` or ``autocast``."""
+    if mode not in CUDA_BF16_MODES:
+        raise InputError(f"the CUDA bf16 mode must be one of {', '.join(CUDA_BF16_MODES)}, "
+                         f"not {mode!r}")
+    return mode
+
+
+def cache_file(cache_dir: Path) -> Path:
+    """The per-machine precision decisions inside the cache folder."""
+    return Path(cache_dir) / "precision.json"
 
 
 def machine_key(threads: int) -> str:
@@ -174,11 +185,12 @@ def _write_cache(path: Path, key: str, record: dict) -> None:
             os.unlink(tmp.name)
 
 
-def precision_choice(device: torch.device | str = "cpu") -> dict:
+def precision_choice(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> dict:
     """What ``--precision auto`` resolves to on ``device`` and why (logs, ``medsearch info``).
 
-    CPU: measured once per machine (see ``machine_key``) and cached in ``cache_path()``;
-    ``cached`` says whether this answer came without a new measurement.
+    CPU: measured once per machine (see ``machine_key``) and kept in ``cache_file(cache_dir)``
+    (None: no file, remembered in this process only); ``cached`` says whether this answer
+    came without a new measurement.
     """
     global measurements
     if isinstance(device, str) and device == "auto":
@@ -197,11 +209,7 @@ def precision_choice(device: torch.device | str = "cpu") -> dict:
     key = machine_key(configure_cpu_threads())
     if key in _choices:
         return {**_choices[key], "cached": True}
-    try:
-        path = cache_path()
-    except RuntimeError as exc:  # no home directory
-        log.debug("no cache directory (%r)", exc)
-        path = None
+    path = cache_file(cache_dir) if cache_dir is not None else None
     record = _read_cache(path, key) if path else None
     cached = record is not None
     if record is None:
@@ -217,13 +225,13 @@ def precision_choice(device: torch.device | str = "cpu") -> dict:
     return {**record, "cached": cached}
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, cache_dir: Path | None = None) -> str:
     """``auto`` → bf16 on CUDA, and on a CPU where bf16 measured clearly faster; else fp32."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "auto":
-        return precision_choice(device)["precision"]
+        return precision_choice(device, cache_dir)["precision"]
     if precision == "int8" and device.type != "cpu":
         raise InputError("--precision int8 (dynamic quantisation) runs on the CPU only; "
                          "use bf16 on a GPU")
@@ -231,8 +239,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def configure_cpu_threads(threads: int | None = None) -> int:
-    """One intra-op thread per core (decode workers are separate processes)."""
-    threads = threads or int(os.environ.get("MEDSEARCH_THREADS", 0)) or (os.cpu_count() or 1)
+    """Set ``threads`` intra-op threads; None keeps a count set by an earlier call, else one
+    per core (decode workers are separate processes).
+
+    Loading a tower calls this without a count, so a count the application set once (its
+    settings) holds for every tower loaded afterwards.
+    """
+    global _threads
+    if threads:
+        _threads = int(threads)
+    threads = _threads or os.cpu_count() or 1
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -262,7 +278,7 @@ def _seq_first_keys(module: torch.nn.MultiheadAttention, args: tuple) -> tuple |
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
-                  compile_model: bool = False) -> torch.nn.Module:
+                  compile_model: bool = False, *, cuda_bf16: str = "weights") -> torch.nn.Module:
     """Put a loaded tower on its device in its precision (eval mode, no grads)."""
     model = model.eval()
     for p in model.parameters():
@@ -271,7 +287,7 @@ def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
         configure_cpu_threads()
     if precision == "int8":
         model = quantize_int8(model)
-    elif precision == "bf16" and (device.type == "cpu" or CUDA_BF16_MODE == "weights"):
+    elif precision == "bf16" and (device.type == "cpu" or cuda_bf16 == "weights"):
         model = model.to(torch.bfloat16)  # CPU autocast adds casts per op; native weights are faster
     model = model.to(device)
     for module in model.modules():
@@ -282,15 +298,16 @@ def prepare_model(model: torch.nn.Module, device: torch.device, precision: str,
     return model
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA; nothing elsewhere (CPU bf16 uses bf16 weights directly)."""
-    if device.type == "cuda" and precision == "bf16" and CUDA_BF16_MODE == "autocast":
+def autocast(device: torch.device, precision: str, cuda_bf16: str = "weights"):
+    """bf16 autocast on CUDA in autocast mode; nothing elsewhere (bf16 weights need none)."""
+    if device.type == "cuda" and precision == "bf16" and cuda_bf16 == "autocast":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def input_dtype(device: torch.device, precision: str) -> torch.dtype:
-    weights = device.type == "cpu" or CUDA_BF16_MODE == "weights"
+def input_dtype(device: torch.device, precision: str, cuda_bf16: str = "weights") -> torch.dtype:
+    """The dtype a batch enters the tower in: bf16 where the weights are bf16."""
+    weights = device.type == "cpu" or cuda_bf16 == "weights"
     return torch.bfloat16 if precision == "bf16" and weights else torch.float32
 
 
@@ -331,28 +348,3 @@ def auto_batch_size(device: torch.device, requested: int | None = None,
     free, _ = torch.cuda.mem_get_info(device)
     fits = max(1, int(free * 0.5 // bytes_per_image))
     return int(min(MAX_CUDA_BATCH, 2 ** int(np.log2(fits))))
-
-
-def device_model_input(pixels: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
-    """The MedSigLIP recipe (scale by bit depth, grey→RGB, centred pad, bilinear resize
-    without antialiasing, [-1, 1]) computed on ``device``: only the raw pixels cross the bus."""
-    from .preprocess import pad_to_square, resize_square, to_rgb
-
-    if pixels.dtype == np.uint8:
-        scale = 255.0
-    elif pixels.dtype == np.uint16:
-        scale = 65535.0
-    else:
-        from .preprocess import model_input
-
-        return model_input(pixels, size).to(device)
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    grey = pixels.shape[2] in (1, 2)
-    raw = np.ascontiguousarray(pixels[:, :, :1] if grey else to_rgb(pixels))
-    host = torch.from_numpy(raw.astype(np.int32) if raw.dtype == np.uint16 else raw)
-    chw = to_device(host, device).permute(2, 0, 1).to(torch.float64) / scale
-    square = resize_square(pad_to_square(chw), size)
-    if grey:
-        square = square.expand(3, -1, -1)
-    return (square * 2.0 - 1.0).to(torch.float32)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .model import quiet_transformers
+from .checkpoint import quiet_transformers
 
 FINDINGS = [
     "pneumothorax", "pleural effusion", "cardiomegaly", "atelectasis", "consolidation",

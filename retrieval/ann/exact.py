@@ -1,16 +1,11 @@
 """Exact inner-product top-k over raw float32 vectors, at the speed of one matrix product.
 
-Why not FAISS ``IndexFlatIP.search``: on the 2-core reference machine (100k×1152, 200 queries,
-k=10) it answered 90–250 queries/s. Its wheel brings its own OpenMP OpenBLAS 0.3.15 (beside
-numpy's OpenBLAS 0.3.31 and torch's MKL: ``threadpoolctl.threadpool_info()`` lists all three),
-whose threads spin at barriers when the other core is busy (two threads ran *slower* than
-one on a shared box), and it multiplies in small database blocks, each followed by per-query
-heap updates. Measured here, interleaved, unloaded: torch matmul+topk 222 q/s (torch's MKL
-takes a slow path on this AMD processor), numpy matmul+argpartition 258 (argpartition is the
-slow half), numpy's GEMM followed by ``torch.topk`` 449. So: numpy's BLAS for the product
-(large database blocks against the whole query batch, bounded memory), torch's topk for the
-selection, on zero-copy views. A single query is a matrix-vector product bounded by memory
-bandwidth (n·d·4 bytes per query); numpy's gemv read ~15 GB/s here, twice torch's.
+FAISS's own ``IndexFlatIP.search`` is several times slower on a small shared machine (its
+bundled OpenMP BLAS spins at barriers when a core is busy, and it updates per-query heaps
+after small database blocks; figures in benchmarks/README.md). So: numpy's BLAS for the
+product (large database blocks against the whole query batch, bounded memory), torch's topk
+for the selection, on zero-copy views. A single query is a matrix-vector product bounded by
+memory bandwidth (n·d·4 bytes per query), where numpy's gemv reads about twice torch's rate.
 """
 
 from __future__ import annotations

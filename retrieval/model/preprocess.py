@@ -52,8 +52,8 @@ def to_rgb(unit: np.ndarray) -> np.ndarray:
 def pad_to_square(chw: torch.Tensor) -> torch.Tensor:
     """Centre a C×H×W image on a zero square; the odd pixel goes to the bottom/right.
 
-    This and :func:`resize_square` are the recipe as tensor operations, for a GPU
-    (``acceleration.device_model_input``); the CPU path below reads only sampled lines."""
+    This and :func:`resize_square` are the recipe as tensor operations (usable on any torch
+    device); :func:`model_input` computes the same on the host, reading only sampled lines."""
     _, h, w = chw.shape
     if h == w:
         return chw

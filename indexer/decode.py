@@ -1,4 +1,5 @@
-"""One source file → hashed, decoded frames as model inputs: the work done in worker processes."""
+"""One source (a file, or its bytes) → decoded frames as model inputs: the steps that indexing
+workers and the decode entry (:mod:`indexer.view`) share."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ class ModelImage:
     tensor: np.ndarray  # 3×S×S float32 in [-1, 1]
 
     def display_rgb(self) -> np.ndarray:
-        """H×W×3 uint8: the model input with only the final scaling undone (what previews show)."""
+        """H×W×3 uint8: the model input with only its final scaling undone (previews)."""
         return model_input_to_uint8(torch.from_numpy(self.tensor))
 
 

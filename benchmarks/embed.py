@@ -213,10 +213,10 @@ def decode_rate(corpus: dict, image_size: int, pool: SupervisedPool | None = Non
 
 
 def real_batch(corpus: dict, image_size: int, batch: int) -> torch.Tensor:
-    from indexer.decode import DecodeOptions, decode_path
+    from indexer.view import read_image
 
-    options = DecodeOptions(image_size=image_size, phi_policy="drop")
-    tensors = [torch.from_numpy(decode_path(p, options).frames[0].tensor) for p in corpus["unique"]]
+    tensors = [torch.from_numpy(read_image(p, image_size=image_size).tensor)
+               for p in corpus["unique"]]
     return torch.stack([tensors[i % len(tensors)] for i in range(batch)])
 
 

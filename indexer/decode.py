@@ -1,10 +1,10 @@
-"""One source file → hashed, decoded frames as model inputs: the work done in worker processes."""
+"""One source (a file, or its bytes) → decoded frames as model inputs: the steps that indexing
+workers and the decode entry (:mod:`indexer.view`) share."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ class DecodeOptions:
     phi_policy: str = "hash"       # hash | keep | drop
     phi_secret: bytes = field(default=b"", repr=False)  # the store's key: never in logs
     window: str = "file"           # file | auto | a CT preset (indexer.pixels.PRESETS)
+    frame: int | None = None       # one given frame instead of the policy's (a preview)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Decoded:
     error: str | None = None      # broken: counted as a failure
     skipped: str | None = None    # valid but nothing to embed (e.g. a DICOM SR)
     consent_key: str | None = None  # hashed patient key (withdrawn-consent check), never raw
+    frame_count: int = 0          # frames the source declares (0: not read that far)
 
 
 def content_hash(path: str | Path) -> str:
@@ -83,43 +85,69 @@ def select_frames(count: int, policy: str) -> list[int]:
     return sorted({round(i * (count - 1) / max(limit - 1, 1)) for i in range(limit)})
 
 
+def wanted_frames(count: int, options: DecodeOptions) -> list[int]:
+    """The frames to decode: the one asked for, else those the frames policy selects."""
+    if options.frame is None:
+        return select_frames(count, options.frames)
+    if not 0 <= options.frame < count:
+        raise DecodeError(f"frame {options.frame} does not exist (it has {count}, 0-based)")
+    return [options.frame]
+
+
 def _frame(index: int, pixels: np.ndarray, size: int) -> DecodedFrame:
     return DecodedFrame(index, int(pixels.shape[1]), int(pixels.shape[0]),
                         model_planes(pixels, size).numpy())
 
 
-def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
-    """Never raises for bad input: the reason goes into ``error`` or ``skipped``."""
+def _image_frames(data: str | bytes, options: DecodeOptions, result: Decoded) -> list[DecodedFrame]:
+    def choose(count: int) -> list[int]:  # the count is known only once the file is open
+        result.frame_count = count
+        return wanted_frames(count, options)
+
+    return [_frame(i, px, options.image_size) for i, px in image_frames(data, choose)]
+
+
+def _dicom_frames(data: str | bytes, options: DecodeOptions, result: Decoded) -> list[DecodedFrame]:
+    ds = read_dataset(data)
+    result.metadata = dicom_metadata(ds, options.phi_policy, options.phi_secret)
+    if options.phi_secret:  # hashed here, in the worker, under every PHI policy
+        result.consent_key = patient_key(str(ds.get("PatientID", "") or "").strip(),
+                                         "hash", options.phi_secret)
+    if (reason := no_image_reason(ds)) is not None:
+        raise NoImage(reason)
+    result.frame_count = frame_count(ds)
+    wanted = wanted_frames(result.frame_count, options)
+    path = None if isinstance(data, (bytes, bytearray)) else data
+    return [_frame(i, px, options.image_size)
+            for i, px in dicom_frames(ds, path, wanted, options.window)]
+
+
+def decode_source(source: SourceFile, options: DecodeOptions,
+                  content: bytes | None = None) -> Decoded:
+    """Decode one source (or, with ``content``, its bytes held in memory: an upload) into
+    model inputs. Never raises for bad input: the reason goes into ``error`` or ``skipped``."""
     result = Decoded(source)
     try:
         if source.kind == "refused":  # e.g. a DICOMDIR record pointing outside its folder
             raise DecodeError(getattr(source, "reason", "") or "refused source, not read")
-        if source.kind == "dicomweb":  # a PACS instance: fetched here, in the worker
+        if content is not None:  # not hashed: only indexing compares contents
+            if not content:
+                raise DecodeError("empty file (0 bytes)")
+            data: str | bytes = content
+        elif source.kind == "dicomweb":  # a PACS instance: fetched here, in the worker
             from .dicomweb import retrieve_instance
 
             data = retrieve_instance(source.path)
             result.content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
-            ds, path = read_dataset(data), None
         elif source.size == 0:
             raise DecodeError("empty file (0 bytes)")
         else:
             result.content_hash = content_hash(source.path)
-        if source.kind == "dicom":
-            ds, path = read_dataset(source.path), source.path
+            data = source.path
         if source.kind in ("dicom", "dicomweb"):
-            result.metadata = dicom_metadata(ds, options.phi_policy, options.phi_secret)
-            if options.phi_secret:  # hashed here, in the worker, under every PHI policy
-                result.consent_key = patient_key(str(ds.get("PatientID", "") or "").strip(),
-                                                 "hash", options.phi_secret)
-            if (reason := no_image_reason(ds)) is not None:
-                raise NoImage(reason)
-            wanted = select_frames(frame_count(ds), options.frames)
-            result.frames = [_frame(i, px, options.image_size)
-                             for i, px in dicom_frames(ds, path, wanted, options.window)]
+            result.frames = _dicom_frames(data, options, result)
         else:
-            choose = partial(select_frames, policy=options.frames)
-            result.frames = [_frame(i, px, options.image_size)
-                             for i, px in image_frames(source.path, choose)]
+            result.frames = _image_frames(data, options, result)
         if not result.frames:
             raise DecodeError("no frames could be decoded")
     except NoImage as exc:
@@ -138,20 +166,3 @@ def decode_source(source: SourceFile, options: DecodeOptions) -> Decoded:
         # BaseException) must not cost the other files
         result.error, result.frames = f"unexpected {type(exc).__name__}: {exc}", []
     return result
-
-
-def decode_path(path: str | Path, options: DecodeOptions) -> Decoded:
-    """Decode one file given by a user (a query image); bad input raises a clear error."""
-    from retrieval.errors import InputError
-
-    from .sources import classify
-
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InputError(f"{path}: no such file")
-    st = p.stat()
-    decoded = decode_source(SourceFile(str(p.absolute()), st.st_size, st.st_mtime_ns,
-                                       classify(p) or "image"), options)
-    if decoded.error or decoded.skipped:
-        raise InputError(f"{path}: {decoded.error or decoded.skipped}")
-    return decoded

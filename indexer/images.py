@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -67,8 +68,15 @@ def _check(img: Image.Image, frames_decoded: int, what: str) -> None:
         raise DecodeError(reason)
 
 
-def image_frames(path: str | Path, wanted: Wanted = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, pixels) of the wanted frames of an image file, EXIF orientation on frame 0.
+def _open(source: str | Path | bytes) -> Image.Image:
+    """Pillow's lazy open of a file, or of a file's bytes held in memory (an upload)."""
+    return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+
+
+def image_frames(source: str | Path | bytes,
+                 wanted: Wanted = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, pixels) of the wanted frames of an image file (or its bytes), EXIF orientation
+    on frame 0.
 
     ``wanted`` is a list of indices, a function of the frame count giving them, or None for
     all. Each frame's declared size is checked against :mod:`indexer.limits` before it is
@@ -78,11 +86,11 @@ def image_frames(path: str | Path, wanted: Wanted = None) -> Iterator[tuple[int,
     try:
         with warnings.catch_warnings():  # a warned-about size is refused just below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = _open(source)
         with img:
             _check(img, 1, "image")  # the header's size, before verify reads anything
             img.verify()
-        with Image.open(path) as img:  # no warning now: the size passed the check above
+        with _open(source) as img:  # no warning now: the size passed the check above
             yield from _frames(img, wanted)
     except UnidentifiedImageError:
         raise DecodeError("not a readable image (unknown or corrupt format: check the file "
@@ -115,26 +123,3 @@ def _frames(img: Image.Image, wanted: Wanted) -> Iterator[tuple[int, np.ndarray]
         if pixels.size == 0:
             raise DecodeError("image has no pixels (zero width or height)")
         yield index, pixels
-
-
-def image_frame(path: str | Path, index: int) -> np.ndarray:
-    """One frame of an image file (previews), decoded as :func:`image_frames` does."""
-    for _, pixels in image_frames(path, [index]):
-        return pixels
-    raise DecodeError(f"frame {index} does not exist")
-
-
-def image_frame_count(path: str | Path) -> int:
-    """How many frames an image file declares (from its headers; nothing is decoded)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        with img:
-            return max(int(getattr(img, "n_frames", 1) or 1), 1)
-    except UnidentifiedImageError:
-        raise DecodeError("not a readable image (unknown or corrupt format)") from None
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"refused as a possible decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DecodeError(f"corrupt or truncated image: {exc}") from None

@@ -61,7 +61,7 @@ def limit_memory(extra_bytes: int) -> None:
 
 
 def _child(conn: Connection, source: "SourceFile", options: "DecodeOptions",
-           memory_bytes: int) -> None:
+           content: bytes | None, memory_bytes: int) -> None:
     from .decode import decode_source
 
     try:
@@ -69,7 +69,7 @@ def _child(conn: Connection, source: "SourceFile", options: "DecodeOptions",
 
         torch.set_num_threads(1)  # one upload, one core: fewer thread stacks and arenas
         limit_memory(memory_bytes)
-        decoded = decode_source(source, options)
+        decoded = decode_source(source, options, content)
         decoded.metadata = {}  # an upload's header stays in the child
         conn.send(decoded)
     finally:
@@ -77,15 +77,17 @@ def _child(conn: Connection, source: "SourceFile", options: "DecodeOptions",
 
 
 def decode_isolated(source: "SourceFile", options: "DecodeOptions", *,
-                    memory_bytes: int = UPLOAD_MEMORY_BYTES,
+                    content: bytes | None = None, memory_bytes: int = UPLOAD_MEMORY_BYTES,
                     timeout_s: float = UPLOAD_TIMEOUT_S) -> "Decoded":
-    """``decode_source`` in a child process under memory and time limits; never raises for
-    bad input: a crash, an overrun or running out of memory becomes ``error``."""
+    """``decode_source`` (of the file, or of ``content``: its bytes, sent to the child) in a
+    child process under memory and time limits; never raises for bad input: a crash, an
+    overrun or running out of memory becomes ``error``."""
     from .decode import Decoded
 
     # not daemonic: the decode may itself run GDCM in a child (call_limited); killed after
     try:
-        return _in_child(_fork_context(), _child, (source, options, memory_bytes), timeout_s)
+        return _in_child(_fork_context(), _child, (source, options, content, memory_bytes),
+                         timeout_s)
     except LimitedCallFailed as exc:
         if not exc.crashed:
             return Decoded(source, error=f"decoding took longer than {timeout_s:.0f} s: refused")

@@ -285,10 +285,12 @@ class Indexer:
         return np.concatenate(out)
 
 
-def query_image_vector(encoder: VisionEncoder, file: str | Path, frames: str = "middle") -> np.ndarray:
-    """Decode a query file exactly as indexing does and embed its first selected frame."""
-    from .decode import decode_path
+def query_image_vector(encoder: VisionEncoder, file: str | Path,
+                       decode: dict | None = None) -> np.ndarray:
+    """Embed a query file decoded as the store's images were (``decode``: its manifest's
+    recorded settings, None for the defaults)."""
+    from .view import DecodeSettings, read_image
 
-    decoded = decode_path(file, DecodeOptions(image_size=encoder.image_size, frames=frames,
-                                              phi_policy="drop"))
-    return encoder.embed_batch(torch.from_numpy(decoded.frames[0].tensor[None]))[0]
+    image = read_image(file, image_size=encoder.image_size,
+                       settings=DecodeSettings.from_manifest(decode).for_query())
+    return encoder.embed_batch(torch.from_numpy(image.tensor[None]))[0]

@@ -33,6 +33,16 @@ def has_dicom_preamble(path: str | Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def content_kind(data: bytes) -> str:
+    """'dicom' or 'image' for a file's bytes (an upload has no name to go by)."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    # DICOM without preamble: a little-endian group 0002 or 0008 element first
+    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
+        return "dicom"
+    return "image"
+
+
 def classify(path: Path) -> str | None:
     """'image', 'dicom' or None (not something we index)."""
     suffix = path.suffix.lower()

@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import InputError
 from .filters import Filters
-from .model import TextEncoder, VisionEncoder, model_input, resolve_checkpoint
+from .model import TextEncoder, VisionEncoder, resolve_checkpoint
 from .privacy import PathRedactor
 from .store import Store
 
@@ -72,10 +72,6 @@ class Searcher:
             raise InputError("the query text is empty")
         return self.text_encoder.embed_cached(text.strip())
 
-    def image_vector(self, pixels: np.ndarray) -> np.ndarray:
-        encoder = self.vision_encoder
-        return encoder.embed_batch(model_input(pixels, encoder.image_size)[None])[0]
-
     def id_vector(self, image_id: int) -> np.ndarray:
         if not self.store.rows([image_id]):
             raise InputError(f"no indexed image with id {image_id}; `medsearch info` shows the store")
@@ -99,10 +95,6 @@ class Searcher:
     def text(self, text: str, k: int = 10, filters: Filters | None = None,
              min_score: float | None = None) -> list[Result]:
         return self.by_vector(self.text_vector(text), k, filters, min_score)
-
-    def similar_pixels(self, pixels: np.ndarray, k: int = 10, filters: Filters | None = None,
-                       min_score: float | None = None) -> list[Result]:
-        return self.by_vector(self.image_vector(pixels), k, filters, min_score)
 
     def similar_id(self, image_id: int, k: int = 10, filters: Filters | None = None,
                    min_score: float | None = None, include_self: bool = False) -> list[Result]:

@@ -668,7 +668,7 @@ class Engine:
         if self.decode_stored is None:
             raise NotFound("previews are not available: the server has no image decoder")
         try:
-            tensor = self.decode_stored(row["path"], int(row["frame"]), self.image_size)
+            tensor = self.decode_stored(row["path"], int(row["frame"]), self.image_size, self.store.manifest.decode)
         except MedsearchError as exc:
             reason = str(exc).replace(row["path"], self.searcher.redact(row["path"]))
             raise NotFound(f"the source of image {image_id} can no longer be read: {reason}") from None

@@ -85,6 +85,7 @@ class Manifest:
     index_previous: dict | None = None  # the record before the last save (see _index_records)
     #: The highest image id ever handed out: new rows start above it (ids are never reused).
     id_high_water: int = 0
+    decode: dict | None = None  # how images became model inputs (indexer.view.DecodeSettings)
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":

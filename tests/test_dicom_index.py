@@ -152,7 +152,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 def test_preview_writes_what_the_model_sees(tmp_path, capsys):
     import torch
 
-    from indexer.decode import DecodeOptions, decode_path
+    from indexer.view import read_image
     from retrieval.model.preprocess import model_input_to_uint8
 
     out = tmp_path / "ybr.png"
@@ -162,8 +162,8 @@ def test_preview_writes_what_the_model_sees(tmp_path, capsys):
     doc = json.loads(stdout)
     assert doc["frame"] == 15 and doc["frames"] == 30 and doc["size"] == 64
     shown = np.asarray(Image.open(out))
-    decoded = decode_path(TF / "examples_ybr_color.dcm", DecodeOptions(image_size=64))
-    np.testing.assert_array_equal(shown, model_input_to_uint8(torch.from_numpy(decoded.frames[0].tensor)))
+    decoded = read_image(TF / "examples_ybr_color.dcm", image_size=64)
+    np.testing.assert_array_equal(shown, model_input_to_uint8(torch.from_numpy(decoded.tensor)))
     # the padding of a non-square image is black, the image centred
     assert shown[:5].max() == 0 and shown[-5:].max() == 0 and shown[32].max() > 0
 

@@ -308,7 +308,7 @@ def test_modality_lut_ignores_empty_rescale(tmp_path):
 def test_modality_lut_item_without_descriptor_or_data_falls_back_to_rescale(tmp_path, keep):
     """An incomplete Modality LUT item is ignored: slope/intercept (here from CT_small) apply."""
     from indexer.decode import DecodeOptions, decode_source
-    from indexer.preview import model_view
+    from indexer.view import read_image
     from indexer.sources import SourceFile
 
     ds = pydicom.dcmread(TF / "CT_small.dcm")
@@ -326,7 +326,7 @@ def test_modality_lut_item_without_descriptor_or_data_falls_back_to_rescale(tmp_
     decoded = decode_source(SourceFile(str(path), path.stat().st_size, 0, "dicom"),
                             DecodeOptions(image_size=32))
     assert decoded.error is None and len(decoded.frames) == 1, decoded.error
-    view, _, _ = model_view(path, size=32)              # `medsearch preview`: no traceback
+    view = read_image(path, image_size=32).display_rgb()  # `medsearch preview`: no traceback
     assert view.shape == (32, 32, 3)
 
 

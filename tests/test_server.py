@@ -129,7 +129,7 @@ def test_similar_by_id_and_upload(client, data):
 
 
 def test_images_and_previews(client, data):
-    from indexer.decode import DecodeOptions, decode_path
+    from indexer.view import read_image
     from retrieval.model.preprocess import model_input_to_uint8
     import torch
 
@@ -141,8 +141,8 @@ def test_images_and_previews(client, data):
     assert png.headers["content-type"] == "image/png"
     shown = np.asarray(Image.open(io.BytesIO(png.content)))
     size = client.app if False else shown.shape[0]
-    decoded = decode_path(path, DecodeOptions(image_size=size, phi_policy="drop"))
-    assert np.array_equal(shown, model_input_to_uint8(torch.from_numpy(decoded.frames[0].tensor)))
+    decoded = read_image(path, image_size=size)
+    assert np.array_equal(shown, model_input_to_uint8(torch.from_numpy(decoded.tensor)))
     thumb = Image.open(io.BytesIO(client.get(f"/images/{image_id}/preview?size=64").content))
     assert thumb.size == (64, 64)
     assert client.get("/images/9999").status_code == 404

@@ -34,19 +34,20 @@ MinMarginOpt = Annotated[float, typer.Option(
     "--min-margin", min=0.0, max=1.0, help="Flag for review below this top-two softmax margin.")]
 
 
-def query_input(file: Path, image_size: int) -> np.ndarray:
-    """The model input (3×S×S) of a query file's middle frame, decoded as the indexer does."""
-    from indexer.decode import DecodeOptions, decode_path
+def query_input(file: Path, image_size: int, decode: dict | None = None) -> np.ndarray:
+    """The model input (3×S×S) of a query file's middle frame, decoded as the indexer does
+    (with a store's recorded ``decode`` settings when it is compared with one)."""
+    from indexer.view import DecodeSettings, read_image
 
-    decoded = decode_path(file, DecodeOptions(image_size=image_size, frames="middle",
-                                              phi_policy="drop"))
-    return decoded.frames[0].tensor
+    return read_image(file, image_size=image_size,
+                      settings=DecodeSettings.from_manifest(decode).for_query()).tensor
 
 
-def embed_query(encoder: VisionEncoder, file: Path) -> tuple[np.ndarray, np.ndarray]:
+def embed_query(encoder: VisionEncoder, file: Path,
+                decode: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    tensor = query_input(file, encoder.image_size)
+    tensor = query_input(file, encoder.image_size, decode)
     return encoder.embed_batch(torch.from_numpy(tensor[None]))[0], tensor
 
 
@@ -150,7 +151,7 @@ def _indexed_ids(st: Store, file: Path) -> set[int]:
 
 
 def _embed_files(encoder: VisionEncoder, paths: list[str], batch_size: int,
-                 failures: list[dict]) -> dict[str, np.ndarray]:
+                 failures: list[dict], decode: dict | None = None) -> dict[str, np.ndarray]:
     import torch
 
     out: dict[str, np.ndarray] = {}
@@ -164,7 +165,7 @@ def _embed_files(encoder: VisionEncoder, paths: list[str], batch_size: int,
 
     for path in paths:
         try:
-            pending.append((path, query_input(Path(path), encoder.image_size)))
+            pending.append((path, query_input(Path(path), encoder.image_size, decode)))
         except InputError as exc:  # one broken file never costs the others
             failures.append({"path": path, "reason": str(exc).removeprefix(f"{path}: ")})
         if len(pending) >= batch_size:
@@ -206,10 +207,12 @@ def eval_cmd(
     started = time.perf_counter()
     failures: list[dict] = []
     vectors: dict[str, np.ndarray] = {}
+    decode = None
     if store is not None:
         st = Store.open(store, readonly=True)
         searcher = Searcher(st, model, device or cfg.device)
         vectors = _stored_vectors(st, [r.path for r in rows])
+        decode = st.manifest.decode
         get_text = lambda: searcher.text_encoder  # noqa: E731
         get_vision = lambda: searcher.vision_encoder  # noqa: E731
     else:
@@ -220,7 +223,7 @@ def eval_cmd(
     missing = [r.path for r in rows if r.path not in vectors]
     if missing:
         note(f"embedding {len(missing)} image(s) not in the store")
-        vectors.update(_embed_files(get_vision(), missing, cfg.batch_size, failures))
+        vectors.update(_embed_files(get_vision(), missing, cfg.batch_size, failures, decode))
     kept = [r for r in rows if r.path in vectors]
     labels = vocabulary([r.labels for r in kept])
     if len(kept) < 2 or len(labels) < 2:
@@ -300,7 +303,7 @@ def report_cmd(
         checkpoint = resolve_checkpoint(model or cfg.model)
         text = TextEncoder(checkpoint, device or cfg.device)
         vision = VisionEncoder(checkpoint, device or cfg.device)
-    vector, tensor = embed_query(vision, file)
+    vector, tensor = embed_query(vision, file, searcher.store.manifest.decode if searcher else None)
     classifier = ZeroShotClassifier(text, read_logit_scalars(text.checkpoint),
                                     ReviewThresholds(max_entropy, min_margin))
     doc = findings(vector, classifier, chosen, templates, searcher=searcher, k=k, top=top,

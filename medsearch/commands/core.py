@@ -15,6 +15,7 @@ from retrieval.search import Searcher
 from retrieval.store import Manifest, Store, manifest_for
 
 from indexer.pipeline import query_image_vector
+from indexer.view import DecodeSettings
 
 from ..cli import app
 from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
@@ -66,9 +67,10 @@ def index_cmd(
         help="FAISS factory string for a new store, or auto (chosen by size and memory).")] = None,
     precision: PrecisionOpt = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress")] = None,
-    window: Annotated[str, typer.Option(
-        help="DICOM grey window: file (the file's first window), auto (percentiles), or a CT "
-             "preset: lung, mediastinum, bone, brain, abdomen, liver.")] = "file",
+    window: Annotated[Optional[str], typer.Option(
+        help="DICOM grey window: file (the file's first window; the default), auto "
+             "(percentiles), or a CT preset: lung, mediastinum, bone, brain, abdomen, liver. "
+             "A store keeps the one it was made with.")] = None,
     series_vectors: Annotated[bool, typer.Option(
         "--series-vectors", help="Also store one vector per DICOM series (mean of its frames).")] = False,
     study: Annotated[Optional[str], typer.Option(help="DICOMweb: only this StudyInstanceUID.")] = None,
@@ -83,6 +85,7 @@ def index_cmd(
     from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
     from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
+    from indexer.view import settings_for_run
 
     cfg = settings()
     root = store_path(store, cfg)
@@ -90,7 +93,7 @@ def index_cmd(
     if phi_policy not in ("hash", "keep", "drop"):
         raise InputError(f"--phi must be hash, keep or drop, not {phi_policy!r}")
     try:
-        window = check_window_choice(window)
+        window = None if window is None else check_window_choice(window)
         query = DicomWebQuery(study, modality_filter, dicom_date(since) if since else None)
     except ValueError as exc:
         raise InputError(str(exc)) from None
@@ -109,13 +112,21 @@ def index_cmd(
             batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
-        with Store.open_or_create(root, manifest_for(encoder, index_type or cfg.index_type),
-                                  exclusive=True) as st:
+        # a new store records its decode settings; an existing one's are used (or, if a
+        # choice given here differs, the run is refused)
+        decode = settings_for_run(None, window=window, frames=frames, series_vectors=series_vectors,
+                                  default_frames=cfg.frames)
+        manifest = manifest_for(encoder, index_type or cfg.index_type)
+        manifest.decode = decode.to_json()
+        with Store.open_or_create(root, manifest, exclusive=True) as st:
+            if st.manifest.decode is not None:
+                decode = settings_for_run(st.manifest.decode, window=window, frames=frames,
+                                          series_vectors=series_vectors)
             note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
             indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
-                              batch_size=batch_size or cfg.batch_size, frames=frames or cfg.frames,
-                              phi_policy=phi_policy, progress=progress, window=window,
-                              series_vectors=series_vectors, dicomweb_query=query)
+                              batch_size=batch_size or cfg.batch_size, frames=decode.frames,
+                              phi_policy=phi_policy, progress=progress, window=decode.window,
+                              series_vectors=decode.series_vectors, dicomweb_query=query)
             try:
                 report = indexer.run(paths)
             except ConnectionError as exc:
@@ -209,7 +220,8 @@ def search_cmd(
     searcher = _open_searcher(store, model, device, precision)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     results = searcher.query(terms, k or settings().k, filters, min_score, image_vector=lambda t:
-                             query_image_vector(searcher.vision_encoder, Path(t.value)))
+                             query_image_vector(searcher.vision_encoder, Path(t.value),
+                                                searcher.store.manifest.decode))
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
 
@@ -231,7 +243,7 @@ def similar_cmd(
     if image_id is not None:
         results = searcher.similar_id(image_id, k, filters, min_score)
     else:
-        vector = query_image_vector(searcher.vision_encoder, file)
+        vector = query_image_vector(searcher.vision_encoder, file, searcher.store.manifest.decode)
         results = searcher.by_vector(vector, k, filters, min_score)
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
@@ -244,7 +256,10 @@ def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
            "index_auto": m.index_auto, "index_reason": m.index_reason, **st.index_status(),
            "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
-           **st.stats(), "precision_auto": precision_choice(settings().device)}
+           **st.stats(), "precision_auto": precision_choice(settings().device),
+           "decode": m.decode or DecodeSettings().to_json(), "decode_recorded": m.decode is not None}
+    if m.decode is None:
+        note("decode settings not recorded; defaults assumed")
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))
 
 
@@ -259,7 +274,7 @@ def embed_cmd(
     """Print the L2-normalised embedding(s) of an image (one per frame) or a text."""
     import torch
 
-    from indexer.decode import DecodeOptions, decode_path
+    from indexer.view import DecodeSettings, read_images
 
     if (image is None) == (text is None):
         raise InputError("give exactly one of --image FILE or --text TEXT")
@@ -269,11 +284,11 @@ def embed_cmd(
         vectors = TextEncoder(checkpoint, device or cfg.device).embed([text])
     else:
         encoder = VisionEncoder(checkpoint, device or cfg.device)
-        decoded = decode_path(image, DecodeOptions(image_size=encoder.image_size, frames=frames,
-                                                   phi_policy="drop"))
+        images = read_images(image, image_size=encoder.image_size,
+                             settings=DecodeSettings(frames=frames))
         import numpy as np
 
-        vectors = encoder.embed_batch(torch.from_numpy(np.stack([f.tensor for f in decoded.frames])))
+        vectors = encoder.embed_batch(torch.from_numpy(np.stack([i.tensor for i in images])))
     doc = {"model": checkpoint.name, "dim": int(vectors.shape[1]),
            "vectors": [[float(x) for x in v] for v in vectors]}
     emit(doc, json_out, lambda d: "\n".join(" ".join(f"{x:.6f}" for x in v) for v in d["vectors"]))

@@ -45,7 +45,7 @@ def preview_cmd(
     from PIL import Image
 
     from indexer.pixels import check_window_choice
-    from indexer.preview import model_view
+    from indexer.view import DecodeSettings, read_image
 
     try:
         window = check_window_choice(window)
@@ -54,7 +54,8 @@ def preview_cmd(
     if out.suffix.lower() != ".png":
         raise InputError(f"--out {out}: write a .png file (lossless, so it shows what the model sees)")
     side = _model_size(model, size)
-    rgb, index, count = model_view(file, frame, side, window)
+    image = read_image(file, image_size=side, settings=DecodeSettings(window=window), frame=frame)
+    rgb, index, count = image.display_rgb(), image.frame, image.frame_count
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(out)
     emit({"path": str(out.absolute()), "frame": index, "frames": count, "size": side,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,49 +21,32 @@ from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, 
 from ..output import RESEARCH_NOTICE, emit, note
 
 MIN_TOKEN_LENGTH = 16
-_UPLOAD_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
 
 
 # -- decoding, injected into the server (retrieval never imports indexer) -----------------------
 def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
-    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files,
-    but in a child process with memory and time limits (indexer.isolation): a crafted upload
-    costs a 422, never the server."""
-    from indexer.decode import DecodeOptions
-    from indexer.isolation import decode_isolated
-    from indexer.sources import SourceFile
+    """An uploaded file's bytes → model input, decoded from memory exactly as the indexer
+    decodes files, but in a child process with memory and time limits (indexer.isolation):
+    a crafted upload costs a 422, never the server. ``kind`` was sniffed from the same bytes."""
+    from indexer.view import UPLOAD_NAME, read_image
 
-    with tempfile.TemporaryDirectory(prefix="medsearch-upload-") as folder:
-        path = Path(folder) / f"upload{_UPLOAD_SUFFIX[kind]}"
-        path.write_bytes(content)
-        decoded = decode_isolated(
-            SourceFile(str(path), len(content), 0, "dicom" if kind == "dicom" else "image"),
-            DecodeOptions(image_size=size, frames="middle", phi_policy="drop"))
-    if decoded.error or decoded.skipped or not decoded.frames:
-        reason = decoded.error or decoded.skipped or "no frames"
-        raise InputError(reason.replace(str(path), "upload").replace(folder, "."))
-    return decoded.frames[0].tensor
+    try:
+        return read_image(content, image_size=size, isolated=True).tensor
+    except InputError as exc:  # the server says "the uploaded … could not be decoded: …"
+        raise InputError(str(exc).removeprefix(f"{UPLOAD_NAME}: ")) from None
 
 
-def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
-    """An indexed source's frame → model input (for previews); the path comes from the store."""
-    from indexer.dicom import NoImage, dicom_frames, read_dataset
-    from indexer.images import DecodeError, image_frame
-    from indexer.sources import classify
-    from retrieval.model.preprocess import model_input
+def decode_stored(path: str, frame: int, size: int, decode: dict | None = None) -> np.ndarray:
+    """An indexed source's frame → model input (for previews), decoded with the settings the
+    store recorded (``decode``: its manifest's); the path comes from the store."""
+    from indexer.view import read_stored
 
-    source = Path(path)
-    if not source.is_file():
+    if not Path(path).is_file():
         raise InputError("the source file is no longer there")
     try:
-        if classify(source) == "dicom":
-            ds = read_dataset(source)
-            pixels = next(px for _, px in dicom_frames(ds, source, [frame]))
-        else:
-            pixels = image_frame(source, frame)
-    except (DecodeError, NoImage, OSError, StopIteration) as exc:
-        raise InputError(f"cannot decode it again: {exc or 'frame not found'}") from None
-    return model_input(pixels, size).numpy()
+        return read_stored(path, frame, image_size=size, decode=decode).tensor
+    except InputError as exc:
+        raise InputError(f"cannot decode it again: {str(exc).removeprefix(f'{path}: ')}") from None
 
 
 # -- serve -------------------------------------------------------------------------------------
@@ -242,7 +224,8 @@ def export_cmd(
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     results = searcher.query(
         terms, k or cfg.k, filters, min_score,
-        image_vector=lambda term: query_image_vector(searcher.vision_encoder, Path(term.value)))
+        image_vector=lambda term: query_image_vector(searcher.vision_encoder, Path(term.value),
+                                                     searcher.store.manifest.decode))
     rows = cohort.cohort_rows(r.to_json() for r in results)
     written = cohort.write_rows(rows, out)
     doc = {"out": str(written.absolute()), "format": fmt, "rows": len(rows), "files": None}

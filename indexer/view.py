@@ -1,0 +1,153 @@
+"""The one decode entry: a file, a file's bytes or a stored image → what the model sees.
+
+Every caller that needs the model's input for something a user gives (a query file, an
+upload, an indexed image's preview, `embed`, `classify`, `report`) comes here, and this runs
+the indexer's own steps (:func:`indexer.decode.decode_source`: DICOM display steps or image
+decoding, then the MedSigLIP recipe), so a preview shows exactly what was embedded and a query
+is embedded exactly as the store's images were. The settings a store was indexed with travel
+in its manifest (:class:`DecodeSettings`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.errors import InputError
+from retrieval.model.preprocess import model_input_to_uint8
+
+from .decode import Decoded, DecodeOptions, decode_source
+from .sources import SourceFile, classify, content_kind
+
+#: What errors about in-memory bytes call them.
+UPLOAD_NAME = "upload"
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a store's images became model inputs; recorded in its manifest (``decode``)."""
+
+    window: str = "file"          # file | auto | a CT preset (indexer.pixels.PRESETS)
+    frames: str = "middle"        # all | first | middle | N
+    series_vectors: bool = False  # one mean vector per DICOM series as well
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, recorded: dict | None) -> "DecodeSettings":
+        """The recorded settings; the defaults for a store that has none recorded."""
+        if not recorded:
+            return cls()
+        default = cls()
+        return cls(window=str(recorded.get("window") or default.window),
+                   frames=str(recorded.get("frames") or default.frames),
+                   series_vectors=bool(recorded.get("series_vectors", default.series_vectors)))
+
+    def for_query(self) -> "DecodeSettings":
+        """A query image is one picture whatever the store embedded of each file: the store's
+        window, the middle frame."""
+        return replace(self, frames="middle")
+
+
+def settings_for_run(recorded: dict | None, *, window: str | None = None,
+                     frames: str | None = None, series_vectors: bool = False,
+                     default_frames: str = "middle") -> DecodeSettings:
+    """The settings an index run uses: those given, else those the store recorded.
+
+    A store holds vectors made one way only: mixed windows or frame choices would make its
+    previews and similarities lie, so a choice that differs from the recorded one is refused.
+    ``series_vectors=False`` means "not asked for" (a store that has them keeps them).
+    """
+    if recorded is None:
+        return DecodeSettings(window=window or "file", frames=frames or default_frames,
+                              series_vectors=series_vectors)
+    stored = DecodeSettings.from_manifest(recorded)
+    asked = {"window": window, "frames": frames, "series_vectors": series_vectors or None}
+    differ = {name: value for name, value in asked.items()
+              if value is not None and value != getattr(stored, name)}
+    if differ:
+        was = ", ".join(f"{name} {getattr(stored, name)!r}" for name in differ)
+        now = ", ".join(f"{name} {value!r}" for name, value in differ.items())
+        raise InputError(f"this store was indexed with {was}; this run asks for {now}. One "
+                         "store holds images decoded one way only (mixed settings would make its "
+                         "previews and similarities lie): index into another store, or leave "
+                         "these choices out to use the store's")
+    return stored
+
+
+@dataclass
+class ModelImage:
+    """One frame as the model gets it."""
+
+    frame: int
+    frame_count: int
+    tensor: np.ndarray  # 3×S×S float32 in [-1, 1]
+
+    def display_rgb(self) -> np.ndarray:
+        """H×W×3 uint8: the model input with only its final scaling undone (previews)."""
+        return model_input_to_uint8(torch.from_numpy(self.tensor))
+
+
+def read_image(source: str | Path | bytes, *, image_size: int,
+               settings: DecodeSettings = DecodeSettings(), frame: int | None = None,
+               isolated: bool = False) -> ModelImage:
+    """One frame of a file (or of a file's bytes) as the model sees it.
+
+    ``frame=None`` takes the first frame ``settings.frames`` selects (what indexing embeds
+    first); ``isolated`` decodes in a child process under memory and time limits
+    (:mod:`indexer.isolation`), for bytes from outside. Raises :class:`InputError` naming the
+    file (or "upload") and the reason.
+    """
+    decoded = _decode(source, _options(image_size, settings, frame), isolated)
+    first = decoded.frames[0]
+    return ModelImage(first.index, decoded.frame_count, first.tensor)
+
+
+def read_images(source: str | Path | bytes, *, image_size: int,
+                settings: DecodeSettings = DecodeSettings()) -> list[ModelImage]:
+    """Every frame ``settings.frames`` selects, as the model sees them."""
+    decoded = _decode(source, _options(image_size, settings, None), isolated=False)
+    return [ModelImage(f.index, decoded.frame_count, f.tensor) for f in decoded.frames]
+
+
+def read_stored(path: str, frame: int, *, image_size: int,
+                decode: dict | None = None) -> ModelImage:
+    """An indexed image (its path and frame from the store) decoded again with the settings
+    the store recorded (``manifest.decode``), as it was embedded."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: the source file is no longer there")
+    return read_image(path, image_size=image_size, settings=DecodeSettings.from_manifest(decode),
+                      frame=frame)
+
+
+def _options(image_size: int, settings: DecodeSettings, frame: int | None) -> DecodeOptions:
+    # phi "drop": what a user hands in is decoded for its pixels; its header is not kept
+    return DecodeOptions(image_size=image_size, frames=settings.frames, phi_policy="drop",
+                         window=settings.window, frame=frame)
+
+
+def _decode(source: str | Path | bytes, options: DecodeOptions, isolated: bool) -> Decoded:
+    if isinstance(source, (bytes, bytearray)):
+        name, content = UPLOAD_NAME, bytes(source)
+        item = SourceFile(UPLOAD_NAME, len(content), 0, content_kind(content))
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise InputError(f"{source}: no such file")
+        stat = path.stat()
+        name, content = str(source), None
+        item = SourceFile(str(path.absolute()), stat.st_size, stat.st_mtime_ns,
+                          classify(path) or "image")
+    if isolated:
+        from .isolation import decode_isolated
+
+        decoded = decode_isolated(item, options, content=content)
+    else:
+        decoded = decode_source(item, options, content)
+    if decoded.error or decoded.skipped or not decoded.frames:
+        raise InputError(f"{name}: {decoded.error or decoded.skipped or 'no frames'}")
+    return decoded

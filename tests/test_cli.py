@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medsearch.cli import main
-from retrieval.settings import Settings
+from medsearch.settings import Settings
 
 from .conftest import add_bad_files
 
@@ -133,7 +133,7 @@ def test_default_settings_file_matches_the_code():
 
 def test_settings_file_and_environment_override(tmp_path, monkeypatch):
     from retrieval.errors import InputError
-    from retrieval.settings import load_settings
+    from medsearch.settings import load_settings
 
     cfg = tmp_path / "m.toml"
     cfg.write_text('k = 3\nphi_policy = "drop"\n')

@@ -1,4 +1,4 @@
-"""Entry point: one typer app; each command group lives in its own module under commands/."""
+"""Entry point: one typer app; each command group lives in its own module beside it."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands to `app`.
-from .commands import classify, core, demo, dicom, maintenance, privacy, serve  # noqa: E402,F401
+from . import classify, core, demo, forget, maintenance, preview, serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

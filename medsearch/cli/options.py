@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from retrieval.filters import Filters
-from retrieval.settings import Settings, load_settings
+from medsearch.settings import Settings, load_settings
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]

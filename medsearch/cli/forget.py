@@ -9,9 +9,9 @@ import typer
 from retrieval.errors import InputError
 from retrieval.store import Store
 
-from ..cli import app
-from ..options import JsonOpt, StoreOpt, settings, store_path
-from ..output import emit
+from .main import app
+from .options import JsonOpt, StoreOpt, settings, store_path
+from .output import emit
 
 
 def _human(d: dict) -> str:

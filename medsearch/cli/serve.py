@@ -15,11 +15,11 @@ import typer
 from retrieval.errors import InputError
 from retrieval.query import Term, parse_query
 
-from ..cli import app
-from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+from .main import app
+from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                        MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
                        settings, store_path)
-from ..output import RESEARCH_NOTICE, emit, note
+from .output import RESEARCH_NOTICE, emit, note
 
 MIN_TOKEN_LENGTH = 16
 _UPLOAD_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}

@@ -16,11 +16,11 @@ from retrieval.store import Manifest, Store, manifest_for
 
 from indexer.pipeline import query_image_vector
 
-from ..cli import app
-from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+from .main import app
+from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                        MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt, build_filters,
                        settings, store_path)
-from ..output import emit, note, results_table
+from .output import emit, note, results_table
 
 
 @app.command("make-test-model")

@@ -11,9 +11,9 @@ import typer
 from retrieval.errors import InputError
 from retrieval.store import Store, backup
 
-from ..cli import app
-from ..options import JsonOpt, StoreOpt, settings, store_path
-from ..output import emit
+from .main import app
+from .options import JsonOpt, StoreOpt, settings, store_path
+from .output import emit
 
 
 def _model_note(st: Store) -> tuple[list[str], list[str]]:

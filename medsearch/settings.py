@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import InputError
-from .model import DEFAULT_MODEL
+from retrieval.errors import InputError
+from retrieval.model import DEFAULT_MODEL
 
 
 class Settings(BaseModel, extra="forbid"):

@@ -17,9 +17,9 @@ from retrieval.store import Store
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
 
-from ..cli import app
-from ..options import DeviceOpt, JsonOpt, ModelOpt, StoreOpt, settings, store_path
-from ..output import RESEARCH_NOTICE, emit, note
+from .main import app
+from .options import DeviceOpt, JsonOpt, ModelOpt, StoreOpt, settings, store_path
+from .output import RESEARCH_NOTICE, emit, note
 
 LabelsOpt = Annotated[Optional[list[str]], typer.Option(
     "--labels", help="Candidate labels, comma-separated and/or repeated (at least two).")]

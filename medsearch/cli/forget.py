@@ -10,7 +10,7 @@ from retrieval.errors import InputError
 from retrieval.store import Store
 
 from .main import app
-from .options import JsonOpt, StoreOpt, settings, store_path
+from .options import JsonOpt, StoreOpt, key_files, resolve, store_root
 from .output import emit
 
 
@@ -36,6 +36,7 @@ def forget_cmd(
 
     if (patient is None) == (study is None):
         raise InputError("give exactly one of --patient KEY or --study UID")
-    with Store.open(store_path(store, settings()), exclusive=True) as st:
-        doc = forget(st, patient=patient, study=study)
+    cfg = resolve(store=store)
+    with Store.open(store_root(cfg), exclusive=True) as st:
+        doc = forget(st, patient=patient, study=study, keys=key_files(cfg))
     emit(doc, json_out, _human)

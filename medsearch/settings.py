@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None        # None: $XDG_CACHE_HOME/medsearch
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, *_sources):
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
         """Only what the constructor is given: the file and the environment are layered by
         :meth:`resolve`, which knows where each value came from for its error messages."""
         return (init_settings,)

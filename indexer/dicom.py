@@ -29,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 
-from retrieval.schema import DICOM_FIELDS
+from retrieval.schema import DICOM_FIELDS, PHI_POLICIES
 
 from .images import DecodeError
 from .limits import MAX_FRAMES, budget_reason, frame_reason
@@ -483,7 +483,7 @@ def dicom_metadata(ds: Dataset, phi_policy: str, secret: bytes) -> dict:
     Under ``drop`` the patient key is absent; PatientName, birth date, address, accession
     number and the other PS3.15 direct identifiers are never read into the result.
     """
-    if phi_policy not in ("hash", "keep", "drop"):
+    if phi_policy not in PHI_POLICIES:
         raise ValueError(f"PHI policy must be hash, keep or drop, got {phi_policy!r}")
     meta = {}
     for column, keyword in DICOM_FIELDS.items():

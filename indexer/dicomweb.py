@@ -57,7 +57,7 @@ def dicom_date(text: str) -> str:
         if len(raw) != 8:
             raise ValueError
     except ValueError:
-        raise ValueError(f"--since must be a date like 2024-01-31, got {text!r}") from None
+        raise ValueError(f"the 'since' date must be like 2024-01-31, got {text!r}") from None
     return raw
 
 

@@ -89,10 +89,12 @@ class Indexer:
                  batch_size: int = 8, frames: str = "middle", phi_policy: str = "hash",
                  progress: bool | None = None, window: str = "file",
                  series_vectors: bool = False, dicomweb_query=None,
-                 decode_timeout_s: float = 300.0, pool: SupervisedPool | None = None) -> None:
+                 decode_timeout_s: float = 300.0, pool: SupervisedPool | None = None,
+                 keys: privacy.KeyFiles | None = None) -> None:
         """``pool``: decode workers started earlier (see :func:`decode_pool`), left open for the
         caller to close; without one, the indexer starts its own now and closes it in
-        :meth:`close`. ``workers=0`` decodes in this process."""
+        :meth:`close`. ``workers=0`` decodes in this process. ``keys``: where the patient-key
+        files are (the settings' key folder and shared key file)."""
         self.store, self.encoder = store, encoder
         self.workers = pool.workers if pool else default_workers() if workers is None else workers
         self.batch_size = max(1, batch_size)
@@ -100,7 +102,7 @@ class Indexer:
         # the key file (retrieval.privacy), never a secret inside the store; needed to hash
         # patient keys and to keep withdrawn patients and studies out
         self.withdrawn = privacy.withdrawn_markers(store)
-        secret = privacy.store_key(store, create=True,
+        secret = privacy.store_key(store, create=True, keys=keys,
                                    required=phi_policy == "hash" or bool(self.withdrawn))
         self.options = DecodeOptions(image_size=encoder.image_size, frames=frames,
                                      phi_policy=phi_policy, phi_secret=secret or b"",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+from retrieval.query import DICOM_SUFFIXES, IMAGE_SUFFIXES
+
 #: Never image data: skipped without reading, so a folder of reports costs nothing.
 _NEVER_IMAGES = {".txt", ".json", ".csv", ".xml", ".html", ".md", ".pdf", ".zip", ".gz",
                  ".py", ".log", ".ini", ".yaml", ".yml", ".sqlite", ".faiss", ".npy"}

@@ -178,7 +178,7 @@ class SupervisedPool:
         except TimeoutError:
             _shutdown(pool, kill=True)
             return self.on_failure(item, f"decoding took longer than {self.timeout_s:.0f} s "
-                                         "(raise --decode-timeout if the file is just very large)")
+                                         "(raise the decode timeout if the file is just very large)")
         finally:
             _shutdown(pool, kill=False)
 

@@ -1,23 +1,37 @@
-"""Errors a user can act on; the CLI prints their message instead of a traceback."""
+"""The error vocabulary of the core: what went wrong, in the user's terms; the CLI maps it to
+exit codes and the web app to HTTP statuses, each in one table."""
 
 import errno
 import os
 
 
 class MedsearchError(Exception):
-    """Base class: the message says what went wrong and what to do."""
-
-
-class ModelUnavailableError(MedsearchError):
-    """The checkpoint cannot be loaded (missing, gated, offline, not a SigLIP)."""
-
-
-class StoreError(MedsearchError):
-    """The store is missing, damaged or belongs to another model."""
+    """Base class: the message says what went wrong and what to do, in the user's terms
+    (settings and inputs by name, never a command-line flag: the server shows it too)."""
 
 
 class InputError(MedsearchError):
     """A file or argument cannot be used; the message names it."""
+
+
+class NotFoundError(InputError):
+    """What the request names (an id, a file, a stored source) does not exist."""
+
+
+class UndecodableImageError(InputError):
+    """The file is there but holds no image that can be decoded."""
+
+
+class StoreError(MedsearchError):
+    """The store is missing, damaged, busy or cannot be written."""
+
+
+class ModelMismatchError(StoreError):
+    """The store's vectors come from another model than the one asked for."""
+
+
+class ModelUnavailableError(MedsearchError):
+    """The checkpoint cannot be loaded (missing, gated, offline, not a SigLIP)."""
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -42,7 +56,7 @@ def storage_error(root, exc: BaseException) -> StoreError | None:
         return StoreError(
             f"store {root}: disk full (no space left on device) while writing. Everything "
             "committed before stays in the store and searchable; free some space (or index "
-            "into a --store on a larger disk) and run the same command again: it resumes "
+            "into a store on a larger disk) and run the same command again: it resumes "
             "where this one stopped.")
     if code == errno.EIO or "I/O error" in text:
         return StoreError(

@@ -49,7 +49,7 @@ def cohort_rows(results: Iterable[dict]) -> list[dict]:
 def format_for(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise InputError(f"--out {path}: the name must end in .csv, .json or .parquet "
+        raise InputError(f"cohort file {path}: the name must end in .csv, .json or .parquet "
                          "(that chooses the format)")
     return FORMATS[suffix]
 
@@ -99,7 +99,7 @@ def write_rows(rows: list[dict], out: str | Path) -> Path:
     out = Path(out).expanduser()
     data = to_bytes(rows, format_for(out))
     if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+        raise InputError(f"cohort file {out}: folder {out.parent} does not exist")
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, out)

@@ -5,9 +5,9 @@ the key of any guessed ID (short MRNs fall to brute force), so the secret never 
 store's files: it is a 32-byte random key in an owner-only file (0600, its folder 0700) and
 the manifest records only its fingerprint.
 
-Default: one key per store, ``$XDG_CONFIG_HOME/medsearch/keys/<fingerprint>.key`` (so two
-stores are not linkable by patient). Setting ``phi_key_file`` (or MEDSEARCH_PHI_KEY_FILE) names
-one shared key file instead: stores indexed with it give a patient the same key, so cohorts
+Where keys live is a :class:`KeyFiles` the caller passes (the settings compute it). Default:
+one key per store, ``<key folder>/<fingerprint>.key`` (so two stores are not linkable by
+patient). A shared key file (the ``phi_key_file`` setting) is used instead when given: stores indexed with it give a patient the same key, so cohorts
 can be joined across them. A store whose manifest names a fingerprint refuses to hash with any
 other key: new keys would silently stop matching the stored ones.
 """
@@ -21,6 +21,7 @@ import re
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import delete, select, text
@@ -52,21 +53,23 @@ def patient_key(key: bytes, patient_id: str) -> str:
     return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def keys_dir() -> Path:
+@dataclass(frozen=True)
+class KeyFiles:
+    """Where patient-key files are: ``folder`` holds one key per store; ``shared``, when set,
+    is one key file for every store (their patient keys can then be joined)."""
+
+    folder: Path
+    shared: Path | None = None
+
+    def per_store(self, fp: str) -> Path:
+        return self.folder / f"{fp}.key"
+
+
+def user_key_files() -> KeyFiles:
+    """The per-user default (``$XDG_CONFIG_HOME/medsearch/keys``), for callers that have no
+    settings object: the store's open-time migration and library use."""
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "medsearch" / "keys"
-
-
-def default_key_file(fp: str) -> Path:
-    return keys_dir() / f"{fp}.key"
-
-
-def configured_key_file() -> Path | None:
-    """``phi_key_file`` from the settings file or MEDSEARCH_PHI_KEY_FILE (None: per store)."""
-    from .settings import load_settings
-
-    value = load_settings().phi_key_file
-    return Path(value).expanduser() if value else None
+    return KeyFiles(Path(base) / "medsearch" / "keys")
 
 
 def read_key(path: Path) -> bytes:
@@ -126,16 +129,17 @@ def checkpoint(store: Store) -> None:
         conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def migrate_legacy(store: Store) -> None:
+def migrate_legacy(store: Store, keys: KeyFiles | None = None) -> None:
     """At a writing open: a secret still in the settings table moves to a key file."""
     if not store.readonly and store.setting(LEGACY_SETTING) is not None:
-        store_key(store)
+        store_key(store, keys=keys)
 
 
-def _migrate_legacy(store: Store, key: bytes, configured: Path | None) -> None:
+def _migrate_legacy(store: Store, key: bytes, keys: KeyFiles) -> None:
     """Move a secret kept in the settings table into a key file; delete the row."""
     fp = fingerprint(key)
-    target = default_key_file(fp)
+    configured = keys.shared
+    target = keys.per_store(fp)
     if configured is not None and (not configured.exists() or
                                    fingerprint(read_key(configured)) == fp):
         target = configured
@@ -151,34 +155,35 @@ def _migrate_legacy(store: Store, key: bytes, configured: Path | None) -> None:
           "files cannot get the same patient keys.")
 
 
-def store_key(store: Store, *, create: bool = False, required: bool = True) -> bytes | None:
+def store_key(store: Store, *, create: bool = False, required: bool = True,
+              keys: KeyFiles | None = None) -> bytes | None:
     """The store's patient-key secret.
 
     A legacy secret in the settings table is used, and moved to a key file when the store is
     writable. A store with a recorded fingerprint needs the matching file (else
     :class:`KeyFileError` when ``required``, None otherwise). A writable store without a key
-    gets one when ``create``.
+    gets one when ``create``. ``keys``: where key files are (default :func:`user_key_files`).
     """
-    configured = configured_key_file()
+    keys = keys or user_key_files()
+    configured = keys.shared
     legacy = store.setting(LEGACY_SETTING)
     if legacy is not None:
         key = bytes.fromhex(legacy)
         if not store.readonly:
-            _migrate_legacy(store, key, configured)
+            _migrate_legacy(store, key, keys)
         return key
     fp = getattr(store.manifest, "phi_key_fingerprint", None)
     if fp:
-        candidates = [p for p in (configured, default_key_file(fp)) if p is not None]
+        candidates = [p for p in (configured, keys.per_store(fp)) if p is not None]
         present = [p for p in candidates if p.exists()]
         try:
             if not present:
                 raise KeyFileError(
                     f"the patient-key file of store {store.root} is missing: looked for "
                     f"{' and '.join(map(str, candidates))} (key file fingerprint {fp}). Restore "
-                    "that key file from your backup (or point phi_key_file / "
-                    "MEDSEARCH_PHI_KEY_FILE at it), or re-index into a new store with a new "
-                    "key; a new key would give every patient a new key. --phi drop or keep "
-                    "index without it.")
+                    "that key file from your backup (or point the phi_key_file setting at it), "
+                    "or re-index into a new store with a new key; a new key would give every "
+                    "patient a new key. The PHI policies drop and keep index without it.")
             for path in present:
                 key = read_key(path)
                 if fingerprint(key) == fp:
@@ -200,7 +205,7 @@ def store_key(store: Store, *, create: bool = False, required: bool = True) -> b
         path = configured
     else:
         key = secrets.token_bytes(KEY_BYTES)
-        path = configured or default_key_file(fingerprint(key))
+        path = configured or keys.per_store(fingerprint(key))
         write_key(path, key)
         key = read_key(path)  # another process may have created the shared file first
         _note(f"patient keys of store {store.root} are hashed with the key in {path} "
@@ -237,7 +242,8 @@ def resolve_patient(store: Store, key: bytes, given: str) -> str:
     return given if _PATIENT_KEY.match(given) else patient_key(key, given)
 
 
-def forget(store: Store, *, patient: str | None = None, study: str | None = None) -> dict:
+def forget(store: Store, *, patient: str | None = None, study: str | None = None,
+           keys: KeyFiles | None = None) -> dict:
     """Remove every row, vector, label and series vector of a patient or a study, for good.
 
     Goes through the store's writer (the FAISS index follows), rebuilds an index that can only
@@ -249,13 +255,13 @@ def forget(store: Store, *, patient: str | None = None, study: str | None = None
     from .schema import FileRow, ImageRow, LabelRow
 
     if (patient is None) == (study is None) or not (patient or study or "").strip():
-        raise InputError("give exactly one of --patient KEY or --study UID")
-    key = store_key(store, create=True)
+        raise InputError("give exactly one of a patient key or a study UID")
+    key = store_key(store, create=True, keys=keys)
     doc: dict = {"store": str(store.root)}
     if patient is not None:
         hashed = resolve_patient(store, key, patient)
         clauses = [ImageRow.patient_key == hashed]
-        if patient.strip() != hashed:  # a --phi keep store holds the raw ID as its key
+        if patient.strip() != hashed:  # a store under the keep policy holds the raw ID
             clauses.append(ImageRow.patient_key == patient.strip())
         match, marker, doc["patient_key"] = or_(*clauses), _marker(key, "patient", hashed), hashed
     else:
@@ -291,10 +297,10 @@ class PathRedactor:
     keyed with the store's patient-key secret, so they cannot be reversed by guessing names.
     """
 
-    def __init__(self, store: Store, mode: str) -> None:
+    def __init__(self, store: Store, mode: str, keys: KeyFiles | None = None) -> None:
         if mode not in REDACT_MODES:
             raise InputError(f"redact_paths must be one of {', '.join(REDACT_MODES)}, not {mode!r}")
-        self.store, self.mode = store, mode
+        self.store, self.mode, self.keys = store, mode, keys
         self._key: bytes | None = None
 
     @property
@@ -303,7 +309,7 @@ class PathRedactor:
 
     def _token(self, kind: str, value: str, length: int) -> str:
         if self._key is None:
-            key = store_key(self.store)
+            key = store_key(self.store, keys=self.keys)
             if key is None:
                 raise KeyFileError(f"path redaction needs the patient-key file of store "
                                    f"{self.store.root}, and it has none yet; index with a "

@@ -23,7 +23,10 @@ import numpy as np
 from .errors import InputError
 
 TermKind = Literal["text", "id", "file", "upload"]
-FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".dic")
+#: The file names the indexer reads as images or DICOM; a query term ending so names a file.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
+FILE_SUFFIXES = tuple(sorted(IMAGE_SUFFIXES | DICOM_SUFFIXES))
 _WEIGHT = re.compile(r"^([0-9]*\.?[0-9]+):(?=\S)")
 _ID = re.compile(r"^#([0-9]+)$")
 MAX_TERMS = 16

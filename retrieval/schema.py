@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from sqlalchemy import (BigInteger, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, Index)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION = 1
+
+#: What a store keeps of PatientID: a keyed hash, the ID itself, or nothing.
+PhiPolicy = Literal["hash", "keep", "drop"]
+PHI_POLICIES: tuple[str, ...] = PhiPolicy.__args__
 
 #: DICOM attributes kept per image (PS3.15 direct identifiers are never among them).
 DICOM_FIELDS = {

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ModelMismatchError, NotFoundError
 from .filters import Filters
 from .model import TextEncoder, VisionEncoder, resolve_checkpoint
-from .privacy import PathRedactor
+from .privacy import KeyFiles, PathRedactor
 from .store import Store
 
 
@@ -30,14 +31,15 @@ class Searcher:
     """Loads each tower lazily, from the checkpoint the store was built with unless told otherwise."""
 
     def __init__(self, store: Store, model: str | None = None, device: str = "auto",
-                 precision: str = "auto", redact_paths: str | None = None) -> None:
-        """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor); None takes the
-        ``redact_paths`` setting, so the CLI, the server and exports all follow it."""
-        if redact_paths is None:
-            from .settings import load_settings
-
-            redact_paths = load_settings().redact_paths
-        self.redact = PathRedactor(store, redact_paths)
+                 precision: str = "auto", redact_paths: str = "none", *,
+                 keys: KeyFiles | None = None, cuda_bf16: str = "weights",
+                 cache_dir: Path | None = None) -> None:
+        """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor), keyed with the
+        store's patient key found in ``keys``; ``cuda_bf16`` and ``cache_dir`` go to the
+        encoders. The caller passes the settings' values, so the CLI, the server and exports
+        all follow them."""
+        self.redact = PathRedactor(store, redact_paths, keys)
+        self.cuda_bf16, self.cache_dir = cuda_bf16, cache_dir
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
@@ -48,22 +50,24 @@ class Searcher:
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
-            self._text = TextEncoder(self._checkpoint(), self.device, self.precision)
+            self._text = TextEncoder(self._checkpoint(), self.device, self.precision,
+                                     cache_dir=self.cache_dir)
         return self._text
 
     @property
     def vision_encoder(self) -> VisionEncoder:
         if self._vision is None:
-            self._vision = VisionEncoder(self._checkpoint(), self.device, self.precision)
+            self._vision = VisionEncoder(self._checkpoint(), self.device, self.precision,
+                                         cuda_bf16=self.cuda_bf16, cache_dir=self.cache_dir)
         return self._vision
 
     def _checkpoint(self):
         checkpoint = resolve_checkpoint(self.model_name)
         if checkpoint.fingerprint != self.store.manifest.model_fingerprint:
-            raise InputError(
+            raise ModelMismatchError(
                 f"model {self.model_name!r} is not the one store {self.store.root} was built with "
                 f"({self.store.manifest.model!r}); its vectors would not be comparable. "
-                "Pass --model with the store's checkpoint.")
+                "Use the store's checkpoint as the model.")
         return checkpoint
 
     # -- query vectors ---------------------------------------------------------------------
@@ -74,7 +78,7 @@ class Searcher:
 
     def id_vector(self, image_id: int) -> np.ndarray:
         if not self.store.rows([image_id]):
-            raise InputError(f"no indexed image with id {image_id}; `medsearch info` shows the store")
+            raise NotFoundError(f"no indexed image with id {image_id}")
         return self.store.vectors([image_id])[0]
 
     # -- ranking ---------------------------------------------------------------------------

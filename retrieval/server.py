@@ -58,6 +58,7 @@ from . import export as cohort
 from .errors import InputError, MedsearchError, ModelUnavailableError, StoreError
 from .filters import GLOB_PATTERN, MAX_GLOB_LENGTH, Filters
 from .query import MAX_TERMS, Term, parse_query
+from .privacy import KeyFiles
 from .search import Result, Searcher
 from .store import DATABASE, Store
 
@@ -1118,7 +1119,9 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
                precision: str = "auto", token: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
                decode_upload: DecodeUpload | None = None,
                decode_stored: DecodeStored | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, redact_paths: str = "none",
+               keys: KeyFiles | None = None, cuda_bf16: str = "weights",
+               cache_dir: Path | None = None) -> FastAPI:
     """Open the store read-only, load both towers once, and build the app.
 
     ``token`` is stripped of surrounding white space and may not be blank; ``allowed_hosts``
@@ -1130,7 +1133,8 @@ def create_app(store: str | Path, *, model: str | None = None, device: str = "au
             raise ValueError("the token is blank; give a real one or none")
     hosts = HostPolicy(allowed_hosts)
     st = Store.open(store, readonly=True)
-    searcher = Searcher(st, model, device, precision)
+    searcher = Searcher(st, model, device, precision, redact_paths, keys=keys,
+                        cuda_bf16=cuda_bf16, cache_dir=cache_dir)
     _ = (searcher.text_encoder, searcher.vision_encoder)  # load now: errors show at start-up
     engine = Engine(st, searcher, decode_upload, decode_stored)
     metrics = Metrics(engine)

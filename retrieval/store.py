@@ -35,7 +35,7 @@ from sqlalchemy import RowMapping, create_engine, delete, event, func, insert, s
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import ann
-from .errors import StoreError
+from .errors import ModelMismatchError, StoreError
 from .filters import Filters
 from .schema import (DICOM_FIELDS, SCHEMA_VERSION, FailureRow, FileRow, ImageRow, LabelRow,
                      SettingRow, VectorRow)
@@ -667,7 +667,7 @@ class Store:
         mine = self.manifest
         for name in ("model_fingerprint", "dim", "preprocessing_version"):
             if getattr(mine, name) != getattr(other, name):
-                raise StoreError(
+                raise ModelMismatchError(
                     f"store {self.root} was built with model {mine.model!r} "
                     f"({name}={getattr(mine, name)!r}); this run uses {other.model!r} "
                     f"({name}={getattr(other, name)!r}). Vectors of different models cannot be "

@@ -48,7 +48,7 @@ def tag_store(store: Store, classifier: ZeroShotClassifier, labels: list[str],
               ) -> TagReport:
     """Write every (image, label) whose sigmoid score ≥ ``min_score``, in one transaction."""
     if not 0.0 <= min_score <= 1.0:
-        raise InputError(f"--min-score must be between 0 and 1 (a sigmoid score), got {min_score}")
+        raise InputError(f"the minimum score must be between 0 and 1 (a sigmoid score), got {min_score}")
     if source == "user":
         raise InputError("source 'user' is reserved for labels given by people")
     started = time.perf_counter()

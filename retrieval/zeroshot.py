@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 def check_template(template: str) -> str:
     if "{}" not in template:
         raise InputError(f"template {template!r} has no '{{}}' where the label goes; "
-                         "e.g. --template 'a chest x-ray showing {}' (or '{}' for the label alone)")
+                         "e.g. 'a chest x-ray showing {}' (or '{}' for the label alone)")
     return template
 
 
@@ -85,8 +85,8 @@ def resolve_labels(labels: list[str] | tuple[str, ...] | None = None, preset: st
                    ) -> tuple[list[str], list[str]]:
     """Labels and templates from either explicit labels or a preset; templates override."""
     if bool(labels) == bool(preset):
-        raise InputError("give either labels (--labels a,b,...) or a preset "
-                         f"(--preset {'|'.join(PRESETS)}), one of them")
+        raise InputError("give either labels (at least two) or a preset "
+                         f"({'|'.join(PRESETS)}), one of them")
     if preset:
         if preset not in PRESETS:
             raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -58,7 +58,11 @@ def running(app, port: int | None = None) -> Iterator[str]:
 
 
 def make_app(store: Path, **kwargs):
-    from medsearch.commands.serve import decode_stored, decode_upload
+    from medsearch.cli.options import key_files
+    from medsearch.cli.serve import decode_stored, decode_upload
+    from medsearch.settings import Settings
     from retrieval.server import create_app
 
+    cfg = Settings.resolve()  # as `medsearch serve` does: redaction and keys follow the settings
+    kwargs = {"redact_paths": cfg.redact_paths, "keys": key_files(cfg), **kwargs}
     return create_app(store, decode_upload=decode_upload, decode_stored=decode_stored, **kwargs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medsearch.cli import main
-from retrieval.settings import Settings
+from medsearch.settings import Settings
 
 from .conftest import add_bad_files
 
@@ -133,17 +133,16 @@ def test_default_settings_file_matches_the_code():
 
 def test_settings_file_and_environment_override(tmp_path, monkeypatch):
     from retrieval.errors import InputError
-    from retrieval.settings import load_settings
 
     cfg = tmp_path / "m.toml"
     cfg.write_text('k = 3\nphi_policy = "drop"\n')
     monkeypatch.setenv("MEDSEARCH_CONFIG", str(cfg))
     monkeypatch.setenv("MEDSEARCH_BATCH_SIZE", "32")
-    s = load_settings()
+    s = Settings.resolve()
     assert (s.k, s.phi_policy, s.batch_size) == (3, "drop", 32)
     cfg.write_text('phi_policy = "publish"\n')
     with pytest.raises(InputError, match="phi_policy"):
-        load_settings()
+        Settings.resolve()
 
 
 def test_unusable_device_is_named(capsys, tiny_model):

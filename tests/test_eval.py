@@ -211,7 +211,7 @@ def test_eval_cli_writes_json_and_html(tiny_model, tmp_path):
     assert "For research use only; not for diagnosis." in page
 
     vision = VisionEncoder.load(str(tiny_model), device="cpu")
-    from medsearch.commands.classify import query_input
+    from medsearch.cli.classify import query_input
     import torch
 
     X = vision.embed_batch(torch.from_numpy(np.stack([query_input(p, vision.image_size) for p in paths])))

@@ -55,8 +55,9 @@ def test_bf16_on_cpu_runs_and_stays_close(tiny_model, batch):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty per-machine cache (its folder is passed as ``cache_dir``) and no decision
-    remembered in this process."""
+    remembered in this process; the CLI's settings point at the same folder."""
     monkeypatch.setattr(acceleration, "_choices", {})
+    monkeypatch.setenv("MEDSEARCH_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache" / "precision.json"
 
 

@@ -28,7 +28,7 @@ def embedded_pngs(page: str) -> list[Image.Image]:
 
 
 def test_notice_is_the_cli_notice():
-    from medsearch.output import RESEARCH_NOTICE as CLI_NOTICE
+    from medsearch.cli.output import RESEARCH_NOTICE as CLI_NOTICE
 
     assert RESEARCH_NOTICE == CLI_NOTICE
 
@@ -65,7 +65,7 @@ def labelled_store(tiny_model, tmp_path_factory):
 
 def test_report_cli_with_store(labelled_store, tiny_model, tmp_path):
     from medsearch.cli import app
-    from medsearch.commands.classify import query_input
+    from medsearch.cli.classify import query_input
     from retrieval.model import VisionEncoder
     from retrieval.model.preprocess import model_input_to_uint8
     from retrieval.store import Store

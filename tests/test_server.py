@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsearch.commands.serve import check_exposure
+from medsearch.cli.serve import check_exposure
 from retrieval.errors import InputError
 
 from .conftest import PYDICOM_TEST_FILES, write_images
@@ -568,7 +568,7 @@ def test_blank_tokens_are_refused(token):
 
 
 def test_token_surrounding_whitespace_is_stripped(data, monkeypatch):
-    from medsearch.commands.serve import read_token
+    from medsearch.cli.serve import read_token
 
     assert read_token("  " + TOKEN + "\n") == TOKEN
     assert read_token(None) is None
@@ -615,7 +615,7 @@ def _wait_up(server, url: str) -> None:
 
 
 def test_default_allowed_hosts_and_wildcard_rule():
-    from medsearch.commands.serve import default_allowed_hosts
+    from medsearch.cli.serve import default_allowed_hosts
     from retrieval.server import HostPolicy
 
     loopback = HostPolicy(default_allowed_hosts("127.0.0.1", 8000))

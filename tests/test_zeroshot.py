@@ -244,7 +244,7 @@ def test_tag_writes_exact_predictions_and_replaces_them(tagged_store, classifier
 
 def test_tag_and_classify_cli(tagged_store, planted_model, classifier):
     from medsearch.cli import app
-    from medsearch.output import RESEARCH_NOTICE
+    from medsearch.cli.output import RESEARCH_NOTICE
 
     runner = CliRunner()
     out = runner.invoke(app, ["tag", "--store", str(tagged_store), "--preset", "cxr",
@@ -264,7 +264,7 @@ def test_tag_and_classify_cli(tagged_store, planted_model, classifier):
     softmaxes = [r["softmax"] for r in doc["results"]]
     assert softmaxes == sorted(softmaxes, reverse=True)
     # the CLI's numbers are the API's numbers on the same image vector
-    from medsearch.commands.classify import embed_query
+    from medsearch.cli.classify import embed_query
 
     vector, _ = embed_query(VisionEncoder.load(str(planted_model), device="cpu"), image)
     api = classifier.classify(vector[None], *resolve_labels(preset="cxr"))[0].to_json()

@@ -1,4 +1,4 @@
-"""Entry point: one typer app; each command group lives in its own module under commands/."""
+"""Entry point: one typer app; each command group lives in its own module beside it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 import click
 import typer
 
-from retrieval.errors import MedsearchError
+from retrieval.errors import (InputError, MedsearchError, ModelMismatchError,
+                              ModelUnavailableError, NotFoundError, StoreError,
+                              UndecodableImageError)
 
 
 def _click_classes(name: str) -> tuple[type[BaseException], ...]:
@@ -25,6 +27,14 @@ def _click_classes(name: str) -> tuple[type[BaseException], ...]:
 
 _EXIT, _ABORT, _CLICK_ERROR = (_click_classes(n) for n in ("Exit", "Abort", "ClickException"))
 
+#: The exit status of each core error, most specific first: the one place they are mapped.
+#: All are 2 (the documented "could not do it" status); scripts tell them apart by the JSON
+#: document's "type".
+EXIT_CODES: list[tuple[type[MedsearchError], int]] = [
+    (NotFoundError, 2), (UndecodableImageError, 2), (InputError, 2),
+    (ModelMismatchError, 2), (StoreError, 2), (ModelUnavailableError, 2), (MedsearchError, 2),
+]
+
 app = typer.Typer(
     name="medsearch",
     help="Search medical images by text and find similar cases (MedSigLIP + FAISS + SQLite).",
@@ -34,7 +44,7 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands to `app`.
-from .commands import classify, core, demo, dicom, maintenance, privacy, serve  # noqa: E402,F401
+from . import classify, core, demo, forget, maintenance, preview, serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,10 +63,14 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"error": exc.format_message(), "type": "UsageError"}))
         sys.exit(exc.exit_code)
     except MedsearchError as exc:
-        _fail(str(exc), type(exc).__name__, as_json)
+        _fail(str(exc), type(exc).__name__, as_json, exit_code(exc))
     except KeyboardInterrupt:
         _fail("interrupted; committed work is kept and the next run resumes", "Interrupted",
               as_json, code=130)
+
+
+def exit_code(exc: MedsearchError) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
 
 
 def _fail(message: str, kind: str, as_json: bool, code: int = 2) -> None:

@@ -9,9 +9,9 @@ import typer
 from retrieval.errors import InputError
 from retrieval.store import Store
 
-from ..cli import app
-from ..options import JsonOpt, StoreOpt, settings, store_path
-from ..output import emit
+from .main import app
+from .options import JsonOpt, StoreOpt, key_files, resolve, store_root
+from .output import emit
 
 
 def _human(d: dict) -> str:
@@ -36,6 +36,7 @@ def forget_cmd(
 
     if (patient is None) == (study is None):
         raise InputError("give exactly one of --patient KEY or --study UID")
-    with Store.open(store_path(store, settings()), exclusive=True) as st:
-        doc = forget(st, patient=patient, study=study)
+    cfg = resolve(store=store)
+    with Store.open(store_root(cfg), exclusive=True) as st:
+        doc = forget(st, patient=patient, study=study, keys=key_files(cfg))
     emit(doc, json_out, _human)

@@ -1,4 +1,5 @@
-"""Options shared by several commands, and the objects they build (settings, store, filters)."""
+"""Options shared by several commands, and what they build from the resolved settings
+(encoders, searcher, filters)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from typing import Annotated, Optional
 import typer
 
 from retrieval.filters import Filters
-from retrieval.settings import Settings, load_settings
+from retrieval.model import Checkpoint, TextEncoder, VisionEncoder
+from retrieval.privacy import KeyFiles
+from retrieval.search import Searcher
+from retrieval.store import Store
+
+from ..settings import Settings
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]
@@ -32,8 +38,9 @@ LabelOpt = Annotated[Optional[list[str]], typer.Option(
     "--label", help="Only images carrying this label (repeatable: any of them).")]
 
 
-def settings() -> Settings:
-    return load_settings()
+def resolve(**flags) -> Settings:
+    """The run's settings, with the command line's flags (None: not given) over the rest."""
+    return Settings.resolve(**{k: str(v) if isinstance(v, Path) else v for k, v in flags.items()})
 
 
 def build_filters(modality=None, body_part=None, date_from=None, date_to=None, path_glob=None,
@@ -43,5 +50,34 @@ def build_filters(modality=None, body_part=None, date_from=None, date_to=None, p
                    label=list(label or []))
 
 
-def store_path(store: Path | None, config: Settings) -> Path:
-    return Path(store) if store is not None else Path(config.store)
+def store_root(cfg: Settings) -> Path:
+    return Path(cfg.store)
+
+
+def key_files(cfg: Settings) -> KeyFiles:
+    return KeyFiles(cfg.key_folder, cfg.key_file)
+
+
+def vision_encoder(cfg: Settings, checkpoint: Checkpoint, compile: bool = False) -> VisionEncoder:
+    """The vision tower as configured (``compile`` only pays off on long runs: `index`)."""
+    from retrieval.model.acceleration import configure_cpu_threads
+
+    configure_cpu_threads(cfg.threads)
+    return VisionEncoder(checkpoint, cfg.device, cfg.precision, compile,
+                         cuda_bf16=cfg.cuda_bf16, cache_dir=cfg.cache_folder)
+
+
+def text_encoder(cfg: Settings, checkpoint: Checkpoint) -> TextEncoder:
+    from retrieval.model.acceleration import configure_cpu_threads
+
+    configure_cpu_threads(cfg.threads)
+    return TextEncoder(checkpoint, cfg.device, cfg.precision, cache_dir=cfg.cache_folder)
+
+
+def searcher(cfg: Settings, store: Store, model: str | None = None) -> Searcher:
+    """A searcher as configured; ``model`` None: the checkpoint the store was built with."""
+    from retrieval.model.acceleration import configure_cpu_threads
+
+    configure_cpu_threads(cfg.threads)
+    return Searcher(store, model, cfg.device, cfg.precision, cfg.redact_paths,
+                    keys=key_files(cfg), cuda_bf16=cfg.cuda_bf16, cache_dir=cfg.cache_folder)

@@ -14,11 +14,11 @@ import typer
 from retrieval.errors import InputError
 from retrieval.query import Term, parse_query
 
-from ..cli import app
-from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+from .main import app
+from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                        MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
-                       settings, store_path)
-from ..output import RESEARCH_NOTICE, emit, note
+                       key_files, resolve, searcher, store_root)
+from .output import RESEARCH_NOTICE, emit, note
 
 MIN_TOKEN_LENGTH = 16
 
@@ -137,6 +137,7 @@ def serve_cmd(
     """Serve the HTTP API and the web page for a store (the model loads once)."""
     import uvicorn
 
+    from retrieval.model.acceleration import configure_cpu_threads
     from retrieval.server import create_app
 
     check_exposure(host, token, allowed_host)
@@ -144,14 +145,17 @@ def serve_cmd(
     if log_level not in ("debug", "info", "warning", "error"):
         raise InputError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    cfg = settings()
-    root = store_path(store, cfg)
+    cfg = resolve(store=store, device=device)
+    root = store_root(cfg)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     hosts = default_allowed_hosts(host, port) + list(allowed_host or [])
-    web = create_app(root, model=model, device=device or cfg.device, precision=cfg.precision,
+    configure_cpu_threads(cfg.threads)
+    web = create_app(root, model=model, device=cfg.device, precision=cfg.precision,
                      token=token,
                      max_upload_bytes=max_bytes, decode_upload=decode_upload,
-                     decode_stored=decode_stored, allowed_hosts=hosts)
+                     decode_stored=decode_stored, allowed_hosts=hosts,
+                     redact_paths=cfg.redact_paths, keys=key_files(cfg),
+                     cuda_bf16=cfg.cuda_bf16, cache_dir=cfg.cache_folder)
     # the full checksum at start-up: a damaged index file is never answered from
     web.state.engine.store.verify_index_file()
     from indexer.isolation import prestart
@@ -198,7 +202,6 @@ def export_cmd(
 ) -> None:
     """Write a cohort (one row per result: score and stored metadata) to CSV, JSON or Parquet."""
     from retrieval import export as cohort
-    from retrieval.search import Searcher
     from retrieval.store import Store
 
     from indexer.pipeline import query_image_vector
@@ -214,18 +217,17 @@ def export_cmd(
         terms = [Term("file", str(similar), 1.0)]
     else:
         terms = [Term("id", image_id, 1.0)]
-    cfg = settings()
-    searcher = Searcher(Store.open(store_path(store, cfg), readonly=True), model,
-                        device or cfg.device, cfg.precision)
-    if (copy_to is not None or link_to is not None) and searcher.redact.active:
+    cfg = resolve(store=store, device=device, k=k)
+    found = searcher(cfg, Store.open(store_root(cfg), readonly=True), model)
+    if (copy_to is not None or link_to is not None) and found.redact.active:
         raise InputError("--copy-to and --link-to need the source paths, which redact_paths "
-                         f"({searcher.redact.mode}) hides; export without them, or unset "
+                         f"({found.redact.mode}) hides; export without them, or unset "
                          "redact_paths / MEDSEARCH_REDACT_PATHS for this export")
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    results = searcher.query(
-        terms, k or cfg.k, filters, min_score,
-        image_vector=lambda term: query_image_vector(searcher.vision_encoder, Path(term.value),
-                                                     searcher.store.manifest.decode))
+    results = found.query(
+        terms, cfg.k, filters, min_score,
+        image_vector=lambda term: query_image_vector(found.vision_encoder, Path(term.value),
+                                                     found.store.manifest.decode))
     rows = cohort.cohort_rows(r.to_json() for r in results)
     written = cohort.write_rows(rows, out)
     doc = {"out": str(written.absolute()), "format": fmt, "rows": len(rows), "files": None}

@@ -9,9 +9,9 @@ import typer
 
 from retrieval.errors import InputError
 
-from ..cli import app
-from ..options import JsonOpt
-from ..output import emit
+from .main import app
+from .options import JsonOpt
+from .output import emit
 
 
 def _model_size(model: str | None, size: int | None) -> int:

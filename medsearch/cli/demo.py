@@ -20,9 +20,9 @@ from retrieval.search import Searcher
 from retrieval.store import Store, manifest_for
 from retrieval.model.testmodel import make_test_model
 
-from ..cli import app
-from ..options import JsonOpt
-from ..output import RESEARCH_NOTICE, emit, note, results_table
+from .main import app
+from .options import JsonOpt
+from .output import RESEARCH_NOTICE, emit, note, results_table
 
 #: Real files from pydicom's own test set: CT, MR, NM, US colour, palette, JPEG 2000, RLE.
 SAMPLE_DICOM = ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm",

@@ -9,19 +9,19 @@ from typing import Annotated, Optional
 import typer
 
 from retrieval.model.acceleration import auto_batch_size, precision_choice
-from retrieval.errors import InputError, storage_error
-from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
+from retrieval.errors import InputError, NotFoundError, storage_error
+from retrieval.model import resolve_checkpoint
 from retrieval.search import Searcher
 from retrieval.store import Manifest, Store, manifest_for
 
 from indexer.pipeline import query_image_vector
 from indexer.view import DecodeSettings
 
-from ..cli import app
-from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+from .main import app
+from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                        MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt, build_filters,
-                       settings, store_path)
-from ..output import emit, note, results_table
+                       key_files, resolve, searcher, store_root, text_encoder, vision_encoder)
+from .output import emit, note, results_table
 
 
 @app.command("make-test-model")
@@ -87,11 +87,9 @@ def index_cmd(
     from indexer.pixels import check_window_choice
     from indexer.view import settings_for_run
 
-    cfg = settings()
-    root = store_path(store, cfg)
-    phi_policy = phi or cfg.phi_policy
-    if phi_policy not in ("hash", "keep", "drop"):
-        raise InputError(f"--phi must be hash, keep or drop, not {phi_policy!r}")
+    cfg = resolve(store=store, device=device, precision=precision, batch_size=batch_size,
+                  workers=workers, frames=frames, phi_policy=phi, index_type=index_type)
+    root = store_root(cfg)
     try:
         window = None if window is None else check_window_choice(window)
         query = DicomWebQuery(study, modality_filter, dicom_date(since) if since else None)
@@ -101,22 +99,23 @@ def index_cmd(
         raise InputError("--study, --modality and --since apply to dicomweb+http:// sources only")
     missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
     if missing:
-        raise InputError(f"no such file or folder: {', '.join(missing)}")
-    workers = cfg.workers if workers is None else workers
+        raise NotFoundError(f"no such file or folder: {', '.join(missing)}")
     # decode workers start now, while the model loads (each needs seconds to import)
-    with _store_faults(root), \
-            (decode_pool(workers, timeout_s=decode_timeout) if workers != 0 else nullcontext()) as pool:
-        encoder = VisionEncoder(resolve_checkpoint(model or _store_model(root) or cfg.model),
-                                device or cfg.device, precision or cfg.precision, cfg.compile)
-        if batch_size is None and encoder.device.type == "cuda":
-            batch_size = max(cfg.batch_size, auto_batch_size(encoder.device))
+    with _store_faults(root), (decode_pool(cfg.workers, timeout_s=decode_timeout)
+                               if cfg.workers != 0 else nullcontext()) as pool:
+        # a model named on the command line, else the store's own, else the configured one
+        checkpoint = resolve_checkpoint(model or _store_model(root) or cfg.model)
+        encoder = vision_encoder(cfg, checkpoint, compile=cfg.compile)
+        batch = cfg.batch_size
+        if batch_size is None and encoder.device.type == "cuda":  # not given: fill the GPU
+            batch = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
         # a new store records its decode settings; an existing one's are used (or, if a
         # choice given here differs, the run is refused)
         decode = settings_for_run(None, window=window, frames=frames, series_vectors=series_vectors,
                                   default_frames=cfg.frames)
-        manifest = manifest_for(encoder, index_type or cfg.index_type)
+        manifest = manifest_for(encoder, cfg.index_type)
         manifest.decode = decode.to_json()
         with Store.open_or_create(root, manifest, exclusive=True) as st:
             if st.manifest.decode is not None:
@@ -124,8 +123,8 @@ def index_cmd(
                                           series_vectors=series_vectors)
             note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
             indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
-                              batch_size=batch_size or cfg.batch_size, frames=decode.frames,
-                              phi_policy=phi_policy, progress=progress, window=decode.window,
+                              batch_size=batch, frames=decode.frames, phi_policy=cfg.phi_policy,
+                              keys=key_files(cfg), progress=progress, window=decode.window,
                               series_vectors=decode.series_vectors, dicomweb_query=query)
             try:
                 report = indexer.run(paths)
@@ -167,7 +166,7 @@ def remove_cmd(
     from retrieval.schema import FailureRow
     from retrieval.store import known_files
 
-    root = store_path(store, settings())
+    root = store_root(resolve(store=store))
     targets = [str(Path(p).expanduser().absolute()) for p in paths]
     with _store_faults(root), Store.open(root, exclusive=True) as st:
         found = known_files(st, targets)
@@ -196,11 +195,8 @@ def _store_model(root: Path) -> str | None:
     return Manifest.read(manifest).model if manifest.is_file() else None
 
 
-def _open_searcher(store: Path | None, model: str | None, device: str | None,
-                   precision: str | None = None) -> Searcher:
-    cfg = settings()
-    st = Store.open(store_path(store, cfg), readonly=True)
-    return Searcher(st, model, device or cfg.device, precision or cfg.precision)
+def _open_searcher(cfg, model: str | None) -> Searcher:
+    return searcher(cfg, Store.open(store_root(cfg), readonly=True), model)
 
 
 @app.command("search")
@@ -217,11 +213,12 @@ def search_cmd(
     from retrieval.query import parse_query
 
     terms = parse_query(text, allow_files=True)
-    searcher = _open_searcher(store, model, device, precision)
+    cfg = resolve(store=store, device=device, precision=precision, k=k)
+    found = _open_searcher(cfg, model)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    results = searcher.query(terms, k or settings().k, filters, min_score, image_vector=lambda t:
-                             query_image_vector(searcher.vision_encoder, Path(t.value),
-                                                searcher.store.manifest.decode))
+    results = found.query(terms, cfg.k, filters, min_score, image_vector=lambda t:
+                          query_image_vector(found.vision_encoder, Path(t.value),
+                                             found.store.manifest.decode))
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
 
@@ -237,26 +234,27 @@ def similar_cmd(
     """Find similar cases for an image file, or for an indexed image by --id."""
     if (file is None) == (image_id is None):
         raise InputError("give either a FILE or --id N (one of them)")
-    searcher = _open_searcher(store, model, device)
+    cfg = resolve(store=store, device=device, k=k)
+    found = _open_searcher(cfg, model)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    k = k or settings().k
     if image_id is not None:
-        results = searcher.similar_id(image_id, k, filters, min_score)
+        results = found.similar_id(image_id, cfg.k, filters, min_score)
     else:
-        vector = query_image_vector(searcher.vision_encoder, file, searcher.store.manifest.decode)
-        results = searcher.by_vector(vector, k, filters, min_score)
+        vector = query_image_vector(found.vision_encoder, file, found.store.manifest.decode)
+        results = found.by_vector(vector, cfg.k, filters, min_score)
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
 
 @app.command("info")
 def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
-    st = Store.open(store_path(store, settings()), readonly=True)
+    cfg = resolve(store=store)
+    st = Store.open(store_root(cfg), readonly=True)
     m = st.manifest
     doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
            "index_auto": m.index_auto, "index_reason": m.index_reason, **st.index_status(),
            "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
-           **st.stats(), "precision_auto": precision_choice(settings().device),
+           **st.stats(), "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder),
            "decode": m.decode or DecodeSettings().to_json(), "decode_recorded": m.decode is not None}
     if m.decode is None:
         note("decode settings not recorded; defaults assumed")
@@ -278,12 +276,12 @@ def embed_cmd(
 
     if (image is None) == (text is None):
         raise InputError("give exactly one of --image FILE or --text TEXT")
-    cfg = settings()
-    checkpoint = resolve_checkpoint(model or cfg.model)
+    cfg = resolve(model=model, device=device)
+    checkpoint = resolve_checkpoint(cfg.model)
     if text is not None:
-        vectors = TextEncoder(checkpoint, device or cfg.device).embed([text])
+        vectors = text_encoder(cfg, checkpoint).embed([text])
     else:
-        encoder = VisionEncoder(checkpoint, device or cfg.device)
+        encoder = vision_encoder(cfg, checkpoint)
         images = read_images(image, image_size=encoder.image_size,
                              settings=DecodeSettings(frames=frames))
         import numpy as np
@@ -300,7 +298,7 @@ def reindex_cmd(
     store: StoreOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
-    root = store_path(store, settings())
+    root = store_root(resolve(store=store))
     with _store_faults(root), Store.open(root, exclusive=True) as st:
         st.rebuild(index_type)
     emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},

@@ -11,9 +11,9 @@ import typer
 from retrieval.errors import InputError
 from retrieval.store import Store, backup
 
-from ..cli import app
-from ..options import JsonOpt, StoreOpt, settings, store_path
-from ..output import emit
+from .main import app
+from .options import JsonOpt, StoreOpt, resolve, store_root
+from .output import emit
 
 
 def _model_note(st: Store) -> tuple[list[str], list[str]]:
@@ -57,7 +57,7 @@ def _finish(doc: dict, json_out: bool) -> None:
 def check_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Verify rows against vectors against the index, the checksums and the model fingerprint
     (exit 1 when anything is wrong; nothing is changed)."""
-    st = Store.open(store_path(store, settings()), readonly=True)
+    st = Store.open(store_root(resolve(store=store)), readonly=True)
     doc = st.check()
     problems, notes = _model_note(st)
     doc["problems"] += problems
@@ -76,7 +76,7 @@ def repair_cmd(
 ) -> None:
     """Rebuild what is derived (the index file, the manifest's record of it) and list what
     must be re-embedded."""
-    st = Store.open(store_path(store, settings()), exclusive=True)
+    st = Store.open(store_root(resolve(store=store)), exclusive=True)
     try:
         doc = st.repair(drop=drop)
     finally:
@@ -91,7 +91,7 @@ def backup_cmd(
 ) -> None:
     """Copy the store while it may be in use (SQLite's backup API; index and manifest of the
     same moment); the copy is checked before this returns."""
-    root = store_path(store, settings())
+    root = store_root(resolve(store=store))
     if to.resolve() == root.resolve():
         raise InputError("--to must be a different folder from --store")
     _finish(backup(root, to), json_out)

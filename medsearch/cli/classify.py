@@ -11,15 +11,15 @@ import numpy as np
 import typer
 
 from retrieval.errors import InputError
-from retrieval.model import TextEncoder, VisionEncoder, resolve_checkpoint
-from retrieval.search import Searcher
+from retrieval.model import VisionEncoder, resolve_checkpoint
 from retrieval.store import Store
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
 
-from ..cli import app
-from ..options import DeviceOpt, JsonOpt, ModelOpt, StoreOpt, settings, store_path
-from ..output import RESEARCH_NOTICE, emit, note
+from .main import app
+from .options import (DeviceOpt, JsonOpt, ModelOpt, StoreOpt, resolve, searcher, store_root,
+                      text_encoder, vision_encoder)
+from .output import RESEARCH_NOTICE, emit, note
 
 LabelsOpt = Annotated[Optional[list[str]], typer.Option(
     "--labels", help="Candidate labels, comma-separated and/or repeated (at least two).")]
@@ -73,11 +73,11 @@ def classify_cmd(
 ) -> None:
     """Zero-shot scores of one image: softmax across the labels and a sigmoid per label."""
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = settings()
-    checkpoint = resolve_checkpoint(model or cfg.model)
-    encoder = VisionEncoder(checkpoint, device or cfg.device)
+    cfg = resolve(model=model, device=device)
+    checkpoint = resolve_checkpoint(cfg.model)
+    encoder = vision_encoder(cfg, checkpoint)
     vector, _ = embed_query(encoder, file)
-    classifier = ZeroShotClassifier(TextEncoder(checkpoint, device or cfg.device),
+    classifier = ZeroShotClassifier(text_encoder(cfg, checkpoint),
                                     read_logit_scalars(checkpoint),
                                     ReviewThresholds(max_entropy, min_margin))
     result = classifier.classify(vector[None, :], chosen, templates)[0]
@@ -98,10 +98,10 @@ def tag_cmd(
     from retrieval.tagging import default_source, tag_store
 
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = settings()
-    st = Store.open(store_path(store, cfg))
+    cfg = resolve(store=store, device=device)
+    st = Store.open(store_root(cfg))
     with st.exclusive():
-        text = Searcher(st, model, device or cfg.device).text_encoder  # checks the store's model
+        text = searcher(cfg, st, model).text_encoder  # checks the store's model
         classifier = ZeroShotClassifier(text, read_logit_scalars(text.checkpoint))
         report = tag_store(st, classifier, chosen, templates, min_score=min_score,
                            source=source or default_source(preset))
@@ -203,22 +203,22 @@ def eval_cmd(
     templates = [check_template(t) for t in (template or (PRESETS[preset].templates if preset
                                                           else DEFAULT_TEMPLATES))]
     rows = read_manifest(manifest)
-    cfg = settings()
+    cfg = resolve(model=model, device=device)
     started = time.perf_counter()
     failures: list[dict] = []
     vectors: dict[str, np.ndarray] = {}
     decode = None
     if store is not None:
         st = Store.open(store, readonly=True)
-        searcher = Searcher(st, model, device or cfg.device)
+        found = searcher(cfg, st, model)
         vectors = _stored_vectors(st, [r.path for r in rows])
         decode = st.manifest.decode
-        get_text = lambda: searcher.text_encoder  # noqa: E731
-        get_vision = lambda: searcher.vision_encoder  # noqa: E731
+        get_text = lambda: found.text_encoder  # noqa: E731
+        get_vision = lambda: found.vision_encoder  # noqa: E731
     else:
-        checkpoint = resolve_checkpoint(model or cfg.model)
-        get_text = lambda: TextEncoder(checkpoint, device or cfg.device)  # noqa: E731
-        get_vision = lambda: VisionEncoder(checkpoint, device or cfg.device)  # noqa: E731
+        checkpoint = resolve_checkpoint(cfg.model)
+        get_text = lambda: text_encoder(cfg, checkpoint)  # noqa: E731
+        get_vision = lambda: vision_encoder(cfg, checkpoint)  # noqa: E731
     from_store = len(vectors)
     missing = [r.path for r in rows if r.path not in vectors]
     if missing:
@@ -293,20 +293,20 @@ def report_cmd(
     if not labels and not preset:
         preset = "cxr"
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = settings()
-    searcher, exclude = None, None
+    cfg = resolve(model=model, device=device)
+    found, exclude = None, None
     if store is not None:
-        searcher = Searcher(Store.open(store, readonly=True), model, device or cfg.device)
-        text, vision = searcher.text_encoder, searcher.vision_encoder
-        exclude = _indexed_ids(searcher.store, file)
+        found = searcher(cfg, Store.open(store, readonly=True), model)
+        text, vision = found.text_encoder, found.vision_encoder
+        exclude = _indexed_ids(found.store, file)
     else:
-        checkpoint = resolve_checkpoint(model or cfg.model)
-        text = TextEncoder(checkpoint, device or cfg.device)
-        vision = VisionEncoder(checkpoint, device or cfg.device)
-    vector, tensor = embed_query(vision, file, searcher.store.manifest.decode if searcher else None)
+        checkpoint = resolve_checkpoint(cfg.model)
+        text = text_encoder(cfg, checkpoint)
+        vision = vision_encoder(cfg, checkpoint)
+    vector, tensor = embed_query(vision, file, found.store.manifest.decode if found else None)
     classifier = ZeroShotClassifier(text, read_logit_scalars(text.checkpoint),
                                     ReviewThresholds(max_entropy, min_margin))
-    doc = findings(vector, classifier, chosen, templates, searcher=searcher, k=k, top=top,
+    doc = findings(vector, classifier, chosen, templates, searcher=found, k=k, top=top,
                    bands=Bands(), source=str(file), exclude=exclude)
     doc["preset"] = preset
     if out is not None:

@@ -9,7 +9,8 @@ import json
 import sys
 from typing import Callable
 
-RESEARCH_NOTICE = "For research use only; not for diagnosis."
+from retrieval.zeroshot import RESEARCH_NOTICE  # printed around every zero-shot result
+
 
 
 def emit(document: dict, as_json: bool, human: Callable[[dict], str] | None = None) -> None:

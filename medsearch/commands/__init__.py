@@ -1,1 +1,0 @@
-"""Command groups of the CLI, one module each."""

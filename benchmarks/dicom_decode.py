@@ -35,7 +35,8 @@ def main() -> None:
     import torch
 
     from indexer.decode import select_frames
-    from indexer.dicom import dicom_frames, frame_count, read_dataset, transfer_syntax
+    from indexer.dicom import frame_count, read_dataset, transfer_syntax
+    from indexer.dicom_frames import dicom_frames
     from retrieval.model.preprocess import model_input
 
     torch.set_num_threads(1)  # as in the indexer's workers

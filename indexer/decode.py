@@ -13,8 +13,9 @@ import torch
 
 from retrieval.model.preprocess import expand_planes, model_planes
 
-from .dicom import (NoImage, dicom_frames, dicom_metadata, frame_count, no_image_reason,
-                    patient_key, read_dataset)
+from .dicom import (NoImage, dicom_metadata, frame_count, no_image_reason, patient_key,
+                    read_dataset)
+from .dicom_frames import dicom_frames
 from .images import DecodeError, image_frames
 from .sources import SourceFile
 

@@ -84,7 +84,8 @@ def decode_one(path: str, size: int = 64) -> dict:
 
 def rendered_first_frame(path: str):
     """Our display image of frame 0, float in [0, 1] (grey H×W or colour H×W×3)."""
-    from indexer.dicom import dicom_frames, read_dataset
+    from indexer.dicom import read_dataset
+    from indexer.dicom_frames import dicom_frames
 
     _, unit = next(dicom_frames(read_dataset(path), path, [0]))
     return unit

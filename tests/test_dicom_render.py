@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
-from indexer.dicom import (NoImage, decode_stored, dicom_frames, frame_count, read_dataset,
-                           to_display)
+from indexer.dicom import NoImage, frame_count, read_dataset
+from indexer.dicom_frames import decode_stored, dicom_frames, to_display
 from indexer.images import DecodeError
 from indexer.pixels import PRESETS, Window, apply_window, modality_lut
 

@@ -24,16 +24,16 @@ import faiss
 import numpy as np
 from sqlalchemy.orm import Session
 
-from .. import index_choice
 from ..errors import StoreError
 from .integrity import backup
 from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION,
                      INDEX_FILE, LOCK_FILE, MANIFEST, Manifest, acquire_lock,
-                     create_private_file, file_checksums, fsync_dir, is_temp_name, make_folder,
-                     manifest_for, remove_stale_temps)
+                     check_new_store_folder, create_private_file, file_checksums, fsync_dir,
+                     is_temp_name, make_folder, manifest_for, remove_stale_temps)
 from .rows import IMAGE_COLUMNS, Rows, database_has_rows, image_dict
 from .schema import SCHEMA_VERSION
-from .vectors import TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file
+from .vectors import (TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file,
+                      resolve_index_type)
 from .writer import NewFile, NewImage, StoreWriter
 
 if TYPE_CHECKING:
@@ -112,22 +112,13 @@ class Store:
 
     @classmethod
     def _create_locked(cls, root: Path, manifest: Manifest, lock_fd: int) -> "Store":
-        if (root / MANIFEST).exists():
-            raise StoreError(f"{root} already holds a store; open it instead")
-        ours = {LOCK_FILE, DATABASE, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-journal"}
-        others = [p.name for p in root.iterdir() if p.name not in ours and not is_temp_name(p.name)]
-        if others:
-            raise StoreError(f"{root} exists and is not empty; choose a new folder for the store")
+        check_new_store_folder(root)
         if (root / DATABASE).exists() and database_has_rows(root / DATABASE):
             raise StoreError(f"{root} holds a {DATABASE} with indexed files but no {MANIFEST}; "
                              "restore the manifest or choose a new folder for the store")
         remove_stale_temps(root)
         os.chmod(root, DIR_MODE)
-        if manifest.index_type == index_choice.AUTO:
-            choice = index_choice.choose_index(0, manifest.dim)
-            manifest.index_type, manifest.index_auto = choice.index_type, True
-            manifest.index_reason = f"auto: {choice.reason}"
-        new_index(manifest.index_type, manifest.dim)  # validate before writing anything
+        resolve_index_type(manifest)  # validated before anything is written
         store = cls(root, manifest, lock_fd=lock_fd)
         manifest.write(root / MANIFEST)  # last: a reader sees a store only once it is whole
         return store
@@ -187,14 +178,7 @@ class Store:
 
     def check_compatible(self, other: Manifest) -> None:
         """Refuse vectors from another model, weights, dimension or preprocessing."""
-        mine = self.manifest
-        for name in ("model_fingerprint", "dim", "preprocessing_version"):
-            if getattr(mine, name) != getattr(other, name):
-                raise StoreError(
-                    f"store {self.root} was built with model {mine.model!r} "
-                    f"({name}={getattr(mine, name)!r}); this run uses {other.model!r} "
-                    f"({name}={getattr(other, name)!r}). Vectors of different models cannot be "
-                    "mixed: use --model to match the store, or index into a new --store.")
+        self.manifest.check_compatible(other, self.root)
 
     @property
     def dim(self) -> int:
@@ -282,15 +266,8 @@ class Store:
             os.close(fd)
 
     def _guard_ids(self, session: Session) -> None:
-        """Start new ids above every id ever handed out, not only those SQLite remembers.
-
-        images.id is AUTOINCREMENT, but its counter lives in the same database: when the last
-        commit is lost (power cut under synchronous=NORMAL) or an older copy of the database is
-        restored, the counter goes back while the saved FAISS file still holds the lost ids,
-        and a new image taking such an id would be found by the lost image's vector. The
-        high-water mark is the max of the manifest's ``id_high_water`` (saved with each index)
-        and the ids in the index file as loaded; raising sqlite_sequence to it makes SQLite
-        hand out only fresh ids."""
+        """Start new ids above every id ever handed out (see :meth:`Rows.guard_ids`): the
+        high-water mark is the max of the manifest's, the loaded index's and SQLite's."""
         self.db.guard_ids(session, self._high_water)
 
     # -- writing -------------------------------------------------------------------------------

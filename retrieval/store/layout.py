@@ -76,6 +76,16 @@ class Manifest:
     def write(self, path: Path) -> None:
         atomic_write_bytes(path, json.dumps(asdict(self), indent=2).encode())
 
+    def check_compatible(self, other: "Manifest", root: Path) -> None:
+        """Refuse vectors from another model, weights, dimension or preprocessing."""
+        for name in ("model_fingerprint", "dim", "preprocessing_version"):
+            if getattr(self, name) != getattr(other, name):
+                raise StoreError(
+                    f"store {root} was built with model {self.model!r} "
+                    f"({name}={getattr(self, name)!r}); this run uses {other.model!r} "
+                    f"({name}={getattr(other, name)!r}). Vectors of different models cannot be "
+                    "mixed: use --model to match the store, or index into a new --store.")
+
 
 def manifest_for(encoder, index_type: str) -> Manifest:
     """The manifest for vectors made by a VisionEncoder (local folders by absolute path)."""
@@ -246,6 +256,16 @@ def create_private_file(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+
+def check_new_store_folder(root: Path) -> None:
+    """Refuse to create a store in a folder that holds anything but a lock or a bare database."""
+    if (root / MANIFEST).exists():
+        raise StoreError(f"{root} already holds a store; open it instead")
+    ours = {LOCK_FILE, DATABASE, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-journal"}
+    others = [p.name for p in root.iterdir() if p.name not in ours and not is_temp_name(p.name)]
+    if others:
+        raise StoreError(f"{root} exists and is not empty; choose a new folder for the store")
 
 
 def make_folder(root: Path) -> None:

@@ -123,7 +123,15 @@ class Rows:
 
     @staticmethod
     def guard_ids(session: Session, high_water: int) -> None:
-        """Make SQLite hand out only image ids above ``high_water`` (raise sqlite_sequence)."""
+        """Make SQLite hand out only image ids above ``high_water`` (raise sqlite_sequence).
+
+        images.id is AUTOINCREMENT, but its counter lives in the same database: when the last
+        commit is lost (power cut under synchronous=NORMAL) or an older copy of the database is
+        restored, the counter goes back while the saved FAISS file still holds the lost ids,
+        and a new image taking such an id would be found by the lost image's vector. Raising
+        sqlite_sequence to the store's high-water mark (the manifest's ``id_high_water``, saved
+        with each index, and the ids in the index file as loaded) makes SQLite hand out only
+        fresh ids."""
         hw = int(high_water)
         if hw <= 0:
             return

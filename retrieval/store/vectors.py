@@ -40,6 +40,15 @@ def new_index(index_type: str, dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(index_choice.configure(base))
 
 
+def resolve_index_type(manifest: Manifest) -> None:
+    """Settle a new store's "auto" index type for an empty store, and validate the type."""
+    if manifest.index_type == index_choice.AUTO:
+        choice = index_choice.choose_index(0, manifest.dim)
+        manifest.index_type, manifest.index_auto = choice.index_type, True
+        manifest.index_reason = f"auto: {choice.reason}"
+    new_index(manifest.index_type, manifest.dim)
+
+
 def index_ids(index: faiss.Index) -> np.ndarray:
     """Every id the index holds (hidden ones included)."""
     return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)

@@ -205,10 +205,6 @@ class Snapshot:
 
 def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snapshot | None:
     """Open the store read-only and check that it agrees with itself; None if there is none."""
-    import faiss
-    from sqlalchemy import select
-
-    from retrieval.schema import FailureRow, FileRow, ImageRow, LabelRow, SettingRow, VectorRow
     from retrieval import ann
     from retrieval.store import MANIFEST, Store
 
@@ -220,21 +216,14 @@ def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snaps
         problems.append(f"store does not open: {type(exc).__name__}: {exc}")
         return None
     try:
-        with store.sessions() as session:
-            image_rows = session.execute(
-                select(ImageRow.id, FileRow.path, ImageRow.frame, FileRow.content_hash)
-                .join(FileRow, FileRow.id == ImageRow.file_id)).all()
-            vector_ids = list(session.scalars(select(VectorRow.image_id)))
-            failures = dict(session.execute(select(FailureRow.path, FailureRow.reason)).all())
-            labels = session.execute(
-                select(FileRow.path, ImageRow.frame, LabelRow.label, LabelRow.score)
-                .join(ImageRow, ImageRow.id == LabelRow.image_id)
-                .join(FileRow, FileRow.id == ImageRow.file_id)
-                .where(LabelRow.source == TAG_SOURCE)).all()
-            tag_record = session.get(SettingRow, f"tags:{TAG_SOURCE}") is not None
+        image_rows = store.image_keys()
+        vector_ids = store.vector_ids().tolist()
+        failures = store.failures()
+        labels = store.labels(TAG_SOURCE)
+        tag_record = store.setting(f"tags:{TAG_SOURCE}") is not None
         image_ids = [r[0] for r in image_rows]
-        index_ids = faiss.vector_to_array(faiss.downcast_index(store.index).id_map).astype(np.int64)
-        live = np.setdiff1d(index_ids, store._tombstones)
+        index_ids = store.vector_index.ids()
+        live = np.setdiff1d(index_ids, store.vector_index.tombstones)
         if len(set(image_ids)) != len(image_ids) or len(np.unique(index_ids)) != len(index_ids):
             problems.append("duplicate ids")
         if set(live.tolist()) != set(image_ids) or set(vector_ids) != set(image_ids):
@@ -264,7 +253,7 @@ def snapshot(store_dir: Path, queries: np.ndarray, problems: list[str]) -> Snaps
                         index_type=store.manifest.index_type, index_in_use=status["index_in_use"],
                         top10=top10)
     finally:
-        store.engine.dispose()
+        store.close()  # read-only: nothing is saved
 
 
 @dataclass

@@ -294,7 +294,7 @@ class HostOnlyEncoder:
 def host_rate(encoder: HostOnlyEncoder, corpus: dict, root: Path, batch: int, pool) -> dict:
     """The indexing run without the model: files/s the host feeds, main-process CPU per image
     (all its threads: receiving decoded frames, stacking batches, writing the store)."""
-    import retrieval.migrations  # noqa: F401  (a one-off import, not a per-image cost)
+    import retrieval.store.migrations  # noqa: F401  (a one-off import, not a per-image cost)
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     pipe = pipeline_rate(encoder, corpus, root, batch, pool)

@@ -55,14 +55,11 @@ def free_port() -> int:
 def synthetic_store(folder: Path, vectors: int, seed: int = 0) -> tuple[Path, Path]:
     """A tiny-model store holding ``vectors`` random unit vectors with varied metadata.
 
-    Rows go in with bulk inserts (the ORM path of an index run costs ms per row); the store
-    then reconciles its FAISS index from SQLite exactly as on any open.
+    Rows go in through the store's writer in one transaction (its set-based inserts), and the
+    index follows them as in an index run.
     """
-    from sqlalchemy import insert
-
     from retrieval.model import VisionEncoder
-    from retrieval.schema import FileRow, ImageRow, VectorRow
-    from retrieval.store import Store, manifest_for
+    from retrieval.store import NewFile, NewImage, Store, manifest_for
     from retrieval.model.testmodel import make_test_model
 
     model = make_test_model(folder / "tiny-siglip")
@@ -71,18 +68,13 @@ def synthetic_store(folder: Path, vectors: int, seed: int = 0) -> tuple[Path, Pa
     rng = np.random.default_rng(seed)
     block = rng.normal(size=(vectors, encoder.dim)).astype(np.float32)
     block /= np.linalg.norm(block, axis=1, keepdims=True)
-    ids = range(1, vectors + 1)
-    with store.sessions() as session, session.begin():
-        session.execute(insert(FileRow), [
-            {"id": i, "path": f"/synthetic/{i:07d}.png", "size": 1, "mtime_ns": 0,
-             "content_hash": f"{i:040x}", "source_kind": "image"} for i in ids])
-        session.execute(insert(ImageRow), [
-            {"id": i, "file_id": i, "frame": 0, "width": 448, "height": 448,
-             "modality": MODALITIES[i % len(MODALITIES)],
-             "study_date": f"20{10 + i % 15:02d}{1 + i % 12:02d}15"} for i in ids])
-        session.execute(insert(VectorRow), [
-            {"image_id": i, "vector": block[i - 1].tobytes()} for i in ids])
-    store.reconcile()
+    with store.writer() as writer:
+        writer.add_files([
+            NewFile(f"/synthetic/{i:07d}.png", 1, 0, f"{i:040x}", "image",
+                    [NewImage(0, 448, 448, block[i - 1],
+                              {"modality": MODALITIES[i % len(MODALITIES)],
+                               "study_date": f"20{10 + i % 15:02d}{1 + i % 12:02d}15"})])
+            for i in range(1, vectors + 1)])
     store.save()
     store.close()
     return folder / "store", model

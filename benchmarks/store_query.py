@@ -50,7 +50,8 @@ def build_store(root: Path, x: np.ndarray, modalities: np.ndarray, index_type: s
                             [NewImage(0, 512, 512, x[i], {"modality": str(modalities[i])})])
                     for i in range(start, min(start + 2000, len(x)))]):
                 ids += image_ids
-    store.save()  # an automatic store picks its index type for the final count here
+    store.maintain_index()  # an automatic store picks its index type for the final count here
+    store.save()
     return store, np.asarray(ids, np.int64)
 
 

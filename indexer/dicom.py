@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 
-from retrieval.schema import DICOM_FIELDS, PHI_POLICIES
+from retrieval.store.schema import DICOM_FIELDS, PHI_POLICIES
 
 from .images import DecodeError
 from .limits import MAX_FRAMES, budget_reason, frame_reason

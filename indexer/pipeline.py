@@ -181,6 +181,7 @@ class Indexer:
                     elapsed = time.perf_counter() - started
                     bar.set_postfix_str(f"{report.images / elapsed:.2f} img/s")
                     if time.monotonic() - last_save > SAVE_EVERY_S:
+                        self.store.maintain_index()
                         self.store.save()
                         last_save = time.monotonic()
             self._commit(batch, ops, report)
@@ -201,6 +202,7 @@ class Indexer:
                 self._encoder_thread.shutdown(wait=True, cancel_futures=True)
                 self._encoder_thread, self._pending = None, None
             bar.close()
+            self.store.maintain_index()
             self.store.save()
         report.seconds = round(time.perf_counter() - started, 3)
         return report

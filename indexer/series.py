@@ -12,9 +12,7 @@ import hashlib
 from typing import Iterable
 
 import numpy as np
-from sqlalchemy import select
 
-from retrieval.schema import FileRow, ImageRow
 from retrieval.store import NewImage, Store
 
 PREFIX = "series:"
@@ -36,32 +34,27 @@ def update_series_vectors(store: Store, series_uids: Iterable[str]) -> int:
     uids = sorted({u for u in series_uids if u})
     if not uids:
         return 0
-    members: dict[str, list[ImageRow]] = {u: [] for u in uids}
-    with store.sessions() as session:
-        rows = session.scalars(
-            select(ImageRow).join(FileRow).where(ImageRow.series_uid.in_(uids),
-                                                 FileRow.source_kind != SOURCE_KIND)).all()
-        for row in rows:
-            members[row.series_uid].append(row)
-        session.expunge_all()
+    members: dict[str, list[dict]] = {u: [] for u in uids}
+    for row in store.series_images(uids, exclude_kind=SOURCE_KIND):
+        members[row["series_uid"]].append(row)
     written = 0
     with store.writer() as writer:
         for uid, images in members.items():
             if len(images) < MIN_MEMBERS:
                 writer.remove_file(series_path(uid))
                 continue
-            ids = sorted(img.id for img in images)
+            ids = sorted(img["id"] for img in images)
             mean = store.vectors(ids).astype(np.float64).mean(axis=0)
             norm = float(np.linalg.norm(mean))
             if norm == 0.0:
                 writer.remove_file(series_path(uid))
                 continue
-            first = min(images, key=lambda img: img.id)
-            meta = {k: getattr(first, k) for k in _SERIES_FIELDS if getattr(first, k) is not None}
+            first = min(images, key=lambda img: img["id"])
+            meta = {k: first[k] for k in _SERIES_FIELDS if first[k] is not None}
             digest = hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=20).hexdigest()
             writer.add_file(path=series_path(uid), size=len(ids), mtime_ns=0, content_hash=digest,
                             source_kind=SOURCE_KIND,
-                            images=[NewImage(SERIES_FRAME, first.width, first.height,
+                            images=[NewImage(SERIES_FRAME, first["width"], first["height"],
                                              (mean / norm).astype(np.float32), meta)])
             written += 1
     return written
@@ -69,16 +62,5 @@ def update_series_vectors(store: Store, series_uids: Iterable[str]) -> int:
 
 def stale_series(store: Store) -> list[str]:
     """Series whose stored vector no longer matches its members (some were removed or added)."""
-    from sqlalchemy import func
-
-    with store.sessions() as session:
-        stored = dict(session.execute(
-            select(ImageRow.series_uid, FileRow.size).join(FileRow)
-            .where(FileRow.source_kind == SOURCE_KIND)).all())
-        if not stored:
-            return []
-        counts = dict(session.execute(
-            select(ImageRow.series_uid, func.count()).join(FileRow)
-            .where(FileRow.source_kind != SOURCE_KIND, ImageRow.series_uid.in_(list(stored)))
-            .group_by(ImageRow.series_uid)).all())
+    stored, counts = store.series_counts(SOURCE_KIND)
     return sorted(u for u, size in stored.items() if u and counts.get(u, 0) != size)

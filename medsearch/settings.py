@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from retrieval.errors import InputError
 from retrieval.model import DEFAULT_MODEL
-from retrieval.schema import PhiPolicy
+from retrieval.store.schema import PhiPolicy
 
 ENV_PREFIX = "MEDSEARCH_"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from sqlalchemy import Select, and_, exists, select
 
-from .schema import FileRow, ImageRow, LabelRow
+from .store.schema import FileRow, ImageRow, LabelRow
 
 
 #: Bounds on a path glob: SQLite refuses patterns over 50,000 bytes with an error, and each

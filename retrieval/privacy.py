@@ -24,10 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import delete, select, text
-
 from .errors import InputError, StoreError
-from .schema import SettingRow
 from .store import MANIFEST, Store, fsync_dir
 
 KEY_BYTES = 32
@@ -115,18 +112,9 @@ def _record(store: Store, fp: str) -> None:
     store.manifest.write(store.root / MANIFEST)
 
 
-def _scrub(store: Store, statement) -> None:
-    """Delete with SQLite's secure_delete (freed pages zeroed), then empty the WAL."""
-    with store.sessions() as session, session.begin():
-        session.execute(text("PRAGMA secure_delete=ON"))
-        session.execute(statement)
-    checkpoint(store)
-
-
 def checkpoint(store: Store) -> None:
     """Copy the WAL into the database and truncate it (old page images hold deleted rows)."""
-    with store.engine.connect() as conn:
-        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.checkpoint()
 
 
 def migrate_legacy(store: Store, keys: KeyFiles | None = None) -> None:
@@ -149,7 +137,7 @@ def _migrate_legacy(store: Store, key: bytes, keys: KeyFiles) -> None:
         raise KeyFileError(f"{target} holds another key than the one store {store.root} keeps "
                            "in its database; move that file away and run again")
     _record(store, fp)  # key file first, then manifest, then the row: a kill loses nothing
-    _scrub(store, delete(SettingRow).where(SettingRow.key == LEGACY_SETTING))
+    store.delete_setting_securely(LEGACY_SETTING)
     _note(f"the patient-key secret of store {store.root} moved out of the store into {target} "
           "(owner-only). Keep that file (back it up apart from the store): without it new "
           "files cannot get the same patient keys.")
@@ -222,9 +210,7 @@ def _marker(key: bytes, kind: str, value: str) -> str:
 
 
 def withdrawn_markers(store: Store) -> set[str]:
-    with store.sessions() as session:
-        return set(session.scalars(select(SettingRow.key)
-                                   .where(SettingRow.key.startswith(WITHDRAWN))))
+    return store.setting_keys(WITHDRAWN)
 
 
 def withdrawn(markers: set[str], key: bytes | None, patient: str | None,
@@ -250,33 +236,24 @@ def forget(store: Store, *, patient: str | None = None, study: str | None = None
     hide removals, zeroes the freed database pages, and records a keyed withdrawal marker so
     a later `medsearch index` skips the patient's or study's files.
     """
-    from sqlalchemy import func, or_
-
-    from .schema import FileRow, ImageRow, LabelRow
-
     if (patient is None) == (study is None) or not (patient or study or "").strip():
         raise InputError("give exactly one of a patient key or a study UID")
     key = store_key(store, create=True, keys=keys)
     doc: dict = {"store": str(store.root)}
     if patient is not None:
         hashed = resolve_patient(store, key, patient)
-        clauses = [ImageRow.patient_key == hashed]
+        patient_keys = [hashed]
         if patient.strip() != hashed:  # a store under the keep policy holds the raw ID
-            clauses.append(ImageRow.patient_key == patient.strip())
-        match, marker, doc["patient_key"] = or_(*clauses), _marker(key, "patient", hashed), hashed
+            patient_keys.append(patient.strip())
+        marker, doc["patient_key"] = _marker(key, "patient", hashed), hashed
+        files, labels = store.sources_of(patient_keys=patient_keys)  # whole files go
     else:
         uid = study.strip()
-        match, marker, doc["study_uid"] = ImageRow.study_uid == uid, _marker(key, "study", uid), uid
-    file_ids = select(ImageRow.file_id).where(match).scalar_subquery()  # whole files go
-    with store.sessions() as session:
-        files = session.execute(select(FileRow.path, FileRow.source_kind)
-                                .where(FileRow.id.in_(file_ids))).all()
-        labels = session.scalar(select(func.count()).select_from(LabelRow)
-                                .join(ImageRow, ImageRow.id == LabelRow.image_id)
-                                .where(ImageRow.file_id.in_(file_ids)))
+        marker, doc["study_uid"] = _marker(key, "study", uid), uid
+        files, labels = store.sources_of(study_uid=uid)
     with store.writer() as writer:  # marker and removal in one transaction
-        writer.session.execute(text("PRAGMA secure_delete=ON"))  # freed pages zeroed
-        writer.session.merge(SettingRow(key=marker, value=str(int(time.time()))))
+        writer.zero_freed_pages()
+        writer.set_setting(marker, str(int(time.time())))
         removed = writer.remove_files([p for p, _ in files])
     if store.count != store.index.ntotal:  # a graph index only hid them: rebuild without them
         store.rebuild(store.manifest.index_type)

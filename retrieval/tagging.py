@@ -13,10 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import delete, select
 
 from .errors import InputError
-from .schema import LabelRow, SettingRow, VectorRow
 from .store import Store
 from .zeroshot import ZeroShotClassifier, sigmoid
 
@@ -54,25 +52,23 @@ def tag_store(store: Store, classifier: ZeroShotClassifier, labels: list[str],
     started = time.perf_counter()
     report = TagReport(source=source, min_score=min_score, per_label={label: 0 for label in labels})
     label_vectors = classifier.label_vectors(labels, templates)
-    with store.sessions() as session, session.begin():
-        ids = np.fromiter(session.scalars(select(VectorRow.image_id).order_by(VectorRow.image_id)),
-                          dtype=np.int64)
-        report.replaced = session.execute(delete(LabelRow).where(LabelRow.source == source)).rowcount
+    with store.writer() as writer:
+        ids = writer.vector_ids()
+        report.replaced = writer.remove_labels(source)
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
             cosine = store.vectors(chunk).astype(np.float64) @ label_vectors.T.astype(np.float64)
             probs = sigmoid(classifier.scalars.logits(cosine))
             rows, cols = np.nonzero(probs >= min_score)
-            session.add_all(LabelRow(image_id=int(chunk[r]), label=labels[c],
-                                     score=float(probs[r, c]), source=source)
-                            for r, c in zip(rows, cols))
+            writer.add_labels([(int(chunk[r]), labels[c], float(probs[r, c]))
+                               for r, c in zip(rows, cols)], source)
             for c, n in enumerate(np.bincount(cols, minlength=len(labels))):
                 report.per_label[labels[c]] += int(n)
             report.written += len(rows)
         report.images = len(ids)
         # in the same transaction: a kill never leaves labels without the record of how
-        session.merge(SettingRow(key=f"tags:{source}", value=json.dumps({
+        writer.set_setting(f"tags:{source}", json.dumps({
             "labels": labels, "templates": templates, "min_score": min_score,
-            "model": store.manifest.model, "tagged_at": time.time()})))
+            "model": store.manifest.model, "tagged_at": time.time()}))
     report.seconds = round(time.perf_counter() - started, 3)
     return report

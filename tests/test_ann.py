@@ -180,9 +180,11 @@ def test_store_auto_index_is_rechosen_as_it_grows(tmp_path, monkeypatch):
     store = Store.create(tmp_path / "s", manifest("auto"))
     assert store.manifest.index_type == "Flat" and store.manifest.index_auto
     add(store, vectors[:50])
+    store.maintain_index()
     store.save()
     assert store.manifest.index_type == "Flat"
     add(store, vectors[50:], start=50)
+    store.maintain_index()
     store.close()
     reopened = Store.open(tmp_path / "s", readonly=True)
     assert reopened.manifest.index_type == "HNSW32,SQ8"
@@ -207,19 +209,23 @@ def test_a_chosen_ivf_waits_for_enough_vectors_and_retrains_as_the_store_grows(t
     assert policy.training_minimum("RQ4x8") == 39 * 256
     assert policy.training_minimum("HNSW32") == 0 and not policy.needs_training("HNSW32", 16)
     add(store, x[:300])  # enough for k-means to run, too few to train 16 lists and SQ8 well
+    store.maintain_index()
     store.save()
     status = store.index_status()
     assert status == {"index_in_use": "Flat", "index_trained_on": None, "index_waiting_for": 1_000}
     _, ids = store.search(x[:300], 1)
     assert (ids[:, 0] == np.arange(1, 301)).all()    # exact meanwhile
     add(store, x[300:1200], start=300)
+    store.maintain_index()
     store.save()
     assert store.index_status() == {"index_in_use": "IVF16,SQ8", "index_trained_on": 1200,
                                      "index_waiting_for": None}
     add(store, x[1200:2000], start=1200)
+    store.maintain_index()
     store.save()
     assert store.manifest.index_trained_on == 1200    # not yet twice as many
     add(store, x[2000:], start=2000)
+    store.maintain_index()
     store.close()
     reopened = Store.open(tmp_path / "s", readonly=True)
     assert reopened.index_status()["index_trained_on"] == 4200  # retrained on the whole store
@@ -245,6 +251,30 @@ def test_a_manifest_written_before_training_counts_were_kept_still_opens(tmp_pat
     with Store.open(tmp_path / "s") as reopened:
         assert reopened.manifest.index_trained_on is None
         add(reopened, clustered(1000, 16, seed=4), start=400)
-        reopened.save()                                   # unknown: no surprise rebuild
+        reopened.maintain_index()                         # unknown: no surprise rebuild
+        reopened.save()
         assert reopened.manifest.index_trained_on is None
         assert reopened.count == 1400
+
+
+def test_saving_never_retrains_maintenance_is_an_explicit_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(policy, "EXACT_MAX_BYTES", 16 * 4 * 100)  # exact up to 100 vectors
+    monkeypatch.setattr(policy, "SQ_MIN_TRAIN", 100)
+    x = clustered(160, 16)
+    store = Store.create(tmp_path / "s", manifest("auto"))
+    add(store, x)
+    assert store.maintenance_due() == "rebuild"
+    store.save()
+    assert store.manifest.index_type == "Flat"            # save only persisted
+    assert store.maintain_index()["action"] == "rebuilt"
+    assert store.manifest.index_type == "HNSW32,SQ8" and store.maintenance_due() is None
+    assert store.maintain_index()["action"] == "nothing"
+    store.close()
+    ivf = Store.create(tmp_path / "ivf", manifest("IVF4,Flat"))
+    add(ivf, x[:100])
+    assert ivf.index_status()["index_waiting_for"] == 156 and ivf.maintenance_due() is None
+    add(ivf, clustered(100, 16, seed=2), start=100)
+    assert ivf.maintenance_due() == "retrain"
+    assert ivf.maintain_index()["action"] == "retrained"
+    assert ivf.index_status()["index_in_use"] == "IVF4,Flat"
+    ivf.close()

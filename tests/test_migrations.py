@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from retrieval import migrations
+from retrieval.store import migrations
 from retrieval.errors import StoreError
-from retrieval.schema import Base
+from retrieval.store.schema import Base
 from retrieval.store import Manifest, NewImage, Store
 
 

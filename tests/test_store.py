@@ -176,3 +176,39 @@ def test_a_batch_naming_one_source_twice_keeps_the_later(store):
     assert store.stats()["images"] == 201
     _, ids = store.search(second[None], 1)
     assert np.allclose(store.vectors(ids[0]), second)
+
+
+def test_the_manifest_keeps_the_decode_settings_and_an_older_one_reads_as_none(tmp_path):
+    import json
+
+    path = tmp_path / "manifest.json"
+    decode = {"window": "lung", "frames": "all", "series_vectors": True}
+    manifest(decode=decode).write(path)
+    assert Manifest.read(path).decode == decode
+    doc = json.loads(path.read_text())
+    del doc["decode"]  # written before the manifest recorded it
+    path.write_text(json.dumps(doc))
+    assert Manifest.read(path).decode is None
+
+
+def test_the_store_offers_what_other_modules_read_and_write(store):
+    paths = ["/archive/derm/f0.png", "/archive/rad/f1.png", "/archive/nowhere.png"]
+    vectors = store.vectors_for_paths(paths)
+    assert sorted(vectors) == paths[:2]
+    ids = store.ids_for_path(paths[1])
+    assert len(ids) == 1 and np.allclose(store.vectors(list(ids))[0], vectors[paths[1]])
+    assert store.ids_for_path(paths[2]) == set()
+    assert store.vector_ids().tolist() == sorted(store.vector_ids().tolist())
+    assert len(store.image_keys()) == 200
+    with store.writer() as w:
+        w.record_failure("/archive/broken.png", "not an image")
+        w.add_labels([(int(i), "nodule", 0.9) for i in ids], "zero-shot:test")
+        w.set_setting("tags:zero-shot:test", "{}")
+    assert store.failures() == {"/archive/broken.png": "not an image"}
+    assert store.labels("zero-shot:test") == [(paths[1], 0, "nodule", 0.9)]
+    assert store.setting("tags:zero-shot:test") == "{}" and store.setting_keys("tags:") == {
+        "tags:zero-shot:test"}
+    with store.writer() as w:
+        assert w.failure_paths() == ["/archive/broken.png"]
+        assert w.remove_labels("zero-shot:test") == 1
+    assert store.labels("zero-shot:test") == []

@@ -193,7 +193,7 @@ def test_search_filter_similar_drop_and_export(site, browser):
 
 def _add_label(store: Path, label: str, results: list[dict]) -> list[int]:
     """Label two images straight in SQLite, as a tagging run in another process would."""
-    from retrieval.schema import LabelRow
+    from retrieval.store.schema import LabelRow
     from retrieval.store import Store
 
     st = Store.open(store)

@@ -193,7 +193,7 @@ def tagged_store(planted_model, tmp_path_factory):
 def _label_rows(store_dir: Path, source: str) -> dict[tuple[int, str], float]:
     from sqlalchemy import select
 
-    from retrieval.schema import LabelRow
+    from retrieval.store.schema import LabelRow
     from retrieval.store import Store
 
     st = Store.open(store_dir, readonly=True)
@@ -207,7 +207,7 @@ def _label_rows(store_dir: Path, source: str) -> dict[tuple[int, str], float]:
 def test_tag_writes_exact_predictions_and_replaces_them(tagged_store, classifier):
 
     from retrieval.filters import Filters
-    from retrieval.schema import LabelRow
+    from retrieval.store.schema import LabelRow
     from retrieval.search import Searcher
     from retrieval.store import Store
     from retrieval.tagging import tag_store

@@ -119,35 +119,12 @@ def tag_cmd(
 
 def _stored_vectors(st: Store, paths: list[str]) -> dict[str, np.ndarray]:
     """path → stored vector (the middle one of the stored frames) for paths already indexed."""
-    from sqlalchemy import select
-
-    from retrieval.schema import FileRow, ImageRow
-
-    frames: dict[str, list[tuple[int, int]]] = {}
-    with st.sessions() as session:
-        for start in range(0, len(paths), 900):
-            chunk = paths[start:start + 900]
-            for path, image_id, frame in session.execute(
-                    select(FileRow.path, ImageRow.id, ImageRow.frame)
-                    .join(ImageRow, ImageRow.file_id == FileRow.id)
-                    .where(FileRow.path.in_(chunk))):
-                frames.setdefault(path, []).append((frame, image_id))
-    chosen = {path: sorted(rows)[len(rows) // 2][1] for path, rows in frames.items()}
-    if not chosen:
-        return {}
-    vectors = st.vectors(list(chosen.values()))
-    return {path: vectors[i] for i, path in enumerate(chosen)}
+    return st.vectors_for_paths(paths)
 
 
 def _indexed_ids(st: Store, file: Path) -> set[int]:
     """Ids of the images of ``file`` if it is itself indexed (so it is not its own similar case)."""
-    from sqlalchemy import select
-
-    from retrieval.schema import FileRow, ImageRow
-
-    with st.sessions() as session:
-        return set(session.scalars(select(ImageRow.id).join(FileRow, ImageRow.file_id == FileRow.id)
-                                   .where(FileRow.path == str(file.expanduser().absolute()))))
+    return st.ids_for_path(str(file.expanduser().absolute()))
 
 
 def _embed_files(encoder: VisionEncoder, paths: list[str], batch_size: int,

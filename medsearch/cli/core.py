@@ -160,10 +160,7 @@ def remove_cmd(
 
     `index` never removes anything under a folder it cannot read or finds empty (an unmounted
     share looks like that); this is how to drop such entries on purpose."""
-    from sqlalchemy import select
-
     from indexer.sources import under_any
-    from retrieval.schema import FailureRow
     from retrieval.store import known_files
 
     root = store_root(resolve(store=store))
@@ -171,8 +168,7 @@ def remove_cmd(
     with _store_faults(root), Store.open(root, exclusive=True) as st:
         found = known_files(st, targets)
         with st.writer() as writer:
-            failed = [path for path in writer.session.scalars(select(FailureRow.path))
-                      if under_any(path, targets)]
+            failed = [path for path in writer.failure_paths() if under_any(path, targets)]
             images = writer.remove_files(sorted(found))
             for path in failed:
                 writer.clear_failure(path)
@@ -254,7 +250,8 @@ def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
            "index_auto": m.index_auto, "index_reason": m.index_reason, **st.index_status(),
            "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
-           **st.stats(), "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder),
+           **st.stats(), "index_maintenance_due": st.maintenance_due(),
+           "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder),
            "decode": m.decode or DecodeSettings().to_json(), "decode_recorded": m.decode is not None}
     if m.decode is None:
         note("decode settings not recorded; defaults assumed")
@@ -301,6 +298,7 @@ def reindex_cmd(
     root = store_root(resolve(store=store))
     with _store_faults(root), Store.open(root, exclusive=True) as st:
         st.rebuild(index_type)
+        st.maintain_index()
     emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},
          json_out, _reindex_human)
 

@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from retrieval.store import MANIFEST, Manifest, Store, _index_ids
+from retrieval.store import MANIFEST, Manifest, Store
+from retrieval.store.vectors import index_ids as _index_ids
 from tests.conftest import write_images
 from tests.serving import make_app, running
 

@@ -246,7 +246,7 @@ def test_forget_patient_removes_everything_and_reindex_does_not_bring_it_back(tm
     store = Store.open(root, readonly=True)
     assert set(store.all_vectors()[0].tolist()) == kept
     import faiss
-    from retrieval.store import _index_ids
+    from retrieval.store.vectors import index_ids as _index_ids
 
     assert set(_index_ids(faiss.read_index(str(root / "index.faiss"))).tolist()) == kept
     store.close()

@@ -201,7 +201,7 @@ def test_remove_drops_sources_at_or_under_paths(indexed, capsys, tiny_model):
     store = Store.open(store_dir)
     ids, _ = store.all_vectors()
     with store.writer() as writer:  # a label must go with its image
-        from retrieval.schema import LabelRow
+        from retrieval.store.schema import LabelRow
         writer.session.add_all(LabelRow(image_id=int(i), label="x", source="user") for i in ids)
     store.close()
     shutil.rmtree(folder / "b")  # gone from disk: still removable

@@ -1,6 +1,6 @@
 """Alembic migrations of a store's SQLite schema; run automatically when a store opens.
 
-A schema change in `retrieval/schema.py` comes with a new revision in `versions/`
+A schema change in `retrieval/store/schema.py` comes with a new revision in `versions/`
 (`alembic revision` with `script_location` pointing here); a test fails while they differ.
 """
 

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from retrieval.schema import Base
+from retrieval.store.schema import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata,

@@ -1,0 +1,421 @@
+"""The store: one folder holding the FAISS index, the SQLite rows and the manifest, kept in step.
+
+:class:`Store` is the facade every other module reads and writes through. Its parts:
+``layout`` (folder, manifest, lock, atomic files), ``rows`` (SQL through SQLAlchemy, the only
+place that opens database sessions), ``writer`` (one write transaction), ``vectors`` (the
+FAISS index's life) and ``integrity`` (check, repair, backup).
+
+SQLite is the source of truth: rows and their raw vectors are written in one transaction. The
+index is a derived cache written atomically and reconciled with the rows by id at every open,
+so a process killed at any moment leaves a store that opens with index and rows agreeing. Ids
+are never handed out twice, even when the last commit was lost (see :meth:`Store._guard_ids`).
+Saving only persists: retraining or re-choosing the index type is the explicit
+:meth:`Store.maintain_index`, which an index run and `reindex` call.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import faiss
+import numpy as np
+from sqlalchemy.orm import Session
+
+from ..errors import StoreError
+from .integrity import backup
+from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION,
+                     INDEX_FILE, LOCK_FILE, MANIFEST, Manifest, acquire_lock,
+                     check_new_store_folder, create_private_file, file_checksums, fsync_dir,
+                     is_temp_name, make_folder, manifest_for, remove_stale_temps)
+from .rows import IMAGE_COLUMNS, Rows, database_has_rows, image_dict
+from .schema import SCHEMA_VERSION
+from .vectors import (TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file,
+                      resolve_index_type)
+from .writer import NewFile, NewImage, StoreWriter
+
+if TYPE_CHECKING:
+    from ..filters import Filters
+
+__all__ = ["Store", "StoreWriter", "NewImage", "NewFile", "Manifest", "manifest_for", "backup",
+           "known_files", "new_index", "read_index_file", "file_checksums", "fsync_dir",
+           "image_dict", "is_temp_name", "DATABASE", "INDEX_FILE", "LOCK_FILE", "MANIFEST",
+           "FORMAT_VERSION", "SCHEMA_VERSION", "DEFAULT_INDEX_TYPE", "DIR_MODE", "FILE_MODE",
+           "IMAGE_COLUMNS", "TOMBSTONE_MIN", "TOMBSTONE_FRACTION"]
+
+
+class Store:
+    """Open with :meth:`open` or :meth:`create`; search and write through one object."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, readonly: bool = False,
+                 full_check: bool = False, lock_fd: int | None = None) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.readonly = readonly
+        if not readonly and not (root / DATABASE).exists():
+            create_private_file(root / DATABASE)
+        #: The SQLite rows (engine and sessions live there and nowhere else).
+        self.db = Rows(root / DATABASE, manifest.dim, readonly=readonly)
+        self._lock_fd: int | None = lock_fd  # the writer lock, when this store holds it
+        self.vector_index = VectorIndex(root, manifest, readonly=readonly,
+                                        all_vectors=self.db.all_vectors)
+        self.vector_index.load(full_check)
+        self._high_water = max(manifest.id_high_water, self.vector_index.max_id(),
+                               self.db.db_max_id())
+        self.reconcile()
+        if self.index_problem:
+            self.vector_index.dirty = True
+            if not readonly:
+                self._save_if_unlocked()
+        if not readonly:  # a patient-key secret kept in the database moves out of the store
+            from ..privacy import migrate_legacy
+
+            migrate_legacy(self)
+
+    @property
+    def engine(self):
+        """The SQLAlchemy engine (for tests and Alembic; code goes through :attr:`db`)."""
+        return self.db.engine
+
+    @property
+    def sessions(self):
+        return self.db.sessions
+
+    @property
+    def index(self) -> faiss.Index:
+        return self.vector_index.index
+
+    @property
+    def index_problem(self) -> str | None:
+        """Why the index file on disk could not be used (None: it was fine or absent)."""
+        return self.vector_index.problem
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | Path, manifest: Manifest, *, exclusive: bool = False) -> "Store":
+        """A new store in an empty (or new) folder, made under the writer lock so two runs
+        never both create it; ``exclusive``: keep the lock until :meth:`close`."""
+        root = Path(root)
+        make_folder(root)
+        fd = acquire_lock(root)
+        try:
+            store = cls._create_locked(root, manifest, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not exclusive:
+            store._lock_fd = None
+            os.close(fd)
+        return store
+
+    @classmethod
+    def _create_locked(cls, root: Path, manifest: Manifest, lock_fd: int) -> "Store":
+        check_new_store_folder(root)
+        if (root / DATABASE).exists() and database_has_rows(root / DATABASE):
+            raise StoreError(f"{root} holds a {DATABASE} with indexed files but no {MANIFEST}; "
+                             "restore the manifest or choose a new folder for the store")
+        remove_stale_temps(root)
+        os.chmod(root, DIR_MODE)
+        resolve_index_type(manifest)  # validated before anything is written
+        store = cls(root, manifest, lock_fd=lock_fd)
+        manifest.write(root / MANIFEST)  # last: a reader sees a store only once it is whole
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path, *, readonly: bool = False, exclusive: bool = False,
+             full_check: bool = False, _lock_fd: int | None = None) -> "Store":
+        """Open a store; ``exclusive``: take the writer lock first and hold it until
+        :meth:`close`; ``full_check``: also verify the index file's sha256."""
+        root = Path(root)
+        if not (root / MANIFEST).is_file():
+            raise StoreError(f"no store at {root} (no {MANIFEST}); create one with "
+                             f"`medsearch index PATH --store {root}`")
+        fd = acquire_lock(root) if exclusive else _lock_fd
+        try:
+            manifest = Manifest.read(root / MANIFEST)
+            if manifest.format_version > FORMAT_VERSION or manifest.schema_version > SCHEMA_VERSION:
+                raise StoreError(f"store {root} was written by a newer medsearch (format "
+                                 f"{manifest.format_version}, schema {manifest.schema_version}); "
+                                 "upgrade medsearch to open it")
+            if fd is not None:
+                remove_stale_temps(root)
+            store = cls(root, manifest, readonly=readonly, full_check=full_check, lock_fd=fd)
+        except BaseException:
+            if exclusive:
+                os.close(fd)
+            raise
+        return store
+
+    @classmethod
+    def open_or_create(cls, root: str | Path, manifest: Manifest, *,
+                       exclusive: bool = False) -> "Store":
+        """Open the store at ``root`` (refusing another model's) or create it.
+
+        ``exclusive=True`` (what an index run wants) takes the writer lock before looking, so
+        the check "is there a store?" and the creation are one step no other run can split;
+        the lock is held until :meth:`close`."""
+        root = Path(root)
+        if exclusive:
+            make_folder(root)
+            fd = acquire_lock(root)
+            try:
+                if (root / MANIFEST).is_file():
+                    store = cls.open(root, _lock_fd=fd)
+                    store.check_compatible(manifest)
+                else:
+                    store = cls._create_locked(root, manifest, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return store
+        if (root / MANIFEST).is_file():
+            store = cls.open(root)
+            store.check_compatible(manifest)
+            return store
+        return cls.create(root, manifest)
+
+    def check_compatible(self, other: Manifest) -> None:
+        """Refuse vectors from another model, weights, dimension or preprocessing."""
+        self.manifest.check_compatible(other, self.root)
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def count(self) -> int:
+        """Live vectors in the index (hidden deleted ones not counted)."""
+        return self.vector_index.count
+
+    @property
+    def holds_lock(self) -> bool:
+        return self._lock_fd is not None
+
+    # -- the index -----------------------------------------------------------------------------
+    def verify_index_file(self) -> str | None:
+        """Check the index file on disk in full (size, crc32, sha256, id count); on a problem
+        the store stops using what it loaded and rebuilds from the vectors (in memory when
+        read-only). Returns the problem, or None. Run at `medsearch check` and server start."""
+        had_problem = self.index_problem is not None
+        problem = self.vector_index.verify_file()
+        if problem and not had_problem:
+            self.reconcile()
+            if not self.readonly:
+                self._save_if_unlocked()
+        return problem
+
+    def reconcile(self) -> None:
+        """Make the in-memory index hold exactly the ids that have vectors in SQLite.
+
+        The ids and the vectors to add are read in one read transaction: a reader sees the
+        rows of a whole committed batch or none of it, never a write half-way."""
+        vi = self.vector_index
+        extra, missing, vectors = self.db.diff(vi.ids(), read_missing=vi.index.is_trained)
+        if extra.size:
+            vi.remove(extra)
+        if missing.size and vectors is None:
+            vi.rebuild(self.manifest.index_type)  # trains on, and adds, every vector read once
+        elif missing.size:
+            vi.add(missing, vectors)
+
+    def rebuild(self, index_type: str) -> None:
+        """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
+        stored raw vectors; a type that needs more vectors to train than the store holds is
+        searched exactly until it has them (see :meth:`index_status`)."""
+        self.vector_index.rebuild(index_type)
+
+    def index_status(self) -> dict:
+        """The index actually in memory: the manifest's type, or exact search while that type
+        waits for enough vectors to be trained."""
+        return self.vector_index.status()
+
+    def maintenance_due(self) -> str | None:
+        """What :meth:`maintain_index` would do now: "rebuild", "retrain" or None."""
+        return self.vector_index.maintenance_due()
+
+    def maintain_index(self) -> dict:
+        """Re-choose an automatic index type for the count and (re)train a type that has
+        enough vectors; returns {"action": "rebuilt"|"retrained"|"nothing", index status…}.
+        An index run calls it at each checkpoint and at its end, `reindex` after rebuilding."""
+        if self.readonly:
+            raise StoreError(f"store {self.root} was opened read-only")
+        return self.vector_index.maintain()
+
+    def save(self) -> None:
+        """Write the index atomically if it changed; a kill mid-save keeps the old file.
+        Only persists: the index is never retrained or re-chosen here."""
+        if self.readonly or not self.vector_index.dirty:
+            return
+        self._high_water = self.vector_index.write(self._high_water)
+
+    def _save_if_unlocked(self) -> None:
+        """Save a repaired index now unless another process holds the writer lock (that
+        process saves its own, whole index when it finishes)."""
+        if self._lock_fd is not None:
+            self.save()
+            return
+        try:
+            fd = acquire_lock(self.root)
+        except StoreError:
+            return
+        try:
+            self.save()
+        finally:
+            os.close(fd)
+
+    def _guard_ids(self, session: Session) -> None:
+        """Start new ids above every id ever handed out (see :meth:`Rows.guard_ids`): the
+        high-water mark is the max of the manifest's, the loaded index's and SQLite's."""
+        self.db.guard_ids(session, self._high_water)
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator[StoreWriter]:
+        """A transaction; on success the FAISS index follows the committed rows."""
+        if self.readonly:
+            raise StoreError(f"store {self.root} was opened read-only")
+        with self.db.transaction() as session:
+            writer = StoreWriter(self, session)
+            yield writer
+        if writer.added:
+            self._high_water = max(self._high_water, max(i for i, _ in writer.added))
+        if writer.removed:
+            self.vector_index.remove(np.asarray(writer.removed, np.int64))
+        if writer.added:
+            ids = np.fromiter((i for i, _ in writer.added), dtype=np.int64)
+            self.vector_index.add(ids, np.stack([v for _, v in writer.added]))
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Only one writing process at a time (readers never wait); a no-op when this store
+        already holds the lock (opened with ``exclusive=True``)."""
+        if self._lock_fd is not None:
+            yield
+            return
+        fd = acquire_lock(self.root)
+        self._lock_fd = fd
+        try:
+            yield
+        finally:
+            if self._lock_fd == fd:  # not already released by close() inside the block
+                self._lock_fd = None
+                os.close(fd)
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.set_setting(key, value)
+
+    def delete_setting_securely(self, key: str) -> None:
+        """Delete a setting and zero the pages it used (secure_delete, WAL emptied)."""
+        self.db.delete_setting_securely(key)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it (old page images hold deleted rows)."""
+        self.db.checkpoint()
+
+    # -- integrity -----------------------------------------------------------------------------
+    def check(self) -> dict:
+        """Rows against vectors against the index file on disk (see integrity.check)."""
+        from .integrity import check
+
+        return check(self)
+
+    def repair(self, *, drop: bool = False) -> dict:
+        """Rebuild what is derived; ``drop``: remove sources to re-embed (integrity.repair)."""
+        from .integrity import repair
+
+        return repair(self, drop=drop)
+
+    # -- reading -------------------------------------------------------------------------------
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        return self.db.setting(key, default)
+
+    def setting_keys(self, prefix: str) -> set[str]:
+        return self.db.setting_keys(prefix)
+
+    def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Raw vectors for ``ids``, in that order (missing ids raise)."""
+        return self.db.vectors(ids)
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.db.all_vectors()
+
+    def vectors_for_paths(self, paths: list[str]) -> dict[str, np.ndarray]:
+        """path → the stored vector of its middle frame, for the paths that are indexed."""
+        return self.db.vectors_for_paths(paths)
+
+    def ids_for_path(self, path: str) -> set[int]:
+        """Ids of the images stored for one source path."""
+        return self.db.ids_for_path(path)
+
+    def vector_ids(self) -> np.ndarray:
+        """Ids of every stored vector, ascending."""
+        return self.db.vector_ids()
+
+    def series_images(self, series_uids: list[str], *, exclude_kind: str) -> list[dict]:
+        """Image rows (as dicts) of these DICOM series, sources of ``exclude_kind`` left out."""
+        return self.db.series_images(series_uids, exclude_kind=exclude_kind)
+
+    def series_counts(self, kind: str) -> tuple[dict[str, int], dict[str, int]]:
+        """(series uid → members its ``kind`` row was made from, → images stored now)."""
+        return self.db.series_counts(kind)
+
+    def sources_of(self, *, patient_keys: list[str] | None = None,
+                   study_uid: str | None = None) -> tuple[list[tuple[str, str]], int]:
+        """((path, kind) of the sources of these patients or this study, their label count)."""
+        return self.db.sources_of(patient_keys=patient_keys, study_uid=study_uid)
+
+    def image_keys(self) -> list[tuple[int, str, int, str]]:
+        """(id, path, frame, content hash) of every stored image."""
+        return self.db.image_keys()
+
+    def failures(self) -> dict[str, str]:
+        """path → reason of every source recorded as failed or skipped."""
+        return self.db.failures()
+
+    def labels(self, source: str) -> list[tuple[str, int, str, float | None]]:
+        """(path, frame, label, score) of every label written by ``source``."""
+        return self.db.labels(source)
+
+    def matching_ids(self, filters: "Filters") -> np.ndarray:
+        """Sorted ids of the rows the filters admit."""
+        return self.db.matching_ids(filters)
+
+    def search(self, queries: np.ndarray, k: int,
+               filters: "Filters | None" = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query row; ids are -1 where fewer than k exist."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.dim:
+            raise StoreError(f"query vectors are {queries.shape[1]}-d, the store holds {self.dim}-d")
+        k = max(1, int(k))
+        allowed = None if filters is None or filters.empty else self.matching_ids(filters)
+        return self.vector_index.search(queries, k, allowed, self.vectors)
+
+    def rows(self, ids: list[int]) -> dict[int, dict]:
+        """Metadata of images by id, as plain dicts (path and frame included)."""
+        return self.db.rows(ids)
+
+    def stats(self) -> dict:
+        return self.db.stats()
+
+    def close(self) -> None:
+        """Save (if changed), release the engine, then the writer lock if held."""
+        try:
+            self.save()
+        finally:
+            self.db.dispose()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def known_files(store: Store, roots: list[str]) -> dict[str, tuple[int, int, str]]:
+    """path → (size, mtime_ns, content_hash) of stored sources under any of ``roots``."""
+    return store.db.known_files(roots)

@@ -1,0 +1,358 @@
+"""The FAISS index's life: a new index, checked load, add, remove, rebuild, train, save.
+
+SQLite is the source of truth; the index is a derived cache addressed by image id (an IDMap2
+wrapper), written atomically with its size, checksums and id count in the manifest, and never
+searched when those disagree (it is rebuilt from the stored vectors instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from .. import ann
+from ..errors import StoreError
+from .layout import CHUNK, INDEX_FILE, MANIFEST, AtomicFile, Manifest, write_error
+
+#: A graph index hides removed ids until they exceed this many, or this share of it.
+TOMBSTONE_MIN = 256
+TOMBSTONE_FRACTION = 0.02
+
+log = logging.getLogger(__name__)
+
+
+def new_index(index_type: str, dim: int) -> faiss.Index:
+    """An empty index of a FAISS factory type, addressed by our row ids (IDMap2 wrapper)."""
+    if index_type == ann.AUTO:
+        index_type = ann.choose_index(0, dim).index_type
+    try:
+        base = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise StoreError(f"invalid FAISS index type {index_type!r}: "
+                         f"{str(exc).splitlines()[-1]}") from None
+    return faiss.IndexIDMap2(ann.configure(base))
+
+
+def resolve_index_type(manifest: Manifest) -> None:
+    """Settle a new store's "auto" index type for an empty store, and validate the type."""
+    if manifest.index_type == ann.AUTO:
+        choice = ann.choose_index(0, manifest.dim)
+        manifest.index_type, manifest.index_auto = choice.index_type, True
+        manifest.index_reason = f"auto: {choice.reason}"
+    new_index(manifest.index_type, manifest.dim)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id the index holds (hidden ones included)."""
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+def max_id(index: faiss.Index) -> int:
+    ids = index_ids(index)
+    return int(ids.max()) if ids.size else 0
+
+
+def supports_removal(index: faiss.Index) -> bool:
+    """Only flat storage compacts on removal, as IndexIDMap2's id map assumes; removing from an
+    IVF inside it leaves the map pointing at the wrong rows, so IVF hides removals like HNSW."""
+    base = faiss.downcast_index(faiss.downcast_index(index).index)
+    return isinstance(base, faiss.IndexFlat)
+
+
+def index_records(manifest: Manifest) -> list[dict]:
+    """The index files the manifest vouches for: the last saved, and the one before it (a
+    kill between the manifest's write and the file's rename leaves the older file in place)."""
+    m = manifest
+    records = []
+    if m.index_size is not None:
+        records.append({"size": m.index_size, "count": m.index_count, "crc32": m.index_crc32,
+                        "sha256": m.index_sha256})
+    if m.index_previous:
+        records.append(m.index_previous)
+    return records
+
+
+def read_index_file(path: Path, manifest: Manifest, *,
+                    full: bool = False) -> tuple[faiss.Index | None, str | None]:
+    """Load the index file and check it against the manifest: (index, None) or (None, why).
+
+    The size is checked before reading, the crc32 (and with ``full`` the sha256) while the
+    bytes stream through FAISS's reader (no second pass, no extra copy), and the id count
+    after. A manifest older than these fields (no record) is checked for readability only."""
+    records = index_records(manifest)
+    if not path.is_file():
+        if any(r.get("count") for r in records):
+            return None, "the file is missing"
+        return None, None  # never saved: a new or empty store
+    size = path.stat().st_size
+    if records and size not in {r["size"] for r in records}:
+        return None, (f"it is {size:,} bytes where the manifest records "
+                      f"{records[0]['size']:,} (truncated or overwritten)")
+    crc, sha = 0, hashlib.sha256() if full else None
+    try:
+        with open(path, "rb") as fh:
+            def read(n: int) -> bytes:
+                nonlocal crc
+                data = fh.read(n)
+                crc = zlib.crc32(data, crc)
+                if sha is not None:
+                    sha.update(data)
+                return data
+
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(read, CHUNK))
+            except RuntimeError as exc:
+                return None, f"it is not a readable FAISS index ({str(exc).splitlines()[-1][-120:]})"
+            while read(CHUNK):  # trailing bytes count in the checksum too
+                pass
+    except OSError as exc:
+        return None, f"it cannot be read ({exc.strerror or exc})"
+    matching = [r for r in records if r["size"] == size]
+    if matching:
+        if not any(r.get("crc32") is None or r["crc32"] == crc for r in matching):
+            return None, "its checksum differs from the manifest's (damaged on disk)"
+        if full and not any(r.get("sha256") is None or r["sha256"] == sha.hexdigest()
+                            for r in matching):
+            return None, "its sha256 differs from the manifest's (damaged on disk)"
+        if not any(r.get("count") is None or r["count"] == index.ntotal for r in matching):
+            return None, (f"it holds {index.ntotal:,} ids where the manifest records "
+                          f"{matching[0]['count']:,}")
+    return index, None
+
+
+class VectorIndex:
+    """The store's FAISS index in memory and its file: what the store searches and saves.
+
+    ``all_vectors`` reads every stored (ids, vectors) pair: the index is rebuilt from it
+    whenever it cannot be used or must be trained. Removed ids that a graph index cannot drop
+    are hidden (``tombstones``) until enough pile up to be worth a rebuild."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, readonly: bool,
+                 all_vectors: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        self.root, self.manifest, self.readonly = root, manifest, readonly
+        self.path = root / INDEX_FILE
+        self._all_vectors = all_vectors
+        self.tombstones = np.zeros(0, np.int64)
+        #: Why the index file on disk could not be used (None: it was fine or absent).
+        self.problem: str | None = None
+        #: Changed since the last save.
+        self.dirty = False
+        self.index = new_index(manifest.index_type, manifest.dim)
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def count(self) -> int:
+        """Live vectors in the index (hidden deleted ones not counted)."""
+        return int(self.index.ntotal) - int(self.tombstones.size)
+
+    def ids(self) -> np.ndarray:
+        """Every id in the index, hidden ones included."""
+        return index_ids(self.index)
+
+    def max_id(self) -> int:
+        return max_id(self.index)
+
+    # -- loading and checking ---------------------------------------------------------------
+    def load(self, full_check: bool = False) -> None:
+        """The saved index if it passes the manifest's checks; never a damaged one."""
+        index, problem = read_index_file(self.path, self.manifest, full=full_check)
+        if problem:
+            self.damaged(problem)
+        if index is not None and not self._type_matches(index):
+            # a kill between the manifest naming a new type (reindex) and the index file of
+            # that type being saved leaves the old file: rebuilt, as the manifest says
+            self.damaged(f"it holds another index type than {self.manifest.index_type}")
+            index = None
+        self.index = (ann.enable_lookup(index) if index is not None
+                      else new_index(self.manifest.index_type, self.dim))
+        self.tombstones = np.zeros(0, np.int64)
+
+    def _type_matches(self, index: faiss.Index) -> bool:
+        """The file holds the manifest's index type (or exact Flat while that type waits for
+        enough vectors to be trained)."""
+        empty = new_index(self.manifest.index_type, self.dim)
+        got, want = ann.inner_index(index), ann.inner_index(empty)
+        return isinstance(got, type(want)) or (isinstance(got, faiss.IndexFlat)
+                                               and not empty.is_trained)
+
+    def damaged(self, problem: str) -> None:
+        self.problem = problem
+        if self.readonly:
+            log.warning("index file %s is not used: %s; searching an index rebuilt in memory "
+                        "from the stored vectors. Run `medsearch repair --store %s` to fix "
+                        "the file", self.path, problem, self.root)
+        else:
+            log.warning("index file %s is not used: %s; rebuilding it from the stored vectors "
+                        "in %s", self.path, problem, self.root)
+
+    def verify_file(self) -> str | None:
+        """Check the file on disk in full (size, crc32, sha256, id count); on a new problem the
+        loaded index is dropped (the caller reconciles it from the rows). Returns the problem."""
+        index, problem = read_index_file(self.path, self.manifest, full=True)
+        del index
+        if problem and self.problem is None:
+            self.damaged(problem)
+            self.index = new_index(self.manifest.index_type, self.dim)
+            self.tombstones = np.zeros(0, np.int64)
+            self.dirty = True
+        return problem
+
+    # -- changes ----------------------------------------------------------------------------
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove ids; a graph index that cannot remove hides them, rebuilding only when
+        they exceed ~2% of it (rebuilding an HNSW graph per changed file would cost minutes)."""
+        self.dirty = True
+        if supports_removal(self.index):
+            self.index.remove_ids(ids)
+            return
+        self.tombstones = np.union1d(self.tombstones, ids)
+        if self.tombstones.size > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
+            self.rebuild(self.manifest.index_type)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add committed rows' vectors (an untrained index is rebuilt from all of them)."""
+        self.dirty = True
+        if not self.index.is_trained:
+            self.rebuild(self.manifest.index_type)
+            return
+        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
+                                np.ascontiguousarray(ids, np.int64))
+
+    def rebuild(self, index_type: str) -> None:
+        """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
+        stored raw vectors; a type that needs more vectors to train than the store holds is
+        searched exactly until it has them (see :meth:`status`)."""
+        ids, vectors = self._all_vectors()
+        m = self.manifest
+        auto = index_type == ann.AUTO or (m.index_auto and index_type == m.index_type)
+        if index_type == ann.AUTO:
+            choice = ann.choose_index(len(ids), self.dim)
+            index_type, reason = choice.index_type, f"auto: {choice.reason}"
+        else:
+            reason = m.index_reason if auto else "chosen by the user"
+        index, trained_on = new_index(index_type, self.dim), None
+        if not index.is_trained:
+            if len(ids) < self.training_minimum(index_type):
+                index = new_index("Flat", self.dim)  # exact until there is enough to train on
+            else:
+                sample = ann.training_sample(vectors)
+                try:
+                    index.train(sample)
+                except RuntimeError as exc:
+                    raise StoreError(f"FAISS could not train index type {index_type!r} on "
+                                     f"{len(sample):,} vectors: {str(exc).splitlines()[-1]}; "
+                                     "choose another with `medsearch reindex --index-type`") from None
+                trained_on = len(sample)
+        if len(ids):
+            index.add_with_ids(vectors, ids)
+        self.index = index
+        self.tombstones = np.zeros(0, np.int64)
+        new = (index_type, auto, reason, trained_on)
+        if new != (m.index_type, m.index_auto, m.index_reason, m.index_trained_on):
+            m.index_type, m.index_auto, m.index_reason, m.index_trained_on = new
+            if not self.readonly:
+                m.write(self.root / MANIFEST)
+        self.dirty = True
+
+    # -- maintenance --------------------------------------------------------------------------
+    def status(self) -> dict:
+        """The index actually in memory: the manifest's type, or exact search while that type
+        waits for enough vectors to be trained."""
+        needed = self.training_minimum(self.manifest.index_type)
+        waiting = bool(needed) and isinstance(ann.inner_index(self.index), faiss.IndexFlat)
+        return {"index_in_use": "Flat" if waiting else self.manifest.index_type,
+                "index_trained_on": self.manifest.index_trained_on,
+                "index_waiting_for": needed if waiting else None}
+
+    def training_minimum(self, index_type: str) -> int:
+        if not ann.needs_training(index_type, self.dim):
+            return 0
+        return max(ann.training_minimum(index_type), 1)
+
+    def training_due(self) -> bool:
+        status = self.status()
+        if status["index_waiting_for"]:
+            return self.count >= status["index_waiting_for"]
+        return ann.retraining_due(self.manifest.index_type,
+                                           self.manifest.index_trained_on, self.count)
+
+    def maintenance_due(self) -> str | None:
+        """What :meth:`maintain` would do now: "rebuild" (an automatic store outgrew, or shrank
+        below, its index type), "retrain" (enough new vectors to train on), or None."""
+        m = self.manifest
+        if m.index_auto and ann.choose_index(self.count, self.dim).index_type != m.index_type:
+            return "rebuild"
+        return "retrain" if self.training_due() else None
+
+    def maintain(self) -> dict:
+        """Re-choose an automatic index type for today's count and train a type that has
+        enough vectors now; returns what was done ({"action": rebuilt|retrained|nothing})."""
+        m, action = self.manifest, "nothing"
+        if m.index_auto:
+            choice = ann.choose_index(self.count, self.dim)
+            if choice.index_type != m.index_type:
+                self.rebuild(ann.AUTO)  # the collection outgrew (or shrank below) it
+                action = "rebuilt"
+            elif m.index_reason != f"auto: {choice.reason}":
+                m.index_reason = f"auto: {choice.reason}"  # the reason for today's size
+                if not self.readonly:
+                    m.write(self.root / MANIFEST)
+        if self.training_due():
+            self.rebuild(m.index_type)
+            action = "retrained" if action == "nothing" else action
+        return {"action": action, "index_type": m.index_type, **self.status()}
+
+    # -- saving -------------------------------------------------------------------------------
+    def write(self, high_water: int) -> int:
+        """Write the index so that every error raises and a bad file never replaces a good one;
+        returns the id high-water mark the manifest now records.
+
+        The bytes go through os.write to a unique owner-only temp file (faiss.write_index
+        reports a failed close only on stderr), are read back and compared, fsynced; then the
+        manifest records the new file (keeping the previous record, see index_records), and
+        only then is the file renamed into place and the folder fsynced."""
+        path = self.path
+        try:
+            out = AtomicFile(path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        before = asdict(self.manifest)
+        try:
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(out.write, CHUNK))
+            out.finish(verify=True)
+            m = self.manifest
+            records = index_records(m)
+            m.index_previous = records[0] if records else None
+            m.index_size, m.index_count = out.size, int(self.index.ntotal)
+            m.index_crc32, m.index_sha256 = out.crc, out.sha.hexdigest()
+            m.id_high_water = int(max(high_water, max_id(self.index)))
+            m.write(self.root / MANIFEST)
+            out.replace()
+        except OSError as exc:
+            out.abort()
+            self.manifest.__dict__.update(before)
+            raise write_error(path, exc) from None
+        except BaseException:
+            out.abort()
+            self.manifest.__dict__.update(before)
+            raise
+        self.dirty = False
+        return self.manifest.id_high_water
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+               fetch_vectors: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids): exact for Flat, bitmap filters with widened HNSW/IVF search,
+        exact re-ranking for PQ codes, hidden ids left out (retrieval/ann/search.py)."""
+        return ann.search_index(self.index, queries, k, allowed=allowed,
+                                fetch_vectors=fetch_vectors, hidden=self.tombstones,
+                                rerank=ann.rerank_for(self.manifest.index_type))

@@ -16,8 +16,20 @@ class StoreError(MedsearchError):
     """The store is missing, damaged or belongs to another model."""
 
 
+class ModelMismatchError(StoreError):
+    """The store was built with another checkpoint: its vectors are not comparable."""
+
+
 class InputError(MedsearchError):
     """A file or argument cannot be used; the message names it."""
+
+
+class NotFoundError(InputError):
+    """An id that names no indexed image, or an image whose source is gone."""
+
+
+class UndecodableImageError(InputError):
+    """An image of a known kind whose pixels cannot be decoded."""
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +31,14 @@ class Searcher:
     """Loads each tower lazily, from the checkpoint the store was built with unless told otherwise."""
 
     def __init__(self, store: Store, model: str | None = None, device: str = "auto",
-                 precision: str = "auto", redact_paths: str | None = None) -> None:
+                 precision: str = "auto", redact_paths: str | None = None, *,
+                 text_lock: AbstractContextManager | None = None,
+                 index_lock: AbstractContextManager | None = None) -> None:
         """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor); None takes the
-        ``redact_paths`` setting, so the CLI, the server and exports all follow it."""
+        ``redact_paths`` setting, so the CLI, the server and exports all follow it.
+        ``text_lock`` and ``index_lock`` are held by :meth:`query` while it builds the query
+        vector and while it ranks, so that a server's threads share the towers and the index
+        (the application object owns them; one-shot commands need none)."""
         if redact_paths is None:
             from .settings import load_settings
 
@@ -44,6 +50,8 @@ class Searcher:
         self.precision = precision
         self._text: TextEncoder | None = None
         self._vision: VisionEncoder | None = None
+        self.text_lock = text_lock or nullcontext()
+        self.index_lock = index_lock or nullcontext()
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -130,5 +138,7 @@ class Searcher:
               min_score: float | None = None, image_vector=None) -> list[Result]:
         """Search with query arithmetic; indexed images given as positive #id terms are left out."""
         exclude = {int(t.value) for t in terms if t.kind == "id" and t.weight > 0}
-        return self.by_vector(self.terms_vector(terms, image_vector), k, filters, min_score,
-                              exclude or None)
+        with self.text_lock:
+            vector = self.terms_vector(terms, image_vector)
+        with self.index_lock:
+            return self.by_vector(vector, k, filters, min_score, exclude or None)

@@ -58,7 +58,7 @@ def running(app, port: int | None = None) -> Iterator[str]:
 
 
 def make_app(store: Path, **kwargs):
-    from medsearch.commands.serve import decode_stored, decode_upload
-    from retrieval.server import create_app
+    from medsearch.app import Medsearch
+    from medsearch.web import create_app
 
-    return create_app(store, decode_upload=decode_upload, decode_stored=decode_stored, **kwargs)
+    return create_app(Medsearch.open(store), **kwargs)

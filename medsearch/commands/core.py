@@ -239,12 +239,10 @@ def similar_cmd(
 @app.command("info")
 def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
-    st = Store.open(store_path(store, settings()), readonly=True)
-    m = st.manifest
-    doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
-           "index_auto": m.index_auto, "index_reason": m.index_reason, **st.index_status(),
-           "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
-           **st.stats(), "precision_auto": precision_choice(settings().device)}
+    from ..app import Medsearch
+
+    doc = {**Medsearch.open(store_path(store, settings())).info(),
+           "precision_auto": precision_choice(settings().device)}
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 from retrieval.errors import InputError
@@ -20,120 +16,6 @@ from ..options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, 
                        MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
                        settings, store_path)
 from ..output import RESEARCH_NOTICE, emit, note
-
-MIN_TOKEN_LENGTH = 16
-_UPLOAD_SUFFIX = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
-
-
-# -- decoding, injected into the server (retrieval never imports indexer) -----------------------
-def decode_upload(content: bytes, kind: str, size: int) -> np.ndarray:
-    """An uploaded file's bytes → model input, decoded exactly as the indexer decodes files,
-    but in a child process with memory and time limits (indexer.isolation): a crafted upload
-    costs a 422, never the server."""
-    from indexer.decode import DecodeOptions
-    from indexer.isolation import decode_isolated
-    from indexer.sources import SourceFile
-
-    with tempfile.TemporaryDirectory(prefix="medsearch-upload-") as folder:
-        path = Path(folder) / f"upload{_UPLOAD_SUFFIX[kind]}"
-        path.write_bytes(content)
-        decoded = decode_isolated(
-            SourceFile(str(path), len(content), 0, "dicom" if kind == "dicom" else "image"),
-            DecodeOptions(image_size=size, frames="middle", phi_policy="drop"))
-    if decoded.error or decoded.skipped or not decoded.frames:
-        reason = decoded.error or decoded.skipped or "no frames"
-        raise InputError(reason.replace(str(path), "upload").replace(folder, "."))
-    return decoded.frames[0].tensor
-
-
-def decode_stored(path: str, frame: int, size: int) -> np.ndarray:
-    """An indexed source's frame → model input (for previews); the path comes from the store."""
-    from indexer.dicom import NoImage, dicom_frames, read_dataset
-    from indexer.images import DecodeError, image_frame
-    from indexer.sources import classify
-    from retrieval.preprocess import model_input
-
-    source = Path(path)
-    if not source.is_file():
-        raise InputError("the source file is no longer there")
-    try:
-        if classify(source) == "dicom":
-            ds = read_dataset(source)
-            pixels = next(px for _, px in dicom_frames(ds, source, [frame]))
-        else:
-            pixels = image_frame(source, frame)
-    except (DecodeError, NoImage, OSError, StopIteration) as exc:
-        raise InputError(f"cannot decode it again: {exc or 'frame not found'}") from None
-    return model_input(pixels, size).numpy()
-
-
-# -- serve -------------------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token(value: str | None) -> str | None:
-    """The token as given (--token or MEDSEARCH_TOKEN) without surrounding white space; None
-    when not given. A blank one is kept as "" so that check_exposure can refuse it."""
-    return None if value is None else value.strip()
-
-
-def check_exposure(host: str, token: str | None, allowed_hosts: list[str] | None = None) -> None:
-    """Refuse to expose an archive without a token, or with a guessable one."""
-    if token is not None and not token.strip():
-        raise InputError("the token is blank (empty or only spaces); set a real one, e.g. "
-                         "python -c 'import secrets; print(secrets.token_urlsafe(32))', or unset "
-                         "MEDSEARCH_TOKEN / drop --token for a loopback-only server")
-    token = read_token(token)
-    if token is not None and len(token) < MIN_TOKEN_LENGTH:
-        raise InputError(f"the token is too short ({len(token)} characters); use at least "
-                         f"{MIN_TOKEN_LENGTH}, e.g. python -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'")
-    if not is_loopback(host) and not token:
-        raise InputError(
-            f"refusing to listen on {host} without a token: anyone who can reach that address "
-            "could search the archive. Set --token or MEDSEARCH_TOKEN (at least "
-            f"{MIN_TOKEN_LENGTH} characters), or keep the default --host 127.0.0.1.")
-    if "*" in (allowed_hosts or []) and not token:
-        raise InputError("--allowed-host '*' answers every Host name, which lets any web page "
-                         "reach the archive through a browser (DNS rebinding); it needs a token")
-
-
-def default_allowed_hosts(host: str, port: int) -> list[str]:
-    """The Host names a server bound to ``host:port`` answers to unless told more: the loopback
-    names and the bound address (with the port); for a wildcard bind also this machine's names
-    and addresses, as clients on the network know it."""
-    names = ["localhost", "127.0.0.1", "::1"]
-    bound = host.strip("[]")
-    try:
-        wildcard = ipaddress.ip_address(bound).is_unspecified
-    except ValueError:
-        wildcard = False
-    if not wildcard and bound.lower() not in names:
-        names.append(f"[{bound}]:{port}" if ":" in bound else f"{bound}:{port}")
-    if wildcard:
-        machine = {socket.gethostname(), socket.getfqdn()}
-        try:
-            machine |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
-        except OSError:
-            pass
-        names += sorted(name.lower() for name in machine if name)
-    return names
-
-
-class _PathOnly(logging.Filter):
-    """Access log lines keep the path and drop the query string (it may carry request data)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
-            record.args = args[:2] + (args[2].split("?", 1)[0],) + args[3:]
-        return True
 
 
 @app.command("serve")
@@ -155,7 +37,11 @@ def serve_cmd(
     """Serve the HTTP API and the web page for a store (the model loads once)."""
     import uvicorn
 
-    from retrieval.server import create_app
+    from indexer.isolation import prestart
+
+    from ..app import Medsearch
+    from ..web import create_app
+    from ..web.guard import PathOnlyAccessLog, check_exposure, default_allowed_hosts, read_token
 
     check_exposure(host, token, allowed_host)
     token = read_token(token)
@@ -166,24 +52,21 @@ def serve_cmd(
     root = store_path(store, cfg)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     hosts = default_allowed_hosts(host, port) + list(allowed_host or [])
-    web = create_app(root, model=model, device=device or cfg.device, precision=cfg.precision,
-                     token=token,
-                     max_upload_bytes=max_bytes, decode_upload=decode_upload,
-                     decode_stored=decode_stored, allowed_hosts=hosts)
+    medsearch = Medsearch.open(root, model=model, device=device or cfg.device,
+                               precision=cfg.precision)
+    web = create_app(medsearch, token=token, max_upload_bytes=max_bytes, allowed_hosts=hosts)
     # the full checksum at start-up: a damaged index file is never answered from
-    web.state.engine.store.verify_index_file()
-    from indexer.isolation import prestart
-
+    medsearch.store.verify_index_file()
     prestart()  # the isolated upload decoder's fork server is up before the first upload
     shown = f"[{host}]" if ":" in host else host
     doc = {"url": f"http://{shown}:{port}/", "store": str(root), "auth": bool(token),
            "max_upload_bytes": max_bytes, "allowed_hosts": hosts,
-           "count": web.state.engine.store.count}
+           "count": medsearch.store.count}
     note(f"medsearch: serving {doc['count']} vectors from {root} on {doc['url']} "
          f"(token {'required' if token else 'not set: loopback only'}). {RESEARCH_NOTICE}")
     if json_out:
         emit(doc, True)
-    logging.getLogger("uvicorn.access").addFilter(_PathOnly())
+    logging.getLogger("uvicorn.access").addFilter(PathOnlyAccessLog())
     uvicorn.run(web, host=host.strip("[]"), port=port, log_level=log_level,
                 server_header=False, proxy_headers=False)
 

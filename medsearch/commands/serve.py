@@ -37,8 +37,6 @@ def serve_cmd(
     """Serve the HTTP API and the web page for a store (the model loads once)."""
     import uvicorn
 
-    from indexer.isolation import prestart
-
     from ..app import Medsearch
     from ..web import create_app
     from ..web.guard import PathOnlyAccessLog, check_exposure, default_allowed_hosts, read_token
@@ -57,6 +55,8 @@ def serve_cmd(
     web = create_app(medsearch, token=token, max_upload_bytes=max_bytes, allowed_hosts=hosts)
     # the full checksum at start-up: a damaged index file is never answered from
     medsearch.store.verify_index_file()
+    from indexer.isolation import prestart
+
     prestart()  # the isolated upload decoder's fork server is up before the first upload
     shown = f"[{host}]" if ":" in host else host
     doc = {"url": f"http://{shown}:{port}/", "store": str(root), "auth": bool(token),

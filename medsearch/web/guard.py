@@ -313,3 +313,4 @@ class PathOnlyAccessLog(logging.Filter):
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
             record.args = args[:2] + (args[2].split("?", 1)[0],) + args[3:]
+        return True

@@ -140,6 +140,7 @@ def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
+        """The search page; its policy admits only its own files."""
         return FileResponse(STATIC / "index.html", headers={
             "Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
 

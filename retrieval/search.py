@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,15 @@ class Searcher:
     def __init__(self, store: Store, model: str | None = None, device: str = "auto",
                  precision: str = "auto", redact_paths: str = "none", *,
                  keys: KeyFiles | None = None, cuda_bf16: str = "weights",
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None,
+                 text_lock: AbstractContextManager | None = None,
+                 index_lock: AbstractContextManager | None = None) -> None:
         """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor), keyed with the
         store's patient key found in ``keys``; ``cuda_bf16`` and ``cache_dir`` go to the
         encoders. The caller passes the settings' values, so the CLI, the server and exports
-        all follow them."""
+        all follow them. ``text_lock`` and ``index_lock`` are held by :meth:`query` while it
+        builds the query vector and while it ranks, so that a server's threads share the towers
+        and the index (the application object owns them; one-shot commands need none)."""
         self.redact = PathRedactor(store, redact_paths, keys)
         self.cuda_bf16, self.cache_dir = cuda_bf16, cache_dir
         self.store = store
@@ -46,6 +51,8 @@ class Searcher:
         self.precision = precision
         self._text: TextEncoder | None = None
         self._vision: VisionEncoder | None = None
+        self.text_lock = text_lock or nullcontext()
+        self.index_lock = index_lock or nullcontext()
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -127,5 +134,7 @@ class Searcher:
               min_score: float | None = None, image_vector=None) -> list[Result]:
         """Search with query arithmetic; indexed images given as positive #id terms are left out."""
         exclude = {int(t.value) for t in terms if t.kind == "id" and t.weight > 0}
-        return self.by_vector(self.terms_vector(terms, image_vector), k, filters, min_score,
-                              exclude or None)
+        with self.text_lock:
+            vector = self.terms_vector(terms, image_vector)
+        with self.index_lock:
+            return self.by_vector(vector, k, filters, min_score, exclude or None)

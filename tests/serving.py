@@ -58,11 +58,9 @@ def running(app, port: int | None = None) -> Iterator[str]:
 
 
 def make_app(store: Path, **kwargs):
-    from medsearch.cli.options import key_files
-    from medsearch.cli.serve import decode_stored, decode_upload
+    from medsearch.app import Medsearch
     from medsearch.settings import Settings
-    from retrieval.server import create_app
+    from medsearch.web import create_app
 
-    cfg = Settings.resolve()  # as `medsearch serve` does: redaction and keys follow the settings
-    kwargs = {"redact_paths": cfg.redact_paths, "keys": key_files(cfg), **kwargs}
-    return create_app(store, decode_upload=decode_upload, decode_stored=decode_stored, **kwargs)
+    # as `medsearch serve` does: redaction and keys follow the settings
+    return create_app(Medsearch.from_settings(Settings.resolve(store=str(store))), **kwargs)

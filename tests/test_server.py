@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsearch.cli.serve import check_exposure
+from medsearch.web.guard import check_exposure
 from retrieval.errors import InputError
 
 from .conftest import PYDICOM_TEST_FILES, write_images
@@ -149,7 +149,7 @@ def test_images_and_previews(client, data):
     assert client.get("/images/9999/preview").status_code == 404
     assert client.get("/images/abc").status_code == 422
     for probe in ("/images/..%2F..%2Fetc%2Fpasswd", "/images/%2Fetc%2Fpasswd/preview",
-                  "/static/..%2F..%2Fserver.py", "/static/../server.py"):
+                  "/static/..%2F..%2Froutes.py", "/static/../routes.py"):
         response = client.get(probe)
         assert response.status_code in (404, 422) and b"import" not in response.content, probe
 
@@ -193,7 +193,7 @@ def test_internal_errors_say_nothing(data):
     def boom(*_args, **_kwargs):
         raise RuntimeError("secret detail /data/patient-name")
 
-    app.state.engine.searcher.by_vector = boom
+    app.state.medsearch.searcher.by_vector = boom
     with running(app) as url:
         response = httpx.post(f"{url}/search", json={"query": "a"}, timeout=60)
     assert response.status_code == 500
@@ -520,7 +520,7 @@ def test_hostile_ids_bodies_and_globs_are_422_not_500(client, data):
 def test_errors_never_log_request_data(data, caplog):
     """SQL parameters (a path glob may name a patient) and exception texts stay out of logs."""
     app = make_app(data / "store")
-    real = app.state.engine.store.rows
+    real = app.state.medsearch.store.rows
 
     secret = "zebra-" + str(4700 + 11)  # built, so that no source line in a traceback shows it
 
@@ -533,9 +533,9 @@ def test_errors_never_log_request_data(data, caplog):
             glob = "*Doe^Jane-4711*"
             assert httpx.post(f"{url}/search", json={"query": "a", "filters": {"path_glob": glob}},
                               timeout=60).status_code == 200
-            app.state.engine.store.rows = failing_rows
+            app.state.medsearch.store.rows = failing_rows
             assert httpx.get(f"{url}/images/1", timeout=60).status_code == 500
-            app.state.engine.store.rows = real
+            app.state.medsearch.store.rows = real
             # A real SQLAlchemy error carries its parameters in its message.
             from sqlalchemy.exc import OperationalError
             err = OperationalError("SELECT ? AS x", ("Doe^Jane-4711",), Exception("boom"))
@@ -544,7 +544,7 @@ def test_errors_never_log_request_data(data, caplog):
             def sql_error(*_a, **_k):
                 raise err
 
-            app.state.engine.searcher.by_vector = sql_error
+            app.state.medsearch.searcher.by_vector = sql_error
             assert httpx.post(f"{url}/search", json={"query": "a"}, timeout=60).status_code == 500
     logged = "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") +
                        (r.exc_text or "") for r in caplog.records)
@@ -568,7 +568,7 @@ def test_blank_tokens_are_refused(token):
 
 
 def test_token_surrounding_whitespace_is_stripped(data, monkeypatch):
-    from medsearch.cli.serve import read_token
+    from medsearch.web.guard import read_token
 
     assert read_token("  " + TOKEN + "\n") == TOKEN
     assert read_token(None) is None
@@ -615,8 +615,7 @@ def _wait_up(server, url: str) -> None:
 
 
 def test_default_allowed_hosts_and_wildcard_rule():
-    from medsearch.cli.serve import default_allowed_hosts
-    from retrieval.server import HostPolicy
+    from medsearch.web.guard import HostPolicy, default_allowed_hosts
 
     loopback = HostPolicy(default_allowed_hosts("127.0.0.1", 8000))
     for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "localhost"):

@@ -8,19 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from retrieval.model.acceleration import auto_batch_size, precision_choice
 from retrieval.errors import InputError, NotFoundError, storage_error
 from retrieval.model import resolve_checkpoint
-from retrieval.search import Searcher
+from retrieval.model.acceleration import auto_batch_size, precision_choice
 from retrieval.store import Manifest, Store, manifest_for
 
-from indexer.pipeline import query_image_vector
-from indexer.view import DecodeSettings
-
+from ..app import Medsearch, QuerySpec
 from .main import app
 from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
-                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt, build_filters,
-                       key_files, resolve, searcher, store_root, text_encoder, vision_encoder)
+                      MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
+                      build_filters, key_files, resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
 
 
@@ -191,10 +188,6 @@ def _store_model(root: Path) -> str | None:
     return Manifest.read(manifest).model if manifest.is_file() else None
 
 
-def _open_searcher(cfg, model: str | None) -> Searcher:
-    return searcher(cfg, Store.open(store_root(cfg), readonly=True), model)
-
-
 @app.command("search")
 def search_cmd(
     text: Annotated[str, typer.Argument(help="What to look for, e.g. 'left pneumothorax'; "
@@ -210,11 +203,10 @@ def search_cmd(
 
     terms = parse_query(text, allow_files=True)
     cfg = resolve(store=store, device=device, precision=precision, k=k)
-    found = _open_searcher(cfg, model)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    results = found.query(terms, cfg.k, filters, min_score, image_vector=lambda t:
-                          query_image_vector(found.vision_encoder, Path(t.value),
-                                             found.store.manifest.decode))
+    with Medsearch.from_settings(cfg, model=model) as found:
+        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score)
+        results = found.query(spec, local_files=True)
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
 
@@ -231,13 +223,12 @@ def similar_cmd(
     if (file is None) == (image_id is None):
         raise InputError("give either a FILE or --id N (one of them)")
     cfg = resolve(store=store, device=device, k=k)
-    found = _open_searcher(cfg, model)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    if image_id is not None:
-        results = found.similar_id(image_id, cfg.k, filters, min_score)
-    else:
-        vector = query_image_vector(found.vision_encoder, file, found.store.manifest.decode)
-        results = found.by_vector(vector, cfg.k, filters, min_score)
+    with Medsearch.from_settings(cfg, model=model) as found:
+        if image_id is not None:
+            results = found.searcher.similar_id(image_id, cfg.k, filters, min_score)
+        else:
+            results = found.searcher.by_vector(found.embed_file(file), cfg.k, filters, min_score)
     emit({"results": [r.to_json() for r in results]}, json_out, results_table)
 
 
@@ -245,15 +236,10 @@ def similar_cmd(
 def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
     cfg = resolve(store=store)
-    st = Store.open(store_root(cfg), readonly=True)
-    m = st.manifest
-    doc = {"model": m.model, "dim": m.dim, "count": st.count, "index_type": m.index_type,
-           "index_auto": m.index_auto, "index_reason": m.index_reason, **st.index_status(),
-           "model_revision": m.model_revision, "preprocessing_version": m.preprocessing_version,
-           **st.stats(), "index_maintenance_due": st.maintenance_due(),
-           "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder),
-           "decode": m.decode or DecodeSettings().to_json(), "decode_recorded": m.decode is not None}
-    if m.decode is None:
+    with Medsearch.from_settings(cfg) as found:
+        doc = {**found.info(),
+               "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder)}
+    if not doc["decode_recorded"]:
         note("decode settings not recorded; defaults assumed")
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))
 

@@ -55,7 +55,9 @@ def store_root(cfg: Settings) -> Path:
 
 
 def key_files(cfg: Settings) -> KeyFiles:
-    return KeyFiles(cfg.key_folder, cfg.key_file)
+    from ..app import Medsearch
+
+    return Medsearch.key_files(cfg)
 
 
 def vision_encoder(cfg: Settings, checkpoint: Checkpoint, compile: bool = False) -> VisionEncoder:
@@ -75,9 +77,7 @@ def text_encoder(cfg: Settings, checkpoint: Checkpoint) -> TextEncoder:
 
 
 def searcher(cfg: Settings, store: Store, model: str | None = None) -> Searcher:
-    """A searcher as configured; ``model`` None: the checkpoint the store was built with."""
-    from retrieval.model.acceleration import configure_cpu_threads
+    """The searcher the application object builds; ``model`` None: the store's checkpoint."""
+    from ..app import Medsearch
 
-    configure_cpu_threads(cfg.threads)
-    return Searcher(store, model, cfg.device, cfg.precision, cfg.redact_paths,
-                    keys=key_files(cfg), cuda_bf16=cfg.cuda_bf16, cache_dir=cfg.cache_folder)
+    return Medsearch(store, cfg, model=model).searcher

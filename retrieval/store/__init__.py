@@ -30,7 +30,7 @@ from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_V
                      INDEX_FILE, LOCK_FILE, MANIFEST, Manifest, acquire_lock,
                      check_new_store_folder, create_private_file, file_checksums, fsync_dir,
                      is_temp_name, make_folder, manifest_for, remove_stale_temps)
-from .rows import IMAGE_COLUMNS, Rows, database_has_rows, image_dict
+from .rows import IMAGE_COLUMNS, CommitCounter, Rows, database_has_rows, image_dict
 from .schema import SCHEMA_VERSION
 from .vectors import (TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file,
                       resolve_index_type)
@@ -398,6 +398,10 @@ class Store:
 
     def stats(self) -> dict:
         return self.db.stats()
+
+    def commit_counter(self) -> CommitCounter:
+        """A counter that moves when another process commits to this store (see reconcile)."""
+        return CommitCounter(self.root / DATABASE)
 
     def close(self) -> None:
         """Save (if changed), release the engine, then the writer lock if held."""

@@ -77,6 +77,20 @@ def copy_database(source: Path, dest: Path) -> None:
         src.close()
 
 
+class CommitCounter:
+    """SQLite's ``PRAGMA data_version`` on a connection of its own: it changes when another
+    connection commits, so a long-running reader learns cheaply when to catch up."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False)
+
+    def read(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
 class Rows:
     """The store's database: engine, sessions and every query the rest of medsearch needs."""
 

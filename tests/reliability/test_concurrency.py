@@ -114,7 +114,7 @@ def test_readers_see_whole_batches_during_an_index_run(tmp_path, tiny_model):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         app = make_app(store)
-        engine = app.state.engine
+        medsearch = app.state.medsearch
         with running(app) as base, httpx.Client(base_url=base, timeout=30) as client:
             while True:
                 done = proc.poll() is not None
@@ -124,9 +124,9 @@ def test_readers_see_whole_batches_during_an_index_run(tmp_path, tiny_model):
                 response = client.post("/search", json={"query": "a chest x-ray", "k": 50})
                 assert response.status_code == 200, response.text
                 stats = client.get("/stats").json()
-                with engine.store_lock:
-                    _snapshot_ok(engine.store, server_seen)
-                    assert len(response.json()["results"]) <= engine.store.count
+                with medsearch.store_lock:
+                    _snapshot_ok(medsearch.store, server_seen)
+                    assert len(response.json()["results"]) <= medsearch.store.count
                 assert stats["count"] % BATCH == 0 or stats["count"] == 30
                 if done:
                     break

@@ -1,0 +1,37 @@
+"""The application's two decoders, an upload's bytes and an indexed row's source → model input,
+both through the indexer's one decode entry with the store's recorded decode settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import InputError
+
+
+def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = None) -> np.ndarray:
+    """An uploaded file's bytes → model input, decoded from memory exactly as the indexer
+    decodes the store's files (``decode``: its manifest's record; a query is one picture, so
+    its middle frame), but in a child process with memory and time limits: a crafted upload
+    costs a 422, never the server. ``kind`` was sniffed from the same bytes."""
+    from indexer.view import UPLOAD_NAME, DecodeSettings, read_image
+
+    settings = DecodeSettings.from_manifest(decode).for_query()
+    try:
+        return read_image(content, image_size=size, settings=settings, isolated=True).tensor
+    except InputError as exc:  # the server says "the uploaded … could not be decoded: …"
+        raise InputError(str(exc).removeprefix(f"{UPLOAD_NAME}: ")) from None
+
+
+def decode_stored(path: str, frame: int, size: int, decode: dict | None = None) -> np.ndarray:
+    """An indexed source's frame → model input (for previews), decoded with the settings the
+    store recorded (``decode``: its manifest's); the path comes from the store."""
+    from indexer.view import read_stored
+
+    if not Path(path).is_file():
+        raise InputError("the source file is no longer there")
+    try:
+        return read_stored(path, frame, image_size=size, decode=decode).tensor
+    except InputError as exc:
+        raise InputError(f"cannot decode it again: {str(exc).removeprefix(f'{path}: ')}") from None

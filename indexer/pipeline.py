@@ -22,7 +22,7 @@ from tqdm import tqdm
 from retrieval import privacy
 from retrieval.model.acceleration import stack_planes
 from retrieval.model import VisionEncoder
-from retrieval.store import NewFile, NewImage, Store, known_files
+from retrieval.store import NewFile, NewImage, Store
 
 from .decode import Decoded, DecodeOptions, decode_source
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
@@ -152,7 +152,7 @@ class Indexer:
         for web_root in web_roots:  # a PACS: QIDO-RS lists its instances
             sources += list_instances(web_root, self.dicomweb_query)
         report.total = len(sources)
-        known = known_files(self.store, roots)
+        known = self.store.known_files(roots)
         todo = [s for s in sources if known.get(s.path, (None, None))[:2] != (s.size, s.mtime_ns)]
         report.unchanged = report.total - len(todo)
         # a file we could not stat is kept; an unreadable or empty root prunes nothing
@@ -164,7 +164,7 @@ class Indexer:
         # files a DICOMDIR given directly references lie beside it, outside the walked roots
         beside = [str(Path(r).parent) for r in roots if Path(r).is_file() and is_dicomdir_path(r)]
         if beside:
-            known.update(known_files(self.store, beside))
+            known.update(self.store.known_files(beside))
 
         batch: list[Decoded] = []
         ops: list[tuple] = []  # touches, renames and failures, written with the next batch

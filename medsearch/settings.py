@@ -18,7 +18,9 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from retrieval.errors import InputError
 from retrieval.model import DEFAULT_MODEL
+from retrieval.privacy import user_key_files
 from retrieval.store.schema import PhiPolicy
+from retrieval.userdirs import cache_home
 
 ENV_PREFIX = "MEDSEARCH_"
 
@@ -79,15 +81,14 @@ class Settings(BaseSettings):
         """Where measured facts about this machine are cached (the CPU precision probe)."""
         if self.cache_dir is not None:
             return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medsearch"
+        return cache_home()
 
     @property
     def key_folder(self) -> Path:
         """Where per-store patient-key files live (outside every store)."""
         if self.phi_key_dir is not None:
             return Path(self.phi_key_dir).expanduser()
-        base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-        return Path(base) / "medsearch" / "keys"
+        return user_key_files().folder
 
     @property
     def key_file(self) -> Path | None:

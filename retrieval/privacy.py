@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError, StoreError
 from .store import MANIFEST, Store, fsync_dir
+from .userdirs import config_home
 
 KEY_BYTES = 32
 #: Where stores before the key file kept their secret (a row of the settings table).
@@ -65,8 +66,7 @@ class KeyFiles:
 def user_key_files() -> KeyFiles:
     """The per-user default (``$XDG_CONFIG_HOME/medsearch/keys``), for callers that have no
     settings object: the store's open-time migration and library use."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return KeyFiles(Path(base) / "medsearch" / "keys")
+    return KeyFiles(config_home() / "keys")
 
 
 def read_key(path: Path) -> bytes:

@@ -20,7 +20,8 @@ from retrieval.search import Searcher
 from retrieval.store import Store
 
 from .conftest import add_bad_files, write_images
-from medsearch.cli.core import manifest_for, query_image_vector
+from indexer.pipeline import query_image_vector
+from retrieval.store import manifest_for
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ import sys
 from indexer.pipeline import Indexer
 from retrieval.model import VisionEncoder
 from retrieval.store import Store
-from medsearch.cli.core import manifest_for
+from retrieval.store import manifest_for
 enc = VisionEncoder.load(sys.argv[1], device="cpu")
 store = Store.open_or_create(sys.argv[2], manifest_for(enc, "Flat"))
 with Indexer(store, enc, workers=int(sys.argv[4]), batch_size=1, progress=False) as indexer:

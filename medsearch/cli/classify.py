@@ -17,8 +17,8 @@ from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassi
                                 read_logit_scalars, resolve_labels)
 
 from .main import app
-from .options import (DeviceOpt, JsonOpt, ModelOpt, StoreOpt, resolve, searcher, store_root,
-                      text_encoder, vision_encoder)
+from .options import (DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
+                      searcher, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
 
 LabelsOpt = Annotated[Optional[list[str]], typer.Option(
@@ -99,13 +99,11 @@ def tag_cmd(
 
     chosen, templates = resolve_labels(labels, preset, template)
     cfg = resolve(store=store, device=device)
-    st = Store.open(store_root(cfg))
-    with st.exclusive():
+    with open_for_writing(cfg) as st:
         text = searcher(cfg, st, model).text_encoder  # checks the store's model
         classifier = ZeroShotClassifier(text, read_logit_scalars(text.checkpoint))
         report = tag_store(st, classifier, chosen, templates, min_score=min_score,
                            source=source or default_source(preset))
-    st.close()
 
     def human(d: dict) -> str:
         lines = [f"tagged {d['images']} image(s) as {d['source']}: {d['written']} label(s) with "

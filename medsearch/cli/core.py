@@ -17,7 +17,7 @@ from ..app import Medsearch, QuerySpec
 from .main import app
 from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
-                      build_filters, key_files, resolve, store_root, text_encoder, vision_encoder)
+                      build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
 
 
@@ -158,12 +158,12 @@ def remove_cmd(
     `index` never removes anything under a folder it cannot read or finds empty (an unmounted
     share looks like that); this is how to drop such entries on purpose."""
     from indexer.sources import under_any
-    from retrieval.store import known_files
 
-    root = store_root(resolve(store=store))
+    cfg = resolve(store=store)
+    root = store_root(cfg)
     targets = [str(Path(p).expanduser().absolute()) for p in paths]
-    with _store_faults(root), Store.open(root, exclusive=True) as st:
-        found = known_files(st, targets)
+    with _store_faults(root), open_for_writing(cfg) as st:
+        found = st.known_files(targets)
         with st.writer() as writer:
             failed = [path for path in writer.failure_paths() if under_any(path, targets)]
             images = writer.remove_files(sorted(found))
@@ -281,8 +281,8 @@ def reindex_cmd(
     store: StoreOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
-    root = store_root(resolve(store=store))
-    with _store_faults(root), Store.open(root, exclusive=True) as st:
+    cfg = resolve(store=store)
+    with _store_faults(store_root(cfg)), open_for_writing(cfg) as st:
         st.rebuild(index_type)
         st.maintain_index()
     emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},

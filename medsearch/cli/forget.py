@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from retrieval.errors import InputError
-from retrieval.store import Store
 
 from .main import app
-from .options import JsonOpt, StoreOpt, key_files, resolve, store_root
+from .options import JsonOpt, StoreOpt, key_files, open_for_writing, resolve
 from .output import emit
 
 
@@ -37,6 +36,6 @@ def forget_cmd(
     if (patient is None) == (study is None):
         raise InputError("give exactly one of --patient KEY or --study UID")
     cfg = resolve(store=store)
-    with Store.open(store_root(cfg), exclusive=True) as st:
+    with open_for_writing(cfg) as st:
         doc = forget(st, patient=patient, study=study, keys=key_files(cfg))
     emit(doc, json_out, _human)

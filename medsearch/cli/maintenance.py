@@ -12,7 +12,7 @@ from retrieval.errors import InputError
 from retrieval.store import Store, backup
 
 from .main import app
-from .options import JsonOpt, StoreOpt, resolve, store_root
+from .options import JsonOpt, StoreOpt, open_for_writing, resolve, store_root
 from .output import emit
 
 
@@ -76,11 +76,8 @@ def repair_cmd(
 ) -> None:
     """Rebuild what is derived (the index file, the manifest's record of it) and list what
     must be re-embedded."""
-    st = Store.open(store_root(resolve(store=store)), exclusive=True)
-    try:
+    with open_for_writing(resolve(store=store)) as st:
         doc = st.repair(drop=drop)
-    finally:
-        st.close()
     _finish(doc, json_out)
 
 

@@ -54,6 +54,20 @@ def store_root(cfg: Settings) -> Path:
     return Path(cfg.store)
 
 
+def open_for_writing(cfg: Settings) -> Store:
+    """The configured store, holding its writer lock; a patient-key secret still kept in its
+    database moves out to the configured key files now."""
+    from retrieval.privacy import migrate_legacy
+
+    st = Store.open(store_root(cfg), exclusive=True)
+    try:
+        migrate_legacy(st, key_files(cfg))
+    except BaseException:
+        st.close()
+        raise
+    return st
+
+
 def key_files(cfg: Settings) -> KeyFiles:
     from ..app import Medsearch
 

@@ -25,6 +25,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from ..errors import StoreError
+from . import integrity
 from .integrity import backup
 from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION,
                      INDEX_FILE, LOCK_FILE, MANIFEST, Manifest, acquire_lock,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from ..filters import Filters
 
 __all__ = ["Store", "StoreWriter", "NewImage", "NewFile", "Manifest", "manifest_for", "backup",
-           "known_files", "new_index", "read_index_file", "file_checksums", "fsync_dir",
+           "new_index", "read_index_file", "file_checksums", "fsync_dir",
            "image_dict", "is_temp_name", "DATABASE", "INDEX_FILE", "LOCK_FILE", "MANIFEST",
            "FORMAT_VERSION", "SCHEMA_VERSION", "DEFAULT_INDEX_TYPE", "DIR_MODE", "FILE_MODE",
            "IMAGE_COLUMNS", "TOMBSTONE_MIN", "TOMBSTONE_FRACTION"]
@@ -69,10 +70,6 @@ class Store:
             self.vector_index.dirty = True
             if not readonly:
                 self._save_if_unlocked()
-        if not readonly:  # a patient-key secret kept in the database moves out of the store
-            from ..privacy import migrate_legacy
-
-            migrate_legacy(self)
 
     @property
     def engine(self):
@@ -314,18 +311,14 @@ class Store:
         """Copy the WAL into the database and truncate it (old page images hold deleted rows)."""
         self.db.checkpoint()
 
-    # -- integrity -----------------------------------------------------------------------------
+    # -- integrity (retrieval/store/integrity.py) ----------------------------------------------
     def check(self) -> dict:
-        """Rows against vectors against the index file on disk (see integrity.check)."""
-        from .integrity import check
-
-        return check(self)
+        """Rows against vectors against the index file on disk."""
+        return integrity.check(self)
 
     def repair(self, *, drop: bool = False) -> dict:
-        """Rebuild what is derived; ``drop``: remove sources to re-embed (integrity.repair)."""
-        from .integrity import repair
-
-        return repair(self, drop=drop)
+        """Rebuild what is derived; ``drop``: remove sources that must be re-embedded."""
+        return integrity.repair(self, drop=drop)
 
     # -- reading -------------------------------------------------------------------------------
     def setting(self, key: str, default: str | None = None) -> str | None:
@@ -365,6 +358,10 @@ class Store:
                    study_uid: str | None = None) -> tuple[list[tuple[str, str]], int]:
         """((path, kind) of the sources of these patients or this study, their label count)."""
         return self.db.sources_of(patient_keys=patient_keys, study_uid=study_uid)
+
+    def known_files(self, roots: list[str]) -> dict[str, tuple[int, int, str]]:
+        """path → (size, mtime_ns, content_hash) of stored sources under any of ``roots``."""
+        return self.db.known_files(roots)
 
     def image_keys(self) -> list[tuple[int, str, int, str]]:
         """(id, path, frame, content hash) of every stored image."""
@@ -418,8 +415,3 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def known_files(store: Store, roots: list[str]) -> dict[str, tuple[int, int, str]]:
-    """path → (size, mtime_ns, content_hash) of stored sources under any of ``roots``."""
-    return store.db.known_files(roots)

@@ -1,0 +1,18 @@
+"""The per-user folders medsearch keeps outside every store (XDG base directories): the one
+place besides the settings that reads the environment, so library use without a settings
+object finds the same folders as the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def config_home() -> Path:
+    """``$XDG_CONFIG_HOME/medsearch`` (default ``~/.config/medsearch``): patient-key files."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "medsearch"
+
+
+def cache_home() -> Path:
+    """``$XDG_CACHE_HOME/medsearch`` (default ``~/.cache/medsearch``): measured machine facts."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medsearch"

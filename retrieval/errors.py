@@ -7,7 +7,14 @@ import os
 
 class MedsearchError(Exception):
     """Base class: the message says what went wrong and what to do, in the user's terms
-    (settings and inputs by name, never a command-line flag: the server shows it too)."""
+    (settings and inputs by name, never a command-line flag: the server shows it too).
+
+    ``setting`` names the setting at fault, if one is (``device``, ``precision`` …), so that
+    the command line can name its option and the server its field."""
+
+    def __init__(self, message: str = "", *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class InputError(MedsearchError):

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import exact
+from retrieval.ann import exact
 from retrieval.ann.exact import exact_topk, flat_storage
 
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"error": exc.format_message(), "type": "UsageError"}))
         sys.exit(exc.exit_code)
     except MedsearchError as exc:
-        _fail(str(exc), type(exc).__name__, as_json, exit_code(exc))
+        _fail(_with_option(exc), type(exc).__name__, as_json, exit_code(exc))
     except KeyboardInterrupt:
         _fail("interrupted; committed work is kept and the next run resumes", "Interrupted",
               as_json, code=130)
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def exit_code(exc: MedsearchError) -> int:
     return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
+
+
+def _with_option(exc: MedsearchError) -> str:
+    """The core's message, with the command-line option for the setting it names."""
+    setting = getattr(exc, "setting", None)
+    return f"{exc} (--{setting.replace('_', '-')})" if setting else str(exc)
 
 
 def _fail(message: str, kind: str, as_json: bool, code: int = 2) -> None:

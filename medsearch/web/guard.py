@@ -154,8 +154,8 @@ class Guard:
                 send, state["status"],
                 "the request has no Host header" if host is None else
                 "this server does not answer to that Host name (a web page on another site "
-                "may be trying to reach it); a reverse proxy's name is added with "
-                "--allowed-host NAME", "MisdirectedRequest")
+                "may be trying to reach it); a reverse proxy's name is added to the server's "
+                "allowed hosts", "MisdirectedRequest")
             await finish("rejected")
             return
         origin = headers.get(b"origin")

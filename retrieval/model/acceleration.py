@@ -219,7 +219,7 @@ def precision_choice(device: torch.device | str = "cpu", cache_dir: Path | None 
             _write_cache(path, key, record)
     record = {"device": "cpu", **record, "machine": key}
     _choices[key] = record
-    log.info("--precision auto on this CPU: %s, because %s (fp32 %s, bf16 %s GFLOP/s; %s)",
+    log.info("precision auto on this CPU: %s, because %s (fp32 %s, bf16 %s GFLOP/s; %s)",
              record["precision"], record["reason"], record["fp32_gflops"], record["bf16_gflops"],
              "cached" if cached else "measured now")
     return {**record, "cached": cached}
@@ -229,11 +229,12 @@ def resolve_precision(precision: str, device: torch.device, cache_dir: Path | No
     """``auto`` → bf16 on CUDA, and on a CPU where bf16 measured clearly faster; else fp32."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}",
+                         setting="precision")
     if precision == "auto":
         return precision_choice(device, cache_dir)["precision"]
     if precision == "int8" and device.type != "cpu":
-        raise InputError("--precision int8 (dynamic quantisation) runs on the CPU only; "
+        raise InputError("precision int8 (dynamic quantisation) runs on the CPU only; "
                          "use bf16 on a GPU")
     return precision
 

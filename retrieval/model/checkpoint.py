@@ -50,7 +50,7 @@ def unavailable_message(name: str, reason: str) -> str:
         )
         if offline:
             lines.append("HF_HUB_OFFLINE is set, so only a copy already in the local cache is used.")
-    lines.append("Or pass --model PATH with a local checkpoint folder "
+    lines.append("Or name a local checkpoint folder as the model "
                  "(`medsearch make-test-model DIR` makes a tiny random one for trying things out).")
     return "\n".join(lines)
 

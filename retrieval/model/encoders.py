@@ -30,10 +30,12 @@ def select_device(device: str = "auto") -> torch.device:
     try:
         chosen = torch.device(device)
     except RuntimeError:
-        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}",
+                         setting="device") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but this torch build sees no GPU "
-                         "(CPU build installed, or no driver); use --device cpu or auto")
+        raise InputError("device cuda asked for, but this torch build sees no GPU "
+                         "(CPU build installed, or no driver); use device cpu or auto",
+                         setting="device")
     return chosen
 
 

@@ -127,8 +127,8 @@ class Store:
         :meth:`close`; ``full_check``: also verify the index file's sha256."""
         root = Path(root)
         if not (root / MANIFEST).is_file():
-            raise StoreError(f"no store at {root} (no {MANIFEST}); create one with "
-                             f"`medsearch index PATH --store {root}`")
+            raise StoreError(f"no store at {root} (no {MANIFEST}); create one by indexing "
+                             "into it (`medsearch index`)", setting="store")
         fd = acquire_lock(root) if exclusive else _lock_fd
         try:
             manifest = Manifest.read(root / MANIFEST)

@@ -71,7 +71,8 @@ class Manifest:
             return cls(**data)
         except (OSError, ValueError, TypeError) as exc:
             raise StoreError(f"{path} is not a readable store manifest ({exc}); "
-                             "point --store at a folder made by `medsearch index`") from None
+                             "the store must be a folder made by `medsearch index`",
+                             setting="store") from None
 
     def write(self, path: Path) -> None:
         atomic_write_bytes(path, json.dumps(asdict(self), indent=2).encode())

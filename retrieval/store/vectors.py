@@ -189,7 +189,7 @@ class VectorIndex:
         self.problem = problem
         if self.readonly:
             log.warning("index file %s is not used: %s; searching an index rebuilt in memory "
-                        "from the stored vectors. Run `medsearch repair --store %s` to fix "
+                        "from the stored vectors. Run `medsearch repair` on %s to fix "
                         "the file", self.path, problem, self.root)
         else:
             log.warning("index file %s is not used: %s; rebuilding it from the stored vectors "
@@ -251,7 +251,8 @@ class VectorIndex:
                 except RuntimeError as exc:
                     raise StoreError(f"FAISS could not train index type {index_type!r} on "
                                      f"{len(sample):,} vectors: {str(exc).splitlines()[-1]}; "
-                                     "choose another with `medsearch reindex --index-type`") from None
+                                     "choose another index type and rebuild (`medsearch reindex`)",
+                                     setting="index_type") from None
                 trained_on = len(sample)
         if len(ids):
             index.add_with_ids(vectors, ids)

@@ -1,1 +1,2 @@
-"""The `medsearch` command line: wires the retrieval core and the indexer together."""
+"""The application: settings resolved once, the application object (store, towers, decoders),
+and the two shells over it, the command line (`cli`) and the web app (`web`)."""

@@ -97,12 +97,23 @@ def _parquet(rows: list[dict]) -> bytes:
 def write_rows(rows: list[dict], out: str | Path) -> Path:
     """Write atomically (temp file + rename) in the format named by ``out``'s suffix."""
     out = Path(out).expanduser()
-    data = to_bytes(rows, format_for(out))
+    return write_file(out, to_bytes(rows, format_for(out)), "cohort file")
+
+
+def write_file(out: Path, data: bytes, what: str) -> Path:
+    """A user's output file, written whole or not at all (temp file + rename). Only a regular
+    file is replaced: renaming over ``/dev/null`` or a FIFO would put a file in its place."""
     if not out.parent.is_dir():
-        raise InputError(f"cohort file {out}: folder {out.parent} does not exist")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+        raise InputError(f"{what} {out}: folder {out.parent} does not exist")
+    if out.exists() and not out.is_file():
+        raise InputError(f"{what} {out}: not a regular file; name a file to write")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{what} {out}: cannot write it ({exc.strerror or exc})") from None
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation import majority_vote
+from .export import write_file
 from .search import Searcher
 from .zeroshot import RESEARCH_NOTICE, Bands, Classification, ZeroShotClassifier
 
@@ -109,12 +110,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_html(path: str | Path, text: str) -> Path:
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_file(path, text.encode("utf-8"), "report")
 
 
 # -- findings for one image ------------------------------------------------------------------

@@ -32,6 +32,20 @@ def cli(*args: str) -> dict:
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process (as the console script does): exit code, stdout, stderr."""
+    from medsearch.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def index_store(store: Path, folder: Path, model: Path) -> dict:
     return cli("index", str(folder), "--store", str(store), "--model", str(model),
                "--workers", "0", "--no-progress")

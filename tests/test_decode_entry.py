@@ -19,22 +19,12 @@ from retrieval.errors import InputError
 
 from .conftest import PYDICOM_TEST_FILES as TF
 from .conftest import write_images
-from .serving import cli, make_app, running
+from .serving import cli, make_app, run_cli, running
 
 CT_FILES = ("CT_small.dcm",)
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    from medsearch.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 # -- bytes == file -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from .conftest import PYDICOM_TEST_FILES as TF
+from .serving import run_cli
 
 def _index(tmp_path: Path, model: Path, roots: list, **options):
     from indexer.pipeline import Indexer
@@ -135,18 +136,7 @@ def test_series_vectors(tiny_model, tmp_path):
     store.close()
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in this process (as the console script does): exit code, stdout, stderr."""
-    from medsearch.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def test_preview_writes_what_the_model_sees(tmp_path, capsys):

@@ -20,6 +20,7 @@ from retrieval.model import VisionEncoder
 from retrieval.store import Store
 
 from .conftest import PYDICOM_TEST_FILES
+from .serving import run_cli
 
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 #: A mix: CT, MR, 12-bit JPEG and JPEG 2000 NM, colour, an SR (no image), a multi-frame US.
@@ -134,16 +135,10 @@ def test_filtered_query_indexes_part_and_removes_nothing(orthanc, tiny_model, tm
 
 
 def test_cli_index_dicomweb_json(orthanc, tiny_model, tmp_path, capsys):
-    from medsearch.cli import main
 
     def cli(*args) -> tuple[int, dict]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        return code, json.loads(capsys.readouterr().out)
+        code, out, _ = run_cli(capsys, *args)
+        return code, json.loads(out)
 
     store = tmp_path / "cli-store"
     code, doc = cli("index", f"dicomweb+{orthanc}/dicom-web", "--store", str(store), "--model",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 
 import httpx
@@ -165,3 +166,19 @@ def test_csv_neutralises_formulas_json_and_parquet_stay_exact(tmp_path, tiny_mod
     cli("export", "--query", "ct", "-k", "1", "--out", str(out), "--store", str(tmp_path / "store"))
     [row] = list(csv.DictReader(out.open()))
     assert row["study_description"] == "'" + ds.StudyDescription
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
+    """Renaming a temp file over /dev/null (or a FIFO, a device) would put a file in its place."""
+    import stat
+
+    from retrieval.export import write_rows
+    from retrieval.report import write_html
+
+    fifo = tmp_path / "cohort.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        write_rows([{"id": 1, "score": 0.5}], fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        write_html(fifo, "<p>report</p>")
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(tmp_path.iterdir()) == [fifo]

@@ -219,7 +219,7 @@ def precision_choice(device: torch.device | str = "cpu", cache_dir: Path | None 
             _write_cache(path, key, record)
     record = {"device": "cpu", **record, "machine": key}
     _choices[key] = record
-    log.info("precision auto on this CPU: %s, because %s (fp32 %s, bf16 %s GFLOP/s; %s)",
+    log.info("--precision auto on this CPU: %s, because %s (fp32 %s, bf16 %s GFLOP/s; %s)",
              record["precision"], record["reason"], record["fp32_gflops"], record["bf16_gflops"],
              "cached" if cached else "measured now")
     return {**record, "cached": cached}

@@ -50,8 +50,9 @@ def unavailable_message(name: str, reason: str) -> str:
         )
         if offline:
             lines.append("HF_HUB_OFFLINE is set, so only a copy already in the local cache is used.")
-    lines.append("Or name a local checkpoint folder as the model "
-                 "(`medsearch make-test-model DIR` makes a tiny random one for trying things out).")
+    lines.append("Or name a local checkpoint folder as the model (--model PATH, or the model "
+                 "setting); `medsearch make-test-model DIR` makes a tiny random one for trying "
+                 "things out.")
     return "\n".join(lines)
 
 

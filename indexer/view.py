@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.errors import InputError
+from retrieval.errors import InputError, NotFoundError
 from retrieval.model.preprocess import model_input_to_uint8
 
 from .decode import Decoded, DecodeOptions, decode_source
@@ -119,7 +119,7 @@ def read_stored(path: str, frame: int, *, image_size: int,
     """An indexed image (its path and frame from the store) decoded again with the settings
     the store recorded (``manifest.decode``), as it was embedded."""
     if not Path(path).is_file():
-        raise InputError(f"{path}: the source file is no longer there")
+        raise NotFoundError(f"{path}: the source file is no longer there")
     return read_image(path, image_size=image_size, settings=DecodeSettings.from_manifest(decode),
                       frame=frame)
 
@@ -137,7 +137,7 @@ def _decode(source: str | Path | bytes, options: DecodeOptions, isolated: bool) 
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise InputError(f"{source}: no such file")
+            raise NotFoundError(f"{source}: no such file")
         stat = path.stat()
         name, content = str(source), None
         item = SourceFile(str(path.absolute()), stat.st_size, stat.st_mtime_ns,

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     store: str = "medsearch-store"
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     batch_size: int = 8                  # images per forward pass (CUDA: at least what fits memory)
-    precision: str = "auto"              # auto | fp32 | bf16 | int8 (CPU) — see retrieval/acceleration.py
+    precision: str = "auto"              # auto | fp32 | bf16 | int8 (CPU) — see retrieval/model/acceleration.py
     compile: bool = False                # torch.compile the vision tower (pays off on long GPU runs)
     cuda_bf16: Literal["weights", "autocast"] = "weights"  # how bf16 runs on CUDA
     workers: int | None = None           # decode processes; None = cores - 1 (at most 8)

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import StoreError
 from .layout import (DATABASE, DIR_MODE, FILE_MODE, INDEX_FILE, MANIFEST, Manifest,
                      atomic_write_bytes, create_private_file, make_folder, temp_name, write_error)
-from .rows import copy_database
+from .database import copy_database
 from .vectors import index_ids, max_id, read_index_file, supports_removal
 
 if TYPE_CHECKING:

@@ -6,12 +6,11 @@ or a PostgreSQL database), kept in step.
 place that opens database sessions), ``writer`` (one write transaction), ``vectors`` (the
 FAISS index's life) and ``integrity`` (check, repair, backup).
 
-The database is the source of truth: rows and their raw vectors are written in one transaction. The
+The database is the source of truth: rows and raw vectors are written in one transaction. The
 index is a derived cache written atomically and reconciled with the rows by id at every open,
 so a process killed at any moment leaves a store that opens with index and rows agreeing. Ids
 are never handed out twice, even when the last commit was lost (see :meth:`Store._guard_ids`).
-Saving only persists: retraining or re-choosing the index type is the explicit
-:meth:`Store.maintain_index`, which an index run and `reindex` call.
+Saving only persists: retraining or re-choosing the index type is :meth:`maintain_index`.
 """
 
 from __future__ import annotations
@@ -27,13 +26,11 @@ from sqlalchemy.orm import Session
 from ..errors import StoreError
 from . import integrity
 from .integrity import backup
-from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION,
-                     INDEX_FILE, LOCK_FILE, MANIFEST, Manifest,
-                     create_private_file, file_checksums, fsync_dir,
-                     is_temp_name, make_folder, manifest_for, remove_stale_temps)
 from .database import CommitCounter, WriterLock
-from .location import (adopt, database_url, lock_store, prepare_new, read_manifest,
-                       record_manifest)
+from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION, INDEX_FILE,
+                     LOCK_FILE, MANIFEST, Manifest, create_private_file, file_checksums,
+                     fsync_dir, is_temp_name, make_folder, manifest_for, remove_stale_temps)
+from .location import adopt, database_url, lock_store, prepare_new, read_manifest, record_manifest
 from .rows import IMAGE_COLUMNS, Rows, image_dict
 from .schema import SCHEMA_VERSION
 from .vectors import (TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file,
@@ -82,9 +79,7 @@ class Store:
         """The SQLAlchemy engine (for tests and Alembic; code goes through :attr:`db`)."""
         return self.db.engine
 
-    @property
-    def sessions(self):
-        return self.db.sessions
+    sessions = property(lambda self: self.db.sessions)  # for tests, like engine
 
     @property
     def index(self) -> faiss.Index:
@@ -195,9 +190,7 @@ class Store:
         """Live vectors in the index (hidden deleted ones not counted)."""
         return self.vector_index.count
 
-    @property
-    def holds_lock(self) -> bool:
-        return self._lock is not None
+    holds_lock = property(lambda self: self._lock is not None)
 
     # -- the index -----------------------------------------------------------------------------
     def verify_index_file(self) -> str | None:

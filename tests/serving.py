@@ -71,10 +71,12 @@ def running(app, port: int | None = None) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def make_app(store: Path, **kwargs):
+def make_app(store: Path, db: str | None = None, **kwargs):
+    """The web app as `medsearch serve --store STORE [--db DB]` builds it."""
     from medsearch.app import Medsearch
     from medsearch.settings import Settings
     from medsearch.web import create_app
 
     # as `medsearch serve` does: redaction and keys follow the settings
-    return create_app(Medsearch.from_settings(Settings.resolve(store=str(store))), **kwargs)
+    return create_app(Medsearch.from_settings(Settings.resolve(store=str(store), db=db)),
+                      **kwargs)

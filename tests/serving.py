@@ -46,9 +46,9 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def index_store(store: Path, folder: Path, model: Path) -> dict:
+def index_store(store: Path, folder: Path, model: Path, db: str | None = None) -> dict:
     return cli("index", str(folder), "--store", str(store), "--model", str(model),
-               "--workers", "0", "--no-progress")
+               "--workers", "0", "--no-progress", *(("--db", db) if db else ()))
 
 
 @contextmanager

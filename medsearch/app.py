@@ -5,8 +5,9 @@ It is built once per process (``Medsearch.open``). A long-running process (the s
 it between threads: each tower is used under its own lock (torch modules are not safe to share
 mid-forward) and the in-memory FAISS index under a third, so a text search never waits behind
 an upload's encoding. Another process may index into the same store meanwhile; once
-:meth:`Medsearch.watch_store` has run, every request checks SQLite's ``PRAGMA data_version``
-(one cheap statement) and reconciles the in-memory index when rows were committed.
+:meth:`Medsearch.watch_store` has run, every request reads the store's commit counter (SQLite's
+``PRAGMA data_version``, or PostgreSQL's ``store_state`` row that every write bumps: one cheap
+statement) and reconciles the in-memory index when rows were committed.
 No path from a request reaches the filesystem: previews decode only paths read from the store.
 """
 
@@ -37,7 +38,7 @@ from .settings import Settings
 
 log = logging.getLogger("medsearch.app")
 
-#: Ids are SQLite INTEGERs (signed 64-bit); a larger one cannot name an image.
+#: Ids are signed 64-bit (SQLite INTEGER, PostgreSQL BIGINT); a larger one cannot name an image.
 MAX_ID = 2 ** 63 - 1
 #: Each label × template is one text forward pass under the text lock.
 MAX_PROMPTS = 400
@@ -95,7 +96,8 @@ class Medsearch:
                       readonly: bool = True) -> "Medsearch":
         """The application over the settings' store; the towers load when first used (or at
         :meth:`load_models`)."""
-        return cls(Store.open(settings.store, readonly=readonly), settings, model=model)
+        return cls(Store.open(settings.store, readonly=readonly, db=settings.db), settings,
+                   model=model)
 
     @classmethod
     def open(cls, store: str | Path, *, model: str | None = None,

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     index_type: str = "auto"             # a FAISS factory string, or auto (by size and memory)
     k: int = 10
     cache_dir: Path | None = None        # None: $XDG_CACHE_HOME/medsearch
+    db: str | None = None                # postgresql+psycopg://USER@HOST[:PORT]/DB; None: SQLite in the store
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from sqlalchemy import Select, and_, exists, select
 
+from .store.database import glob_match
 from .store.schema import FileRow, ImageRow, LabelRow
 
 
@@ -91,7 +92,7 @@ class Filters:
         stmt = select(ImageRow.id)
         if self.path_glob:
             stmt = stmt.join(FileRow, FileRow.id == ImageRow.file_id)
-            clauses.append(FileRow.path.op("GLOB")(self.path_glob))
+            clauses.append(glob_match(FileRow.path, self.path_glob))  # GLOB on either back end
         if self.label:
             label_match = and_(LabelRow.image_id == ImageRow.id, LabelRow.label.in_(self.label))
             if self.min_label_score is not None:

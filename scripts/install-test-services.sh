@@ -10,6 +10,8 @@ packages=()
 packages+=(orthanc orthanc-dicomweb dcmtk)
 # (issue 6) headless Chromium for the web page's end-to-end test
 packages+=(chromium chromium-driver)
+# (issue 15) PostgreSQL server for the metadata suites on the PostgreSQL back end
+packages+=(postgresql)
 
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

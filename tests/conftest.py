@@ -76,3 +76,24 @@ def add_bad_files(folder: Path) -> list[Path]:
     truncated = folder / "truncated.png"
     truncated.write_bytes(good[: len(good) // 2])
     return [empty, fake, truncated]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL on loopback for the whole session (tests/postgres.py)."""
+    from tests import postgres
+
+    server, reason = postgres.start_server()
+    if server is None:
+        postgres.unavailable(reason)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str | None:
+    """Where a test's store keeps its rows: None (SQLite in the folder) or the URL of a fresh
+    PostgreSQL database; tests that build stores take it to run on both."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").create_database()

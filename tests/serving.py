@@ -46,9 +46,9 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def index_store(store: Path, folder: Path, model: Path) -> dict:
+def index_store(store: Path, folder: Path, model: Path, db: str | None = None) -> dict:
     return cli("index", str(folder), "--store", str(store), "--model", str(model),
-               "--workers", "0", "--no-progress")
+               "--workers", "0", "--no-progress", *(("--db", db) if db else ()))
 
 
 @contextmanager
@@ -71,10 +71,12 @@ def running(app, port: int | None = None) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def make_app(store: Path, **kwargs):
+def make_app(store: Path, db: str | None = None, **kwargs):
+    """The web app as `medsearch serve --store STORE [--db DB]` builds it."""
     from medsearch.app import Medsearch
     from medsearch.settings import Settings
     from medsearch.web import create_app
 
     # as `medsearch serve` does: redaction and keys follow the settings
-    return create_app(Medsearch.from_settings(Settings.resolve(store=str(store))), **kwargs)
+    return create_app(Medsearch.from_settings(Settings.resolve(store=str(store), db=db)),
+                      **kwargs)

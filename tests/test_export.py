@@ -19,13 +19,16 @@ from .conftest import PYDICOM_TEST_FILES, write_images
 from .serving import cli, index_store, make_app, running
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_model):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def store(request, tmp_path_factory, tiny_model):
+    """An indexed store per back end (SQLite, or a fresh PostgreSQL database its manifest names)."""
+    db = (None if request.param == "sqlite"
+          else request.getfixturevalue("postgres_server").create_database())
     root = tmp_path_factory.mktemp("export")
     write_images(root / "images", 7, seed=5)
     for name in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(PYDICOM_TEST_FILES / name, root / "images" / name)
-    index_store(root / "store", root / "images", tiny_model)
+    index_store(root / "store", root / "images", tiny_model, db=db)
     return root
 
 

@@ -29,16 +29,18 @@ def encoder(tiny_model) -> VisionEncoder:
     return VisionEncoder.load(str(tiny_model), device="cpu")
 
 
-def run_index(store_dir: Path, encoder: VisionEncoder, *paths, workers: int = 0, **kw):
-    store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
+def run_index(store_dir: Path, encoder: VisionEncoder, *paths, workers: int = 0,
+              db: str | None = None, **kw):
+    """``db``: the PostgreSQL URL the store's rows go to (None: SQLite in the folder)."""
+    store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"), db=db)
     with Indexer(store, encoder, workers=workers, progress=False, **kw) as indexer:
         report = indexer.run(paths)
     store.close()
     return report
 
 
-def test_every_indexed_image_finds_itself_first(tmp_path, image_folder, encoder):
-    report = run_index(tmp_path / "store", encoder, image_folder, workers=2)
+def test_every_indexed_image_finds_itself_first(tmp_path, image_folder, encoder, backend):
+    report = run_index(tmp_path / "store", encoder, image_folder, workers=2, db=backend)
     assert report.indexed == 11 and report.failed == 0 and report.total == 11
     store = Store.open(tmp_path / "store", readonly=True)
     assert store.count == 11
@@ -61,9 +63,10 @@ def test_dicom_metadata_is_stored_without_identifiers(tmp_path, image_folder, en
     assert "CompressedSamples^CT1" not in dump and "1CT1" not in dump  # PatientName / PatientID
 
 
-def test_second_run_embeds_nothing_and_changes_are_followed(tmp_path, image_folder, encoder):
+def test_second_run_embeds_nothing_and_changes_are_followed(tmp_path, image_folder, encoder,
+                                                            backend):
     store_dir = tmp_path / "store"
-    first = run_index(store_dir, encoder, image_folder)
+    first = run_index(store_dir, encoder, image_folder, db=backend)
     assert first.indexed == 11
     second = run_index(store_dir, encoder, image_folder)
     assert (second.indexed, second.unchanged, second.images) == (0, 11, 0)
@@ -90,9 +93,9 @@ def test_second_run_embeds_nothing_and_changes_are_followed(tmp_path, image_fold
     assert store.count == store.stats()["images"] == 10
 
 
-def test_bad_files_are_reported_and_the_rest_indexed(tmp_path, image_folder, encoder):
+def test_bad_files_are_reported_and_the_rest_indexed(tmp_path, image_folder, encoder, backend):
     bad = add_bad_files(image_folder)
-    report = run_index(tmp_path / "store", encoder, image_folder, workers=2)
+    report = run_index(tmp_path / "store", encoder, image_folder, workers=2, db=backend)
     assert report.indexed == 11
     assert report.failed == 3
     reasons = {Path(f["path"]).name: f["reason"] for f in report.failures}

@@ -30,14 +30,18 @@ TOKEN = "test-token-0123456789abcdef"
 LIMIT = 256 * 1024
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def data(request, tmp_path_factory, tiny_model):
+    """One indexed store per back end (its rows in SQLite, or in a fresh PostgreSQL database
+    the store's manifest names, so every later open finds it)."""
+    db = (None if request.param == "sqlite"
+          else request.getfixturevalue("postgres_server").create_database())
     root = tmp_path_factory.mktemp("server")
     images = root / "images"
     write_images(images, 9, seed=1)
     for name in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(PYDICOM_TEST_FILES / name, images / name)
-    index_store(root / "store", images, tiny_model)
+    index_store(root / "store", images, tiny_model, db=db)
     return root
 
 

@@ -26,10 +26,11 @@ def unit(rng, n=1):
 
 
 @pytest.fixture()
-def store(tmp_path):
-    """200 images: modality alternates CT/MR/CR/US, dates across 2020-2023, labels on some."""
+def store(tmp_path, backend):
+    """200 images: modality alternates CT/MR/CR/US, dates across 2020-2023, labels on some;
+    rows in SQLite and (``backend``) in PostgreSQL."""
     rng = np.random.default_rng(0)
-    st = Store.create(tmp_path / "store", manifest())
+    st = Store.create(tmp_path / "store", manifest(), db=backend)
     modalities = ["CT", "MR", "CR", "US"]
     with st.writer() as w:
         for i in range(200):
@@ -39,7 +40,8 @@ def store(tmp_path):
             w.add_file(path=f"/archive/{'derm' if i % 7 == 0 else 'rad'}/f{i}.png", size=1,
                        mtime_ns=1, content_hash=f"h{i}", source_kind="image",
                        images=[NewImage(0, 8, 8, unit(rng)[0], meta, labels)])
-    return st
+    yield st
+    st.db.dispose()  # no connections left open on the server
 
 
 def test_filters_return_only_matching_rows_and_k_when_k_exist(store):

@@ -17,7 +17,7 @@ from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassi
                                 read_logit_scalars, resolve_labels)
 
 from .main import app
-from .options import (DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
+from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
                       searcher, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
 
@@ -86,7 +86,7 @@ def classify_cmd(
 
 @app.command("tag")
 def tag_cmd(
-    store: StoreOpt = None, labels: LabelsOpt = None, preset: PresetOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, labels: LabelsOpt = None, preset: PresetOpt = None,
     template: TemplateOpt = None,
     min_score: Annotated[float, typer.Option(
         "--min-score", help="Write labels whose sigmoid score is at least this.")] = 0.5,
@@ -98,7 +98,7 @@ def tag_cmd(
     from retrieval.tagging import default_source, tag_store
 
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = resolve(store=store, device=device)
+    cfg = resolve(store=store, db=db, device=device)
     with open_for_writing(cfg) as st:
         text = searcher(cfg, st, model).text_encoder  # checks the store's model
         classifier = ZeroShotClassifier(text, read_logit_scalars(text.checkpoint))
@@ -154,7 +154,7 @@ def eval_cmd(
     manifest: Annotated[Path, typer.Argument(help="CSV with columns path,label[,split]; "
                                                   "several labels per image joined by '|'.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for eval.json and eval.html.")],
-    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
     template: TemplateOpt = None,
     preset: Annotated[Optional[str], typer.Option(
         "--preset", help="Use this preset's prompt templates (labels come from the manifest).")] = None,
@@ -178,13 +178,13 @@ def eval_cmd(
     templates = [check_template(t) for t in (template or (PRESETS[preset].templates if preset
                                                           else DEFAULT_TEMPLATES))]
     rows = read_manifest(manifest)
-    cfg = resolve(model=model, device=device)
+    cfg = resolve(model=model, device=device, db=db)
     started = time.perf_counter()
     failures: list[dict] = []
     vectors: dict[str, np.ndarray] = {}
     decode = None
     if store is not None:
-        st = Store.open(store, readonly=True)
+        st = Store.open(store, readonly=True, db=cfg.db)
         found = searcher(cfg, st, model)
         vectors = _stored_vectors(st, [r.path for r in rows])
         decode = st.manifest.decode
@@ -248,7 +248,7 @@ def eval_cmd(
 @app.command("report")
 def report_cmd(
     file: Annotated[Path, typer.Argument(help="Image or DICOM file.")],
-    store: StoreOpt = None,
+    store: StoreOpt = None, db: DbOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the HTML page here.")] = None,
     labels: LabelsOpt = None, preset: PresetOpt = None, template: TemplateOpt = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Similar cases to show.")] = 5,
@@ -268,10 +268,10 @@ def report_cmd(
     if not labels and not preset:
         preset = "cxr"
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = resolve(model=model, device=device)
+    cfg = resolve(model=model, device=device, db=db)
     found, exclude = None, None
     if store is not None:
-        found = searcher(cfg, Store.open(store, readonly=True), model)
+        found = searcher(cfg, Store.open(store, readonly=True, db=cfg.db), model)
         text, vision = found.text_encoder, found.vision_encoder
         exclude = _indexed_ids(found.store, file)
     else:

@@ -15,7 +15,7 @@ from retrieval.store import Manifest, Store, manifest_for
 
 from ..app import Medsearch, QuerySpec
 from .main import app
-from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
                       build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
@@ -53,7 +53,7 @@ def _index_human(d: dict) -> str:
 def index_cmd(
     paths: Annotated[list[str], typer.Argument(
         help="Files and folders to index, or a PACS: dicomweb+http://HOST:PORT/dicom-web.")],
-    store: StoreOpt = None,
+    store: StoreOpt = None, db: DbOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,
@@ -84,7 +84,7 @@ def index_cmd(
     from indexer.pixels import check_window_choice
     from indexer.view import settings_for_run
 
-    cfg = resolve(store=store, device=device, precision=precision, batch_size=batch_size,
+    cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
                   workers=workers, frames=frames, phi_policy=phi, index_type=index_type)
     root = store_root(cfg)
     try:
@@ -114,7 +114,7 @@ def index_cmd(
                                   default_frames=cfg.frames)
         manifest = manifest_for(encoder, cfg.index_type)
         manifest.decode = decode.to_json()
-        with Store.open_or_create(root, manifest, exclusive=True) as st:
+        with Store.open_or_create(root, manifest, exclusive=True, db=cfg.db) as st:
             if st.manifest.decode is not None:
                 decode = settings_for_run(st.manifest.decode, window=window, frames=frames,
                                           series_vectors=series_vectors)
@@ -150,7 +150,7 @@ def _store_faults(root: Path):
 def remove_cmd(
     paths: Annotated[list[str], typer.Argument(
         help="Files or folders whose stored images to remove (they need not exist any more).")],
-    store: StoreOpt = None,
+    store: StoreOpt = None, db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove stored sources at or under PATHS: rows, vectors, labels and index entries.
@@ -159,7 +159,7 @@ def remove_cmd(
     share looks like that); this is how to drop such entries on purpose."""
     from indexer.sources import under_any
 
-    cfg = resolve(store=store)
+    cfg = resolve(store=store, db=db)
     root = store_root(cfg)
     targets = [str(Path(p).expanduser().absolute()) for p in paths]
     with _store_faults(root), open_for_writing(cfg) as st:
@@ -193,7 +193,7 @@ def search_cmd(
     text: Annotated[str, typer.Argument(help="What to look for, e.g. 'left pneumothorax'; "
                                         "arithmetic works: '\"pleural effusion\" - \"chest tube\"', "
                                         "'2:\"effusion\" + scan.png', '#17 - \"tube\"'.")],
-    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
     label: LabelOpt = None, precision: PrecisionOpt = None, json_out: JsonOpt = False,
@@ -202,7 +202,7 @@ def search_cmd(
     from retrieval.query import parse_query
 
     terms = parse_query(text, allow_files=True)
-    cfg = resolve(store=store, device=device, precision=precision, k=k)
+    cfg = resolve(store=store, db=db, device=device, precision=precision, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     with Medsearch.from_settings(cfg, model=model) as found:
         spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score)
@@ -214,7 +214,7 @@ def search_cmd(
 def similar_cmd(
     file: Annotated[Optional[Path], typer.Argument(help="Query image (PNG, JPEG, DICOM …).")] = None,
     image_id: Annotated[Optional[int], typer.Option("--id", help="Use an indexed image's stored vector.")] = None,
-    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
     label: LabelOpt = None, json_out: JsonOpt = False,
@@ -222,7 +222,7 @@ def similar_cmd(
     """Find similar cases for an image file, or for an indexed image by --id."""
     if (file is None) == (image_id is None):
         raise InputError("give either a FILE or --id N (one of them)")
-    cfg = resolve(store=store, device=device, k=k)
+    cfg = resolve(store=store, db=db, device=device, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     with Medsearch.from_settings(cfg, model=model) as found:
         if image_id is not None:
@@ -233,9 +233,9 @@ def similar_cmd(
 
 
 @app.command("info")
-def info_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False) -> None:
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
-    cfg = resolve(store=store)
+    cfg = resolve(store=store, db=db)
     with Medsearch.from_settings(cfg) as found:
         doc = {**found.info(),
                "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder)}
@@ -278,10 +278,10 @@ def embed_cmd(
 @app.command("reindex")
 def reindex_cmd(
     index_type: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8; or auto (by size and memory).")],
-    store: StoreOpt = None, json_out: JsonOpt = False,
+    store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
-    cfg = resolve(store=store)
+    cfg = resolve(store=store, db=db)
     with _store_faults(store_root(cfg)), open_for_writing(cfg) as st:
         st.rebuild(index_type)
         st.maintain_index()

@@ -9,7 +9,7 @@ import typer
 from retrieval.errors import InputError
 
 from .main import app
-from .options import JsonOpt, StoreOpt, key_files, open_for_writing, resolve
+from .options import DbOpt, JsonOpt, StoreOpt, key_files, open_for_writing, resolve
 from .output import emit
 
 
@@ -26,7 +26,7 @@ def forget_cmd(
         "--patient", help="The patient key shown in results (or a raw PatientID: hashed with "
                           "the store's key, never stored).")] = None,
     study: Annotated[Optional[str], typer.Option("--study", help="A StudyInstanceUID.")] = None,
-    store: StoreOpt = None,
+    store: StoreOpt = None, db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove a patient's or a study's images, vectors, labels and series vectors, and keep
@@ -35,7 +35,7 @@ def forget_cmd(
 
     if (patient is None) == (study is None):
         raise InputError("give exactly one of --patient KEY or --study UID")
-    cfg = resolve(store=store)
+    cfg = resolve(store=store, db=db)
     with open_for_writing(cfg) as st:
         doc = forget(st, patient=patient, study=study, keys=key_files(cfg))
     emit(doc, json_out, _human)

@@ -12,7 +12,7 @@ from retrieval.errors import InputError
 from retrieval.store import Store, backup
 
 from .main import app
-from .options import JsonOpt, StoreOpt, open_for_writing, resolve, store_root
+from .options import DbOpt, JsonOpt, StoreOpt, open_for_writing, resolve, store_root
 from .output import emit
 
 
@@ -54,10 +54,11 @@ def _finish(doc: dict, json_out: bool) -> None:
 
 
 @app.command("check")
-def check_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+def check_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False) -> None:
     """Verify rows against vectors against the index, the checksums and the model fingerprint
     (exit 1 when anything is wrong; nothing is changed)."""
-    st = Store.open(store_root(resolve(store=store)), readonly=True)
+    cfg = resolve(store=store, db=db)
+    st = Store.open(store_root(cfg), readonly=True, db=cfg.db)
     doc = st.check()
     problems, notes = _model_note(st)
     doc["problems"] += problems
@@ -68,7 +69,7 @@ def check_cmd(store: StoreOpt = None, json_out: JsonOpt = False) -> None:
 
 @app.command("repair")
 def repair_cmd(
-    store: StoreOpt = None,
+    store: StoreOpt = None, db: DbOpt = None,
     drop: Annotated[bool, typer.Option(
         "--drop", help="Delete the sources that must be re-embedded, so the next `index` run "
                        "embeds them again.")] = False,
@@ -76,7 +77,7 @@ def repair_cmd(
 ) -> None:
     """Rebuild what is derived (the index file, the manifest's record of it) and list what
     must be re-embedded."""
-    with open_for_writing(resolve(store=store)) as st:
+    with open_for_writing(resolve(store=store, db=db)) as st:
         doc = st.repair(drop=drop)
     _finish(doc, json_out)
 
@@ -84,11 +85,11 @@ def repair_cmd(
 @app.command("backup")
 def backup_cmd(
     to: Annotated[Path, typer.Option("--to", help="New (or empty) folder for the copy.")],
-    store: StoreOpt = None, json_out: JsonOpt = False,
+    store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Copy the store while it may be in use (SQLite's backup API; index and manifest of the
     same moment); the copy is checked before this returns."""
-    root = store_root(resolve(store=store))
+    root = store_root(resolve(store=store, db=db))
     if to.resolve() == root.resolve():
         raise InputError("--to must be a different folder from --store")
     _finish(backup(root, to), json_out)

@@ -18,6 +18,9 @@ from ..settings import Settings
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]
+DbOpt = Annotated[Optional[str], typer.Option(
+    "--db", help="Keep the rows in PostgreSQL: postgresql+psycopg://USER@HOST[:PORT]/DB "
+                 "(default: SQLite in the store folder; a new folder adopts the database's store).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Hub id or local checkpoint folder (default: MedSigLIP-448).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -59,7 +62,7 @@ def open_for_writing(cfg: Settings) -> Store:
     database moves out to the configured key files now."""
     from retrieval.privacy import migrate_legacy
 
-    st = Store.open(store_root(cfg), exclusive=True)
+    st = Store.open(store_root(cfg), exclusive=True, db=cfg.db)
     try:
         migrate_legacy(st, key_files(cfg))
     except BaseException:

@@ -12,7 +12,7 @@ from retrieval.errors import InputError
 from retrieval.query import Term, parse_query
 
 from .main import app
-from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
+from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
                       resolve, store_root)
 from .output import RESEARCH_NOTICE, emit, note
@@ -20,7 +20,7 @@ from .output import RESEARCH_NOTICE, emit, note
 
 @app.command("serve")
 def serve_cmd(
-    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; other than loopback needs a token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     token: Annotated[Optional[str], typer.Option(
@@ -46,7 +46,7 @@ def serve_cmd(
     if log_level not in ("debug", "info", "warning", "error"):
         raise InputError(f"--log-level must be debug, info, warning or error, not {log_level!r}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    cfg = resolve(store=store, device=device)
+    cfg = resolve(store=store, db=db, device=device)
     root = store_root(cfg)
     max_bytes = int(max_upload_mb * 1024 * 1024)
     hosts = default_allowed_hosts(host, port) + list(allowed_host or [])
@@ -91,7 +91,7 @@ def export_cmd(
     image_id: Annotated[Optional[int], typer.Option("--id", help="An indexed image's id.")] = None,
     copy_to: Annotated[Optional[Path], typer.Option("--copy-to", help="Copy the source files here.")] = None,
     link_to: Annotated[Optional[Path], typer.Option("--link-to", help="Symlink the source files here.")] = None,
-    store: StoreOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
+    store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
     label: LabelOpt = None, json_out: JsonOpt = False,
@@ -112,7 +112,7 @@ def export_cmd(
         terms = [Term("file", str(similar), 1.0)]
     else:
         terms = [Term("id", image_id, 1.0)]
-    cfg = resolve(store=store, device=device, k=k)
+    cfg = resolve(store=store, db=db, device=device, k=k)
     with Medsearch.from_settings(cfg, model=model) as found:
         redact = found.searcher.redact
         if (copy_to is not None or link_to is not None) and redact.active:

@@ -1,21 +1,20 @@
-"""The store: one folder holding the FAISS index, the SQLite rows and the manifest, kept in step.
+"""The store: a folder holding the FAISS index and manifest, and the rows (SQLite in the folder
+or a PostgreSQL database), kept in step.
 
 :class:`Store` is the facade every other module reads and writes through. Its parts:
 ``layout`` (folder, manifest, lock, atomic files), ``rows`` (SQL through SQLAlchemy, the only
 place that opens database sessions), ``writer`` (one write transaction), ``vectors`` (the
 FAISS index's life) and ``integrity`` (check, repair, backup).
 
-SQLite is the source of truth: rows and their raw vectors are written in one transaction. The
+The database is the source of truth: rows and raw vectors are written in one transaction. The
 index is a derived cache written atomically and reconciled with the rows by id at every open,
 so a process killed at any moment leaves a store that opens with index and rows agreeing. Ids
 are never handed out twice, even when the last commit was lost (see :meth:`Store._guard_ids`).
-Saving only persists: retraining or re-choosing the index type is the explicit
-:meth:`Store.maintain_index`, which an index run and `reindex` call.
+Saving only persists: retraining or re-choosing the index type is :meth:`maintain_index`.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -27,11 +26,12 @@ from sqlalchemy.orm import Session
 from ..errors import StoreError
 from . import integrity
 from .integrity import backup
-from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION,
-                     INDEX_FILE, LOCK_FILE, MANIFEST, Manifest, acquire_lock,
-                     check_new_store_folder, create_private_file, file_checksums, fsync_dir,
-                     is_temp_name, make_folder, manifest_for, remove_stale_temps)
-from .rows import IMAGE_COLUMNS, CommitCounter, Rows, database_has_rows, image_dict
+from .database import CommitCounter, WriterLock
+from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_VERSION, INDEX_FILE,
+                     LOCK_FILE, MANIFEST, Manifest, create_private_file, file_checksums,
+                     fsync_dir, is_temp_name, make_folder, manifest_for, remove_stale_temps)
+from .location import adopt, database_url, lock_store, prepare_new, read_manifest, record_manifest
+from .rows import IMAGE_COLUMNS, Rows, image_dict
 from .schema import SCHEMA_VERSION
 from .vectors import (TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file,
                       resolve_index_type)
@@ -51,15 +51,18 @@ class Store:
     """Open with :meth:`open` or :meth:`create`; search and write through one object."""
 
     def __init__(self, root: Path, manifest: Manifest, *, readonly: bool = False,
-                 full_check: bool = False, lock_fd: int | None = None) -> None:
+                 full_check: bool = False, lock: WriterLock | None = None,
+                 db: str | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.readonly = readonly
-        if not readonly and not (root / DATABASE).exists():
+        #: The PostgreSQL URL the rows live in; None: SQLite in the folder.
+        self.url = db
+        if db is None and not readonly and not (root / DATABASE).exists():
             create_private_file(root / DATABASE)
-        #: The SQLite rows (engine and sessions live there and nowhere else).
-        self.db = Rows(root / DATABASE, manifest.dim, readonly=readonly)
-        self._lock_fd: int | None = lock_fd  # the writer lock, when this store holds it
+        #: The rows (engine and sessions live there and nowhere else).
+        self.db = Rows(db or root / DATABASE, manifest.dim, readonly=readonly)
+        self._lock: WriterLock | None = lock  # the writer lock, when this store holds it
         self.vector_index = VectorIndex(root, manifest, readonly=readonly,
                                         all_vectors=self.db.all_vectors)
         self.vector_index.load(full_check)
@@ -76,9 +79,7 @@ class Store:
         """The SQLAlchemy engine (for tests and Alembic; code goes through :attr:`db`)."""
         return self.db.engine
 
-    @property
-    def sessions(self):
-        return self.db.sessions
+    sessions = property(lambda self: self.db.sessions)  # for tests, like engine
 
     @property
     def index(self) -> faiss.Index:
@@ -91,87 +92,90 @@ class Store:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: str | Path, manifest: Manifest, *, exclusive: bool = False) -> "Store":
+    def create(cls, root: str | Path, manifest: Manifest, *, exclusive: bool = False,
+               db: str | None = None) -> "Store":
         """A new store in an empty (or new) folder, made under the writer lock so two runs
-        never both create it; ``exclusive``: keep the lock until :meth:`close`."""
+        never both create it; ``exclusive``: keep the lock until :meth:`close`; ``db``: a
+        PostgreSQL URL for the rows (None: SQLite in the folder)."""
         root = Path(root)
         make_folder(root)
-        fd = acquire_lock(root)
+        lock = lock_store(root, None)
         try:
-            store = cls._create_locked(root, manifest, fd)
+            store = cls._create_locked(root, manifest, lock, db)
         except BaseException:
-            os.close(fd)
+            lock.release()
             raise
         if not exclusive:
-            store._lock_fd = None
-            os.close(fd)
+            store._lock = None
+            lock.release()
         return store
 
     @classmethod
-    def _create_locked(cls, root: Path, manifest: Manifest, lock_fd: int) -> "Store":
-        check_new_store_folder(root)
-        if (root / DATABASE).exists() and database_has_rows(root / DATABASE):
-            raise StoreError(f"{root} holds a {DATABASE} with indexed files but no {MANIFEST}; "
-                             "restore the manifest or choose a new folder for the store")
-        remove_stale_temps(root)
-        os.chmod(root, DIR_MODE)
+    def _create_locked(cls, root: Path, manifest: Manifest, lock: WriterLock,
+                       db: str | None) -> "Store":
+        prepare_new(root, manifest, lock, db)
         resolve_index_type(manifest)  # validated before anything is written
-        store = cls(root, manifest, lock_fd=lock_fd)
+        store = cls(root, manifest, lock=lock, db=db)
+        if db is not None:
+            record_manifest(store.db, manifest)  # other folders adopt the store from it
         manifest.write(root / MANIFEST)  # last: a reader sees a store only once it is whole
         return store
 
     @classmethod
     def open(cls, root: str | Path, *, readonly: bool = False, exclusive: bool = False,
-             full_check: bool = False, _lock_fd: int | None = None) -> "Store":
+             full_check: bool = False, db: str | None = None,
+             _lock: WriterLock | None = None) -> "Store":
         """Open a store; ``exclusive``: take the writer lock first and hold it until
-        :meth:`close`; ``full_check``: also verify the index file's sha256."""
+        :meth:`close`; ``full_check``: also verify the index file's sha256; ``db``: the
+        PostgreSQL URL (None: the manifest's; a new folder adopts the database's store)."""
         root = Path(root)
-        if not (root / MANIFEST).is_file():
+        if not (root / MANIFEST).is_file() and not (db and adopt(root, db)):
             raise StoreError(f"no store at {root} (no {MANIFEST}); create one by indexing "
                              "into it (`medsearch index`)", setting="store")
-        fd = acquire_lock(root) if exclusive else _lock_fd
+        lock = lock_store(root, None) if exclusive else _lock
         try:
-            manifest = Manifest.read(root / MANIFEST)
-            if manifest.format_version > FORMAT_VERSION or manifest.schema_version > SCHEMA_VERSION:
-                raise StoreError(f"store {root} was written by a newer medsearch (format "
-                                 f"{manifest.format_version}, schema {manifest.schema_version}); "
-                                 "upgrade medsearch to open it")
-            if fd is not None:
+            manifest = read_manifest(root)
+            url = database_url(root, manifest, db)
+            if lock is not None:
+                lock.ensure_advisory(url)
                 remove_stale_temps(root)
-            store = cls(root, manifest, readonly=readonly, full_check=full_check, lock_fd=fd)
+            store = cls(root, manifest, readonly=readonly, full_check=full_check, lock=lock,
+                        db=url)
         except BaseException:
             if exclusive:
-                os.close(fd)
+                lock.release()
             raise
         return store
 
     @classmethod
     def open_or_create(cls, root: str | Path, manifest: Manifest, *,
-                       exclusive: bool = False) -> "Store":
+                       exclusive: bool = False, db: str | None = None) -> "Store":
         """Open the store at ``root`` (refusing another model's) or create it.
 
         ``exclusive=True`` (what an index run wants) takes the writer lock before looking, so
         the check "is there a store?" and the creation are one step no other run can split;
         the lock is held until :meth:`close`."""
         root = Path(root)
+        if db is not None and not (root / MANIFEST).is_file():
+            adopt(root, db)  # a new folder over a database that already holds the store
         if exclusive:
             make_folder(root)
-            fd = acquire_lock(root)
+            lock = lock_store(root, None)
             try:
                 if (root / MANIFEST).is_file():
-                    store = cls.open(root, _lock_fd=fd)
+                    store = cls.open(root, db=db, _lock=lock)
                     store.check_compatible(manifest)
                 else:
-                    store = cls._create_locked(root, manifest, fd)
+                    store = cls._create_locked(root, manifest, lock, db)
             except BaseException:
-                os.close(fd)
+                lock.release()
                 raise
             return store
         if (root / MANIFEST).is_file():
-            store = cls.open(root)
+            store = cls.open(root, db=db)
             store.check_compatible(manifest)
             return store
-        return cls.create(root, manifest)
+        return cls.create(root, manifest, db=db)
 
     def check_compatible(self, other: Manifest) -> None:
         """Refuse vectors from another model, weights, dimension or preprocessing."""
@@ -186,9 +190,7 @@ class Store:
         """Live vectors in the index (hidden deleted ones not counted)."""
         return self.vector_index.count
 
-    @property
-    def holds_lock(self) -> bool:
-        return self._lock_fd is not None
+    holds_lock = property(lambda self: self._lock is not None)
 
     # -- the index -----------------------------------------------------------------------------
     def verify_index_file(self) -> str | None:
@@ -204,7 +206,7 @@ class Store:
         return problem
 
     def reconcile(self) -> None:
-        """Make the in-memory index hold exactly the ids that have vectors in SQLite.
+        """Make the in-memory index hold exactly the ids that have vectors in the database.
 
         The ids and the vectors to add are read in one read transaction: a reader sees the
         rows of a whole committed batch or none of it, never a write half-way."""
@@ -250,17 +252,17 @@ class Store:
     def _save_if_unlocked(self) -> None:
         """Save a repaired index now unless another process holds the writer lock (that
         process saves its own, whole index when it finishes)."""
-        if self._lock_fd is not None:
+        if self._lock is not None:
             self.save()
             return
         try:
-            fd = acquire_lock(self.root)
+            lock = lock_store(self.root, self.url)
         except StoreError:
             return
         try:
             self.save()
         finally:
-            os.close(fd)
+            lock.release()
 
     def _guard_ids(self, session: Session) -> None:
         """Start new ids above every id ever handed out (see :meth:`Rows.guard_ids`): the
@@ -288,17 +290,17 @@ class Store:
     def exclusive(self) -> Iterator[None]:
         """Only one writing process at a time (readers never wait); a no-op when this store
         already holds the lock (opened with ``exclusive=True``)."""
-        if self._lock_fd is not None:
+        if self._lock is not None:
             yield
             return
-        fd = acquire_lock(self.root)
-        self._lock_fd = fd
+        lock = lock_store(self.root, self.url)
+        self._lock = lock
         try:
             yield
         finally:
-            if self._lock_fd == fd:  # not already released by close() inside the block
-                self._lock_fd = None
-                os.close(fd)
+            if self._lock is lock:  # not already released by close() inside the block
+                self._lock = None
+                lock.release()
 
     def set_setting(self, key: str, value: str) -> None:
         self.db.set_setting(key, value)
@@ -398,7 +400,7 @@ class Store:
 
     def commit_counter(self) -> CommitCounter:
         """A counter that moves when another process commits to this store (see reconcile)."""
-        return CommitCounter(self.root / DATABASE)
+        return CommitCounter(self.url or self.root / DATABASE, self.db.engine)
 
     def close(self) -> None:
         """Save (if changed), release the engine, then the writer lock if held."""
@@ -406,9 +408,9 @@ class Store:
             self.save()
         finally:
             self.db.dispose()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "Store":
         return self

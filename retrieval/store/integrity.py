@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import StoreError
 from .layout import (DATABASE, DIR_MODE, FILE_MODE, INDEX_FILE, MANIFEST, Manifest,
                      atomic_write_bytes, create_private_file, make_folder, temp_name, write_error)
-from .rows import copy_database
+from .database import copy_database
 from .vectors import index_ids, max_id, read_index_file, supports_removal
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def check(store: "Store") -> dict:
     quick, counts, good = found["quick_check"], found["counts"], found["good"]
     broken, orphans, db_max = found["broken"], found["orphans"], found["db_max_id"]
     if quick != ["ok"]:
-        problems.append(f"database {store.root / DATABASE} is damaged ({'; '.join(quick[:3])}); "
+        problems.append(f"database {store.db.describe()} is damaged ({'; '.join(quick[:3])}); "
                         "restore it from a backup (`medsearch backup`)")
     counts["vectors_ok"] = int(good.size)
     reembed = sorted({path for _, path in broken})
@@ -117,6 +117,12 @@ def backup(root: str | Path, dest: str | Path) -> dict:
     root, dest = Path(root), Path(dest)
     if not (root / MANIFEST).is_file():
         raise StoreError(f"no store at {root} (no {MANIFEST})")
+    database = Manifest.read(root / MANIFEST).database
+    if database is not None:  # the folder holds only a cache: the rows are in the database
+        raise StoreError(f"store {root} keeps its rows in the PostgreSQL database {database}; "
+                         "back that up with PostgreSQL's tools (pg_dump, or a base backup "
+                         "with WAL archiving). The store folder holds only a cache of it "
+                         "(manifest and FAISS index) that `medsearch repair` rebuilds")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise StoreError(f"{dest} exists and is not empty; back up into a new folder")
     make_folder(dest)

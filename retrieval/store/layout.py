@@ -63,6 +63,9 @@ class Manifest:
     #: The decode settings the vectors were made with ({"window", "frames", "series_vectors"});
     #: None: not recorded (the store opens with the defaults).
     decode: dict | None = None
+    #: Where the rows live: None for SQLite in this folder, else the PostgreSQL URL (no
+    #: password) the store was created or adopted with; the folder then holds a cache.
+    database: str | None = None
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":

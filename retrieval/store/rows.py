@@ -1,23 +1,26 @@
-"""The store's SQLite rows through SQLAlchemy: the one place that opens sessions and connections.
+"""The store's rows through SQLAlchemy: the one place that opens sessions and connections.
 
-SQLite is the store's source of truth. Reads that must agree with each other (the ids and
-vectors a reconcile adds, an integrity check) run in one read transaction: under WAL a reader
-sees a whole committed batch or none of it, and writers go on meanwhile.
+The database (SQLite in the store folder, or PostgreSQL by URL: database.py holds what
+differs) is the store's source of truth. Reads that must agree with each other (the ids and
+vectors a reconcile adds, an integrity check) run in one snapshot: a reader sees a whole
+committed batch or none of it, and writers go on meanwhile.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-from sqlalchemy import RowMapping, create_engine, delete, event, func, or_, select, text
+from sqlalchemy import RowMapping, Text, delete, func, or_, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import StoreError
+from . import database
+from .database import is_postgres, snapshot
 from .schema import DICOM_FIELDS, FailureRow, FileRow, ImageRow, LabelRow, SettingRow, VectorRow
 
 if TYPE_CHECKING:
@@ -49,56 +52,21 @@ def image_dict(row: RowMapping, labels: list[dict]) -> dict:
     return {"id": row["id"], "path": row["path"], "frame": row["frame"], "metadata": meta}
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")      # readers keep working while an index run writes
-    cursor.execute("PRAGMA synchronous=NORMAL")    # WAL + NORMAL survives a killed process
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def database_has_rows(path: Path) -> bool:
-    try:
-        with sqlite3.connect(path) as con:
-            return bool(con.execute("SELECT EXISTS (SELECT 1 FROM files)").fetchone()[0])
-    except sqlite3.Error:
-        return False
-
-
-def copy_database(source: Path, dest: Path) -> None:
-    """One consistent snapshot of a database in use, with SQLite's online backup API."""
-    src = sqlite3.connect(source, timeout=30)
-    dst = sqlite3.connect(dest)
-    try:
-        src.backup(dst)  # pages=-1: the whole database in one step, one snapshot
-    finally:
-        dst.close()
-        src.close()
-
-
-class CommitCounter:
-    """SQLite's ``PRAGMA data_version`` on a connection of its own: it changes when another
-    connection commits, so a long-running reader learns cheaply when to catch up."""
-
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False)
-
-    def read(self) -> int:
-        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
-
-    def close(self) -> None:
-        self._db.close()
-
-
 class Rows:
     """The store's database: engine, sessions and every query the rest of medsearch needs."""
 
-    def __init__(self, path: Path, dim: int, *, readonly: bool) -> None:
-        self.path, self.dim, self.readonly = path, dim, readonly
-        self.engine = create_engine(f"sqlite:///{path}", hide_parameters=True)  # no data in logs
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        self._migrate()
+    def __init__(self, location: Path | str, dim: int, *, readonly: bool) -> None:
+        """``location``: the SQLite file, or a PostgreSQL URL."""
+        self.location, self.dim, self.readonly = location, dim, readonly
+        self.postgres = is_postgres(str(location))
+        self.engine = database.make_engine(location)
+        try:
+            self._migrate()
+        except OperationalError as exc:
+            self.engine.dispose()
+            if not self.postgres:
+                raise
+            raise database.connect_error(str(location), exc) from None
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def _migrate(self) -> None:
@@ -107,37 +75,41 @@ class Rows:
 
         if self.readonly and migrations.current(self.engine) == migrations.head():
             return
-        if self.readonly and self.path.stat().st_size > 0:
-            raise StoreError(f"store {self.path.parent} needs a schema upgrade; run any writing "
+        if self.readonly and (self.postgres or Path(self.location).stat().st_size > 0):
+            raise StoreError(f"store {self.describe()} needs a schema upgrade; run any writing "
                              "command on it first (e.g. `medsearch index` or `medsearch reindex`)")
         migrations.upgrade(self.engine)
+
+    def describe(self) -> str:
+        """The database as messages name it (a PostgreSQL URL without its password)."""
+        return database.public_url(str(self.location)) if self.postgres else str(self.location)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A write transaction: committed when the block ends, rolled back on an error."""
         with self.sessions() as session, session.begin():
             yield session
+            database.bump_commits(session)  # in the same transaction: readers see it with the rows
 
     def dispose(self) -> None:
         self.engine.dispose()
 
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (old page images hold deleted rows)."""
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint(self, table: str | None = None) -> None:
+        """Drop old copies of deleted rows (SQLite: empty the WAL; PostgreSQL: VACUUM, and
+        rewrite ``table``)."""
+        database.compact_table(self.engine, table)
 
     # -- ids -------------------------------------------------------------------------------------
     def db_max_id(self) -> int:
-        """The highest image id SQLite has handed out (its AUTOINCREMENT counter)."""
+        """The highest image id the database has handed out (its id counter)."""
         with self.engine.connect() as conn:
-            seq = conn.exec_driver_sql(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'images'").scalar()
+            seq = database.max_handed_out_id(conn)
             top = conn.scalar(select(func.max(ImageRow.id)))
         return max(int(seq or 0), int(top or 0))
 
     @staticmethod
     def guard_ids(session: Session, high_water: int) -> None:
-        """Make SQLite hand out only image ids above ``high_water`` (raise sqlite_sequence).
+        """Make the database hand out only image ids above ``high_water`` (raise its counter).
 
         images.id is AUTOINCREMENT, but its counter lives in the same database: when the last
         commit is lost (power cut under synchronous=NORMAL) or an older copy of the database is
@@ -146,14 +118,8 @@ class Rows:
         sqlite_sequence to the store's high-water mark (the manifest's ``id_high_water``, saved
         with each index, and the ids in the index file as loaded) makes SQLite hand out only
         fresh ids."""
-        hw = int(high_water)
-        if hw <= 0:
-            return
-        session.execute(text("UPDATE sqlite_sequence SET seq = :hw "
-                             "WHERE name = 'images' AND seq < :hw"), {"hw": hw})
-        session.execute(text("INSERT INTO sqlite_sequence (name, seq) SELECT 'images', :hw "
-                             "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence "
-                             "WHERE name = 'images')"), {"hw": hw})
+        if int(high_water) > 0:
+            database.raise_id_counter(session, int(high_water))
 
     def whole_vector(self, table):
         """Vectors of this store's size (a wrong-sized blob is never indexed: `repair` lists it)."""
@@ -164,8 +130,7 @@ class Rows:
         """(ids the index holds without a row, row ids it lacks, their vectors if
         ``read_missing``), all read in one snapshot."""
         table = VectorRow.__table__
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql("BEGIN")  # one snapshot for both reads (WAL: writers go on)
+        with snapshot(self.engine) as conn:  # one snapshot for both reads; writers go on
             db_ids = np.fromiter(conn.scalars(select(table.c.image_id)
                                               .where(self.whole_vector(table))), dtype=np.int64)
             extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
@@ -227,11 +192,13 @@ class Rows:
     def matching_ids(self, filters: "Filters") -> np.ndarray:
         """Sorted ids of the rows the filters admit.
 
-        SQLite joins them into one string: a Python row per id cost several times the query
-        itself (10k ids: ~9 ms through SQLAlchemy rows, ~3 ms this way)."""
+        The database joins them into one string: a Python row per id cost several times the
+        query itself (10k ids: ~9 ms through SQLAlchemy rows, ~3 ms this way)."""
         selected = filters.query().subquery()
+        joined_ids = (func.string_agg(selected.c.id.cast(Text), ",") if self.postgres
+                      else func.group_concat(selected.c.id))
         with self.engine.connect() as conn:
-            joined = conn.execute(select(func.group_concat(selected.c.id))).scalar()
+            joined = conn.execute(select(joined_ids)).scalar()
         if not joined:
             return np.zeros(0, np.int64)
         return np.sort(np.fromstring(joined, dtype=np.int64, sep=","))
@@ -322,11 +289,12 @@ class Rows:
                                        .where(SettingRow.key.startswith(prefix))))
 
     def delete_setting_securely(self, key: str) -> None:
-        """Delete a setting with SQLite's secure_delete (freed pages zeroed), then empty the WAL."""
+        """Delete a setting with its old copies gone: SQLite's secure_delete (freed pages
+        zeroed) then an emptied WAL; PostgreSQL rewrites the settings table."""
         with self.transaction() as session:
-            session.execute(text("PRAGMA secure_delete=ON"))
+            database.zero_freed_pages(session)
             session.execute(delete(SettingRow).where(SettingRow.key == key))
-        self.checkpoint()
+        self.checkpoint("settings")
 
     # -- series and patients -------------------------------------------------------------------
     def series_images(self, series_uids: list[str], *, exclude_kind: str) -> list[dict]:
@@ -371,12 +339,11 @@ class Rows:
 
     # -- integrity ---------------------------------------------------------------------------------
     def integrity(self) -> dict:
-        """One snapshot of what `check` compares: SQLite's quick_check, row counts, ids with a
+        """One snapshot of what `check` compares: the database's own check, row counts, ids with a
         whole vector, (id, path) of images without one, orphan vectors, the id counter."""
         images, vectors, files = ImageRow.__table__, VectorRow.__table__, FileRow.__table__
-        with self.engine.connect() as conn:
-            conn.exec_driver_sql("BEGIN")
-            quick = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check").all()]
+        with snapshot(self.engine) as conn:
+            quick = database.quick_check(conn)
             counts = {
                 "files": conn.scalar(select(func.count()).select_from(files)),
                 "images": conn.scalar(select(func.count()).select_from(images)),
@@ -392,7 +359,8 @@ class Rows:
                 .where((vectors.c.image_id.is_(None)) | ~self.whole_vector(vectors))).all()
             orphans = conn.scalar(select(func.count()).select_from(vectors).where(
                 ~vectors.c.image_id.in_(select(images.c.id))))
-            db_max = self.db_max_id()
+            db_max = max(database.max_handed_out_id(conn), int(conn.scalar(
+                select(func.max(images.c.id))) or 0))
         return {"quick_check": quick, "counts": counts, "good": good,
                 "broken": [tuple(r) for r in broken], "orphans": int(orphans or 0),
                 "db_max_id": db_max}

@@ -1,4 +1,5 @@
-"""SQLite tables of a store: files, one row per embedded image or frame, vectors, labels."""
+"""The tables of a store (SQLite or PostgreSQL): files, one row per embedded image or frame,
+vectors, labels, failures, settings, and the commit counter readers poll."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ DICOM_FIELDS = {
 }
 
 
+#: Row ids: 64-bit everywhere (SQLite's INTEGER already is; AUTOINCREMENT needs that exact
+#: type name there), so PostgreSQL ids go past 2**31 as FAISS ids do.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -41,7 +47,7 @@ class FileRow(Base):
     __tablename__ = "files"
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     path: Mapped[str] = mapped_column(Text, unique=True)
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
@@ -58,8 +64,9 @@ class ImageRow(Base):
     # AUTOINCREMENT: ids are never reused, so a stale index entry can never point at a new row.
     __table_args__ = (UniqueConstraint("file_id", "frame"), {"sqlite_autoincrement": True})
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    file_id: Mapped[int] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), index=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    file_id: Mapped[int] = mapped_column(Id, ForeignKey("files.id", ondelete="CASCADE"),
+                                         index=True)
     frame: Mapped[int] = mapped_column(Integer, default=0)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
@@ -86,7 +93,7 @@ class VectorRow(Base):
 
     __tablename__ = "vectors"
 
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"),
+    image_id: Mapped[int] = mapped_column(Id, ForeignKey("images.id", ondelete="CASCADE"),
                                           primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
@@ -98,8 +105,9 @@ class LabelRow(Base):
     __table_args__ = (UniqueConstraint("image_id", "label", "source"),
                       Index("ix_labels_label", "label"))
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    image_id: Mapped[int] = mapped_column(Id, ForeignKey("images.id", ondelete="CASCADE"),
+                                          index=True)
     label: Mapped[str] = mapped_column(Text)
     score: Mapped[float | None] = mapped_column(Float)
     source: Mapped[str] = mapped_column(String(32), default="user")
@@ -122,3 +130,13 @@ class SettingRow(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class StoreStateRow(Base):
+    """One row: a counter every write transaction bumps on PostgreSQL, so readers on other
+    machines learn cheaply that rows changed (SQLite readers use PRAGMA data_version)."""
+
+    __tablename__ = "store_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    commits: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from sqlalchemy import delete, insert, select, text
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from ..errors import StoreError
+from .database import zero_freed_pages
 from .rows import IMAGE_COLUMNS, chunks
 from .schema import FailureRow, FileRow, ImageRow, LabelRow, SettingRow, VectorRow
 
@@ -173,5 +174,6 @@ class StoreWriter:
         self.session.merge(SettingRow(key=key, value=value))
 
     def zero_freed_pages(self) -> None:
-        """SQLite's secure_delete for this transaction: what it deletes is overwritten."""
-        self.session.execute(text("PRAGMA secure_delete=ON"))
+        """SQLite's secure_delete for this transaction: what it deletes is overwritten
+        (PostgreSQL leaves dead row versions until VACUUM: :meth:`Store.checkpoint`)."""
+        zero_freed_pages(self.session)

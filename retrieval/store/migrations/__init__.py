@@ -1,4 +1,4 @@
-"""Alembic migrations of a store's SQLite schema; run automatically when a store opens.
+"""Alembic migrations of a store's schema (SQLite and PostgreSQL alike); run when a store opens.
 
 A schema change in `retrieval/store/schema.py` comes with a new revision in `versions/`
 (`alembic revision` with `script_location` pointing here); a test fails while they differ.

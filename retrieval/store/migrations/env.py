@@ -1,4 +1,4 @@
-"""Alembic environment: always run on the connection a Store hands over."""
+"""Alembic environment: always run on the connection a Store hands over (SQLite or PostgreSQL)."""
 
 from alembic import context
 
@@ -6,6 +6,7 @@ from retrieval.store.schema import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata,
-                  render_as_batch=True)  # SQLite alters tables by copying them
+                  # SQLite alters tables by copying them; PostgreSQL alters them in place
+                  render_as_batch=connection.dialect.name == "sqlite")
 with context.begin_transaction():
     context.run_migrations()

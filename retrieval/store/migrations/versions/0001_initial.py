@@ -7,6 +7,9 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
+# 64-bit ids on PostgreSQL; SQLite's rowid alias must be spelled INTEGER (already 64-bit)
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -16,7 +19,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "files",
-        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("id", Id, primary_key=True),
         sa.Column("path", sa.Text, nullable=False, unique=True),
         sa.Column("size", sa.BigInteger, nullable=False),
         sa.Column("mtime_ns", sa.BigInteger, nullable=False),
@@ -26,8 +29,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "images",
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("file_id", sa.Integer, sa.ForeignKey("files.id", ondelete="CASCADE"),
+        sa.Column("id", Id, primary_key=True),
+        sa.Column("file_id", Id, sa.ForeignKey("files.id", ondelete="CASCADE"),
                   nullable=False, index=True),
         sa.Column("frame", sa.Integer, nullable=False),
         sa.Column("width", sa.Integer, nullable=False),
@@ -50,14 +53,14 @@ def upgrade() -> None:
     )
     op.create_table(
         "vectors",
-        sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"),
+        sa.Column("image_id", Id, sa.ForeignKey("images.id", ondelete="CASCADE"),
                   primary_key=True),
         sa.Column("vector", sa.LargeBinary, nullable=False),
     )
     op.create_table(
         "labels",
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("image_id", sa.Integer, sa.ForeignKey("images.id", ondelete="CASCADE"),
+        sa.Column("id", Id, primary_key=True),
+        sa.Column("image_id", Id, sa.ForeignKey("images.id", ondelete="CASCADE"),
                   nullable=False, index=True),
         sa.Column("label", sa.Text, nullable=False),
         sa.Column("score", sa.Float),

@@ -10,7 +10,7 @@ packages=()
 packages+=(orthanc orthanc-dicomweb dcmtk)
 # (issue 6) headless Chromium for the web page's end-to-end test
 packages+=(chromium chromium-driver)
-# (issue 15) PostgreSQL server for the metadata suites on the PostgreSQL back end
+# PostgreSQL server for the metadata suites on the PostgreSQL back end
 packages+=(postgresql)
 
 missing=()

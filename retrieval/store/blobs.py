@@ -38,7 +38,8 @@ def valid_sizes(dim: int) -> tuple[int, int]:
 
 def as_stored(vectors: np.ndarray) -> np.ndarray:
     """``vectors`` (n×d or d) as float16, refusing what float16 cannot hold (inf/NaN)."""
-    half = np.asarray(vectors, np.float32).astype(STORED)
+    with np.errstate(over="ignore"):  # checked just below
+        half = np.asarray(vectors, np.float32).astype(STORED)
     if not np.isfinite(half).all():
         # an unnormalised vector beyond ±65504 would be stored as inf and break every score
         raise StoreError("a vector has values float16 cannot store (|x| > 65504, inf or NaN); "

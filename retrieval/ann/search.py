@@ -20,6 +20,9 @@ from .policy import inner_index
 EXACT_SUBSET_LIMIT = 20_000
 #: A small subset is ranked on the index's decoded codes, then this many × k re-scored exactly.
 SUBSET_RERANK = 10
+#: Raw vectors are fetched and scored this many ids at a time (float32: 18 MiB at d=1152), so
+#: re-ranking or an exact subset scan holds one block, however many candidates there are.
+FETCH_BLOCK = 4096
 MAX_EF_SEARCH = 4096
 
 
@@ -168,7 +171,24 @@ def _small_subset(index: faiss.Index, queries: np.ndarray, allowed: np.ndarray, 
                 _, candidates = exact_topk(queries, approx, allowed, SUBSET_RERANK * k)
         if candidates is not None:
             return _rerank(queries, candidates, k, fetch_vectors)
-    return exact_topk(queries, fetch_vectors(allowed), allowed, k)
+    return fetched_topk(queries, allowed, k, fetch_vectors)
+
+
+def fetched_topk(queries: np.ndarray, ids: np.ndarray, k: int,
+                 fetch_vectors: Callable[[np.ndarray], np.ndarray],
+                 block: int = FETCH_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (scores, ids) of ``queries`` over ``ids``, their raw vectors fetched and
+    scored ``block`` ids at a time and the partial top-k merged (memory stays bounded)."""
+    ids = np.asarray(ids, np.int64)
+    best = exact_topk(queries, fetch_vectors(ids[:block]), ids[:block], k)
+    for start in range(block, len(ids), block):
+        part = ids[start:start + block]
+        found = exact_topk(queries, fetch_vectors(part), part, k)
+        scores = np.concatenate([best[0], found[0]], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # earlier block wins a tie
+        best = (np.take_along_axis(scores, order, 1),
+                np.take_along_axis(np.concatenate([best[1], found[1]], axis=1), order, 1))
+    return best
 
 
 def _scan_graph_codes(index: faiss.Index, queries: np.ndarray, allowed: np.ndarray,
@@ -201,6 +221,6 @@ def _rerank(queries: np.ndarray, candidates: np.ndarray, k: int,
     for row, (query, cand) in enumerate(zip(queries, candidates)):
         cand = cand[cand >= 0]
         if cand.size:
-            s, i = exact_topk(query[None], fetch_vectors(cand), cand, k)
+            s, i = fetched_topk(query[None], cand, k, fetch_vectors)
             out_s[row], out_i[row] = s[0], i[0]
     return out_s, out_i

@@ -60,8 +60,15 @@ def public_url(url: str) -> str:
         return re.sub(r"//([^:/@]*):[^@]*@", r"//\1@", str(url))
 
 
+#: SQLite page size of a new database: a float16 vector of 1152 values (2.3 KB) does not fit
+#: twice in a default 4 KB page, so each row took a page (4.1 KB a vector, vs 2.35 KB with
+#: 16 KB pages; measured in benchmarks/results/float16_vectors.json).
+SQLITE_PAGE_SIZE = 16_384
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # only a new, empty file takes it
     cursor.execute("PRAGMA journal_mode=WAL")      # readers keep working while an index run writes
     cursor.execute("PRAGMA synchronous=NORMAL")    # WAL + NORMAL survives a killed process
     cursor.execute("PRAGMA foreign_keys=ON")

@@ -89,7 +89,8 @@ class ImageRow(Base):
 
 
 class VectorRow(Base):
-    """The raw float32 embedding, kept so the index can be rebuilt without re-embedding."""
+    """The raw embedding as float16 bytes (retrieval/store/blobs.py), kept so the index can be
+    rebuilt without re-embedding."""
 
     __tablename__ = "vectors"
 

@@ -15,6 +15,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from ..errors import StoreError
+from . import blobs as vector_blobs
 from .database import zero_freed_pages
 from .rows import IMAGE_COLUMNS, chunks
 from .schema import FailureRow, FileRow, ImageRow, LabelRow, SettingRow, VectorRow
@@ -94,6 +95,10 @@ class StoreWriter:
                     raise StoreError(f"vector of shape {vector.shape} for {f.path}; this store "
                                      f"holds {dim}-d vectors")
                 vectors.append(vector)
+        # float16 on disk; the index gets the values a reader gets back, so an index fed
+        # here equals one rebuilt from the rows
+        blobs = vector_blobs.encode(np.stack(vectors)) if vectors else []
+        vectors = list(vector_blobs.decode(blobs, dim))
         paths = [f.path for f in files]
         self.remove_files(paths)
         self.store._guard_ids(self.session)
@@ -111,7 +116,7 @@ class StoreWriter:
             image_rows).all()) if image_rows else []
         if image_ids:
             self.session.execute(insert(VectorRow), [
-                {"image_id": i, "vector": v.tobytes()} for i, v in zip(image_ids, vectors)])
+                {"image_id": i, "vector": b} for i, b in zip(image_ids, blobs)])
         labels = [{"image_id": i, "label": label, "source": "user", "score": None}
                   for i, image in zip(image_ids, (im for f in files for im in f.images))
                   for label in image.labels]

@@ -20,6 +20,7 @@ import pytest
 from retrieval.errors import StoreError
 from retrieval.store import INDEX_FILE, MANIFEST, Manifest, NewFile, NewImage, Store, backup
 
+#: Stored vectors are float16: a unit vector scores 1 against itself to about 1e-4 at this DIM.
 DIM = 16
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,7 +131,8 @@ def test_a_really_full_filesystem_keeps_the_good_index(tmp_path):
 # -- damaged index files are never searched -------------------------------------------------
 def _flip_vector(root: Path, vector: np.ndarray) -> None:
     data = bytearray((root / INDEX_FILE).read_bytes())
-    at = data.find(vector.astype(np.float32).tobytes())
+    # the index holds what the rows hold: the vector rounded through float16
+    at = data.find(vector.astype(np.float16).astype(np.float32).tobytes())
     assert at > 0
     data[at + 3] ^= 0x40  # the exponent of its first value: a very different vector
     (root / INDEX_FILE).write_bytes(bytes(data))
@@ -159,7 +161,7 @@ def test_a_damaged_index_is_never_answered_from(tmp_path, damage, caplog):
     assert any(INDEX_FILE in r.getMessage() and "medsearch repair" in r.getMessage()
                for r in caplog.records)
     scores, found = reader.search(vectors[7], 1)
-    assert found[0][0] == ids[7] and scores[0][0] == pytest.approx(1.0, abs=1e-5)
+    assert found[0][0] == ids[7] and scores[0][0] == pytest.approx(1.0, abs=1e-3)
     assert reader.count == 60
     reader.close()
     after = (root / INDEX_FILE).read_bytes() if (root / INDEX_FILE).exists() else None
@@ -200,7 +202,7 @@ def test_full_checksum_catches_what_the_size_check_cannot(tmp_path):
     assert store.index_problem is None
     assert "sha256" in store.verify_index_file()
     scores, _ = store.search(vectors[3], 1)
-    assert scores[0][0] == pytest.approx(1.0, abs=1e-5)  # switched to the rebuilt index
+    assert scores[0][0] == pytest.approx(1.0, abs=1e-3)  # switched to the rebuilt index
 
 
 def _cli(capsys, *args: str) -> tuple[int, dict]:
@@ -297,7 +299,7 @@ def test_ids_are_never_reused(tmp_path, index_type, how):
         scores, found = store.search(v, 3)
         assert not any(i == new_id and s > 0.99 for s, i in zip(scores[0], found[0]))
     scores, found = store.search(new_vector, 1)  # and the new image is found by its own
-    assert found[0][0] == new_id and scores[0][0] == pytest.approx(1.0, abs=1e-5)
+    assert found[0][0] == new_id and scores[0][0] == pytest.approx(1.0, abs=1e-3)
     store.close()
     store = Store.open(root)  # and again after a reopen
     (newer,) = add(store, ["/a/newer.png"], unit(rng))

@@ -19,10 +19,11 @@ HERE = Path(__file__).parent
 BASELINE = "0001"
 
 
-def config(connection=None) -> Config:
+def config(connection=None, dim: int | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.attributes["connection"] = connection
+    cfg.attributes["dim"] = dim  # the store's vector size, for data migrations (0003, float16 vectors)
     return cfg
 
 
@@ -35,11 +36,16 @@ def current(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the database to the newest schema (a new file gets every table)."""
-    with engine.begin() as connection:
-        cfg = config(connection)
+def upgrade(engine: Engine, dim: int | None = None) -> None:
+    """Bring the database to the newest schema (a new file gets every table).
+
+    Alembic runs one transaction per revision on a connection it controls, so a data
+    migration can commit in batches (0003 converts vectors restartably); ``dim`` is the
+    store's vector size, which such a migration needs."""
+    with engine.connect() as connection:
+        cfg = config(connection, dim)
         tables = set(inspect(connection).get_table_names())
+        connection.commit()  # end the inspection's transaction: Alembic begins its own
         if "files" in tables and "alembic_version" not in tables:
             command.stamp(cfg, BASELINE)  # made by an early build with create_all
         command.upgrade(cfg, "head")

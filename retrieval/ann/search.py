@@ -231,7 +231,8 @@ def search_shards(index: faiss.Index, queries: np.ndarray, k: int, *,
                   rerank: int = 0, hidden: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids) over a sharded index, as :func:`search_index` over one index.
 
-    Each shard is searched in its own thread by :func:`search_index` over the ids it holds
+    Each shard is searched (in its own thread; exact Flat shards in turn) by
+    :func:`search_index` over the ids it holds
     (id % N: ``allowed`` and ``hidden`` are split without a lookup), so the exact Flat path,
     the filter selectors widened for the shard's selectivity, the small-subset path and the
     re-ranking work per shard as they do for one index; the shards' top-k are then merged.
@@ -245,17 +246,26 @@ def search_shards(index: faiss.Index, queries: np.ndarray, k: int, *,
     k, n = max(1, int(k)), len(parts)
     allowed = None if allowed is None else np.asarray(allowed, np.int64)
     hidden = None if hidden is None else np.asarray(hidden, np.int64)
-    # the OpenMP threads one search would use, shared out: N teams of all cores oversubscribe
-    threads = max(1, faiss.omp_get_max_threads() // n)
 
     def one(number: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss.omp_set_num_threads(threads)  # this worker thread's own setting
         mine = None if allowed is None else allowed[shard_of(allowed, n) == number]
         hide = None if hidden is None else hidden[shard_of(hidden, n) == number]
         return search_index(parts[number], queries, k, allowed=mine,
                             fetch_vectors=fetch_vectors, rerank=rerank, hidden=hide)
 
-    return merge_topk(list(_shard_pool().map(one, range(n))), k)
+    if flat_storage(inner_index(parts[0])) is not None:
+        # exact shards are scanned one after another: each scan is a BLAS product that already
+        # uses every core, and concurrent BLAS calls contend (measured: 4 threaded Flat shards
+        # answered single queries 5x slower than one index, benchmarks/results/shards.json)
+        return merge_topk([one(number) for number in range(n)], k)
+    # the OpenMP threads one search would use, shared out: N teams of all cores oversubscribe
+    threads = max(1, faiss.omp_get_max_threads() // n)
+
+    def in_worker(number: int) -> tuple[np.ndarray, np.ndarray]:
+        faiss.omp_set_num_threads(threads)  # this worker thread's own setting
+        return one(number)
+
+    return merge_topk(list(_shard_pool().map(in_worker, range(n))), k)
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]],

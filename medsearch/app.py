@@ -267,6 +267,7 @@ class Medsearch:
             return {"model": m.model, "dim": m.dim, "count": st.count,
                     "index_type": m.index_type, "index_auto": m.index_auto,
                     "index_reason": m.index_reason, **st.index_status(),
+                    **st.vector_index.layout(),  # index_shards, shard_sizes
                     "model_revision": m.model_revision,
                     "preprocessing_version": m.preprocessing_version, **st.stats(),
                     "index_maintenance_due": st.maintenance_due(),

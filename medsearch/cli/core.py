@@ -277,20 +277,23 @@ def embed_cmd(
 
 @app.command("reindex")
 def reindex_cmd(
-    index_type: Annotated[str, typer.Option(help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8; or auto (by size and memory).")],
+    index_type: Annotated[Optional[str], typer.Option(help="FAISS factory string, e.g. Flat, HNSW32, IVF1024,SQ8; or auto (by size and memory). Default: the store's type.")] = None,
+    shards: Annotated[Optional[int], typer.Option(min=1, help="Split the index into N shards by id (id % N), trained as one index, searched in parallel and merged; 1: one index again. Default: the store's layout.")] = None,
     store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
     cfg = resolve(store=store, db=db)
     with _store_faults(store_root(cfg)), open_for_writing(cfg) as st:
-        st.rebuild(index_type)
+        st.rebuild(index_type or st.manifest.index_type, shards)
         st.maintain_index()
-    emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status()},
-         json_out, _reindex_human)
+    emit({"index_type": st.manifest.index_type, "count": st.count, **st.index_status(),
+          **st.vector_index.layout()}, json_out, _reindex_human)
 
 
 def _reindex_human(doc: dict) -> str:
     text = f"rebuilt {doc['count']} vectors as {doc['index_type']}"
+    if doc["index_shards"] > 1:
+        text += f" in {doc['index_shards']} shards ({', '.join(map(str, doc['shard_sizes']))})"
     if doc["index_waiting_for"]:
         text += (f"; searched exactly until {doc['index_waiting_for']:,} vectors are stored "
                  "to train it")

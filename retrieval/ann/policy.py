@@ -208,15 +208,91 @@ def enable_lookup(index: faiss.Index) -> faiss.Index:
     codes in memory and only the best few are read. The store also calls it on load, for an
     index file written without a direct map.
     """
-    base = inner_index(index)
-    if isinstance(base, faiss.IndexIVF) and base.direct_map.type == faiss.DirectMap.NoMap:
-        base.make_direct_map()
+    for part in shard_list(index):
+        base = inner_index(part)
+        if isinstance(base, faiss.IndexIVF) and base.direct_map.type == faiss.DirectMap.NoMap:
+            base.make_direct_map()
     return index
 
 
 def inner_index(index: faiss.Index) -> faiss.Index:
-    """The index inside an IndexIDMap/IDMap2 wrapper (or the index itself)."""
+    """The index inside an IndexIDMap/IDMap2 wrapper (or the index itself); for a sharded
+    index, the first shard's (every shard is of one type, cut from one trained index)."""
     base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexShards) and base.count():
+        base = faiss.downcast_index(base.at(0))
     if isinstance(base, faiss.IndexIDMap):
         return faiss.downcast_index(base.index)
     return base
+
+
+# -- sharded layout: N indexes cut from ONE trained index, ids split by id % N ----------------
+def shard_list(index: faiss.Index) -> list[faiss.Index]:
+    """The shards of a FAISS IndexShards (each an IDMap2 holding the ids ≡ its number mod N),
+    or [index] for an unsharded one. The container owns them: keep it alive while using them."""
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexShards):
+        return [faiss.downcast_index(base.at(i)) for i in range(base.count())]
+    return [index]
+
+
+def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
+    """The shard each id lives in: id % N, so membership needs no lookup table (a filter's
+    ids split per shard in O(selected)) and new ids spread evenly as they are handed out."""
+    return np.asarray(ids, np.int64) % max(int(shards), 1)
+
+
+def split_trained(index: faiss.Index, shards: int) -> list[faiss.Index]:
+    """``shards`` empty copies of an empty index that is trained (or needs no training).
+
+    Every copy holds the same coarse quantiser and codebooks, so a query probes the same
+    lists in every shard and scores are comparable across shards: merging the shards' top-k
+    gives what one index over all vectors gives (exactly so for Flat and IVF over Flat/SQ
+    codes). Copied through FAISS's own serialisation, which every index type supports."""
+    if index.ntotal:
+        raise ValueError("split_trained wants an empty index")
+    data = faiss.serialize_index(index)
+    return [enable_lookup(faiss.deserialize_index(data)) for _ in range(max(int(shards), 1))]
+
+
+def sharded(parts: list[faiss.Index]) -> faiss.Index:
+    """One index for one part, else the parts as a FAISS IndexShards (threaded, ids kept as
+    given: each part is an IDMap2 holding its own ids)."""
+    if len(parts) == 1:
+        return parts[0]
+    container = faiss.IndexShards(parts[0].d, True, False)
+    for part in parts:
+        container.add_shard(part)  # the Python wrapper keeps a reference to each part
+    container.syncWithSubIndexes()
+    return container
+
+
+def add_by_shard(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add vectors under their ids, each to shard id % N (FAISS's own IndexShards.add_with_ids
+    would cut the batch into contiguous runs instead)."""
+    ids = np.ascontiguousarray(ids, np.int64)
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    parts = shard_list(index)
+    if len(parts) == 1:
+        index.add_with_ids(vectors, ids)
+        return
+    where = shard_of(ids, len(parts))
+    for number, part in enumerate(parts):
+        mine = where == number
+        if mine.any():
+            part.add_with_ids(np.ascontiguousarray(vectors[mine]), ids[mine])
+    faiss.downcast_index(index).syncWithSubIndexes()
+
+
+def remove_by_shard(index: faiss.Index, ids: np.ndarray) -> None:
+    """Remove ids from the shard each lives in (flat storage only; others hide removals)."""
+    ids = np.ascontiguousarray(ids, np.int64)
+    parts = shard_list(index)
+    if len(parts) == 1:
+        index.remove_ids(ids)
+        return
+    where = shard_of(ids, len(parts))
+    for number, part in enumerate(parts):
+        if (where == number).any():
+            part.remove_ids(np.ascontiguousarray(ids[where == number]))
+    faiss.downcast_index(index).syncWithSubIndexes()

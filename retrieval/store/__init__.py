@@ -219,11 +219,11 @@ class Store:
         elif missing.size:
             vi.add(missing, vectors)
 
-    def rebuild(self, index_type: str) -> None:
-        """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
-        stored raw vectors; a type that needs more vectors to train than the store holds is
-        searched exactly until it has them (see :meth:`index_status`)."""
-        self.vector_index.rebuild(index_type)
+    def rebuild(self, index_type: str, shards: int | None = None) -> None:
+        """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the stored
+        raw vectors, in ``shards`` shards by id (None: the layout now); a type that needs more
+        vectors to train is searched exactly until it has them (see :meth:`index_status`)."""
+        self.vector_index.rebuild(index_type, shards)
 
     def index_status(self) -> dict:
         """The index actually in memory: the manifest's type, or exact search while that type

@@ -20,6 +20,7 @@ from ..errors import StoreError
 from .layout import (DATABASE, DIR_MODE, FILE_MODE, INDEX_FILE, MANIFEST, Manifest,
                      atomic_write_bytes, create_private_file, make_folder, temp_name, write_error)
 from .database import copy_database
+from .shards import describe, read_index_files, recorded
 from .vectors import index_ids, max_id, read_index_file, supports_removal
 
 if TYPE_CHECKING:
@@ -47,24 +48,24 @@ def check(store: "Store") -> dict:
                         "repair --drop` and then `medsearch index` on them")
     if orphans:
         problems.append(f"{orphans} vector(s) belong to no image; run `medsearch repair`")
-    path = store.root / INDEX_FILE
-    index, problem = read_index_file(path, store.manifest, full=True)
+    path = describe(store.root, store.manifest)  # "index file X" or "index files X.0 … X.N"
+    index, problem = read_index_files(store.root, store.manifest, full=True)
     counts["index"] = None if index is None else int(index.ntotal)
     if problem:
-        problems.append(f"index file {path}: {problem}; run `medsearch repair` to rebuild it")
+        problems.append(f"{path}: {problem}; run `medsearch repair` to rebuild it")
     elif index is None and good.size:
-        problems.append(f"index file {path} is missing; run `medsearch repair` to build it")
+        problems.append(f"{path} is missing; run `medsearch repair` to build it")
     elif index is not None:
         ids = np.sort(index_ids(index))
         stale = np.setdiff1d(ids, good, assume_unique=True)
         lacking = np.setdiff1d(good, ids, assume_unique=True)
         if supports_removal(index) and stale.size:
-            problems.append(f"index file {path} holds {stale.size} id(s) with no row "
+            problems.append(f"{path} holds {stale.size} id(s) with no row "
                             f"(e.g. {stale[:5].tolist()}); run `medsearch repair`")
         if lacking.size:
-            problems.append(f"index file {path} lacks {lacking.size} stored vector(s) "
+            problems.append(f"{path} lacks {lacking.size} stored vector(s) "
                             f"(e.g. {lacking[:5].tolist()}); run `medsearch repair`")
-        if store.manifest.index_size is None:
+        if not recorded(store.manifest):
             problems.append(f"the manifest records no checksum for {path}; run "
                             "`medsearch repair` to record one")
         top = max(max_id(index), db_max)
@@ -135,7 +136,8 @@ def backup(root: str | Path, dest: str | Path) -> dict:
     except OSError as exc:
         raise write_error(dest / DATABASE, exc) from None
     manifest_bytes = None
-    for _ in range(5):
+    sharded = Manifest(**json.loads((root / MANIFEST).read_bytes())).index_shards > 1
+    for _ in range(0 if sharded else 5):  # a sharded index is rebuilt in the copy, below
         first = (root / MANIFEST).read_bytes()
         index_copy = temp_name(dest / INDEX_FILE)
         try:
@@ -159,7 +161,8 @@ def backup(root: str | Path, dest: str | Path) -> dict:
         break
     if manifest_bytes is None:  # no agreeing pair: the copy builds its index from its rows
         manifest = Manifest(**json.loads((root / MANIFEST).read_bytes()))
-        for name in ("index_size", "index_count", "index_crc32", "index_sha256", "index_previous"):
+        for name in ("index_size", "index_count", "index_crc32", "index_sha256", "index_previous",
+                     "index_shard_files"):
             setattr(manifest, name, None)
         (dest / INDEX_FILE).unlink(missing_ok=True)
         manifest_bytes = json.dumps(asdict(manifest), indent=2).encode()

@@ -58,6 +58,11 @@ class Manifest:
     index_crc32: int | None = None
     index_sha256: str | None = None
     index_previous: dict | None = None  # the record before the last save (vectors.index_records)
+    #: The index's layout as last saved: 1 = the one file index.faiss (records above); N > 1 =
+    #: shard files index.faiss.0 … N-1 holding the ids with id % N == shard, one record each
+    #: ({size, count, crc32, sha256, previous}) in ``index_shard_files`` (store/shards.py).
+    index_shards: int = 1
+    index_shard_files: list[dict] | None = None
     #: The highest image id ever handed out: new rows start above it (ids are never reused).
     id_high_water: int = 0
     #: The decode settings the vectors were made with ({"window", "frames", "series_vectors"});

@@ -2,14 +2,13 @@
 
 SQLite is the source of truth; the index is a derived cache addressed by image id (an IDMap2
 wrapper), written atomically with its size, checksums and id count in the manifest, and never
-searched when those disagree (it is rebuilt from the stored vectors instead).
+searched when those disagree (it is rebuilt from the stored vectors instead). It is one index,
+or N shards cut from one trained index (ids split by id % N; files: retrieval/store/shards.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,9 @@ import numpy as np
 
 from .. import ann
 from ..errors import StoreError
+from .indexfile import index_records, read_checked, read_index_file  # noqa: F401 (re-exported)
 from .layout import CHUNK, INDEX_FILE, MANIFEST, AtomicFile, Manifest, write_error
+from .shards import read_index_files, remove_stale_files, shard_sizes, write_shard_files
 
 #: A graph index hides removed ids until they exceed this many, or this share of it.
 TOMBSTONE_MIN = 256
@@ -40,6 +41,12 @@ def new_index(index_type: str, dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(ann.configure(base))
 
 
+def new_layout(index_type: str, dim: int, shards: int = 1) -> faiss.Index:
+    """An empty index of ``index_type``, as ``shards`` shards when more than one."""
+    index = new_index(index_type, dim)
+    return ann.sharded(ann.split_trained(index, shards)) if shards > 1 else index
+
+
 def resolve_index_type(manifest: Manifest) -> None:
     """Settle a new store's "auto" index type for an empty store, and validate the type."""
     if manifest.index_type == ann.AUTO:
@@ -50,8 +57,10 @@ def resolve_index_type(manifest: Manifest) -> None:
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
-    """Every id the index holds (hidden ones included)."""
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    """Every id the index holds (hidden ones included), of every shard."""
+    parts = [faiss.vector_to_array(faiss.downcast_index(part).id_map)
+             for part in ann.shard_list(index)]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def max_id(index: faiss.Index) -> int:
@@ -62,69 +71,7 @@ def max_id(index: faiss.Index) -> int:
 def supports_removal(index: faiss.Index) -> bool:
     """Only flat storage compacts on removal, as IndexIDMap2's id map assumes; removing from an
     IVF inside it leaves the map pointing at the wrong rows, so IVF hides removals like HNSW."""
-    base = faiss.downcast_index(faiss.downcast_index(index).index)
-    return isinstance(base, faiss.IndexFlat)
-
-
-def index_records(manifest: Manifest) -> list[dict]:
-    """The index files the manifest vouches for: the last saved, and the one before it (a
-    kill between the manifest's write and the file's rename leaves the older file in place)."""
-    m = manifest
-    records = []
-    if m.index_size is not None:
-        records.append({"size": m.index_size, "count": m.index_count, "crc32": m.index_crc32,
-                        "sha256": m.index_sha256})
-    if m.index_previous:
-        records.append(m.index_previous)
-    return records
-
-
-def read_index_file(path: Path, manifest: Manifest, *,
-                    full: bool = False) -> tuple[faiss.Index | None, str | None]:
-    """Load the index file and check it against the manifest: (index, None) or (None, why).
-
-    The size is checked before reading, the crc32 (and with ``full`` the sha256) while the
-    bytes stream through FAISS's reader (no second pass, no extra copy), and the id count
-    after. A manifest older than these fields (no record) is checked for readability only."""
-    records = index_records(manifest)
-    if not path.is_file():
-        if any(r.get("count") for r in records):
-            return None, "the file is missing"
-        return None, None  # never saved: a new or empty store
-    size = path.stat().st_size
-    if records and size not in {r["size"] for r in records}:
-        return None, (f"it is {size:,} bytes where the manifest records "
-                      f"{records[0]['size']:,} (truncated or overwritten)")
-    crc, sha = 0, hashlib.sha256() if full else None
-    try:
-        with open(path, "rb") as fh:
-            def read(n: int) -> bytes:
-                nonlocal crc
-                data = fh.read(n)
-                crc = zlib.crc32(data, crc)
-                if sha is not None:
-                    sha.update(data)
-                return data
-
-            try:
-                index = faiss.read_index(faiss.PyCallbackIOReader(read, CHUNK))
-            except RuntimeError as exc:
-                return None, f"it is not a readable FAISS index ({str(exc).splitlines()[-1][-120:]})"
-            while read(CHUNK):  # trailing bytes count in the checksum too
-                pass
-    except OSError as exc:
-        return None, f"it cannot be read ({exc.strerror or exc})"
-    matching = [r for r in records if r["size"] == size]
-    if matching:
-        if not any(r.get("crc32") is None or r["crc32"] == crc for r in matching):
-            return None, "its checksum differs from the manifest's (damaged on disk)"
-        if full and not any(r.get("sha256") is None or r["sha256"] == sha.hexdigest()
-                            for r in matching):
-            return None, "its sha256 differs from the manifest's (damaged on disk)"
-        if not any(r.get("count") is None or r["count"] == index.ntotal for r in matching):
-            return None, (f"it holds {index.ntotal:,} ids where the manifest records "
-                          f"{matching[0]['count']:,}")
-    return index, None
+    return isinstance(ann.inner_index(index), faiss.IndexFlat)
 
 
 class VectorIndex:
@@ -144,11 +91,24 @@ class VectorIndex:
         self.problem: str | None = None
         #: Changed since the last save.
         self.dirty = False
-        self.index = new_index(manifest.index_type, manifest.dim)
+        self.index = new_layout(manifest.index_type, manifest.dim, manifest.index_shards)
 
     @property
     def dim(self) -> int:
         return self.manifest.dim
+
+    @property
+    def shards(self) -> int:
+        """Shards of the index in memory (1: unsharded); the manifest's layout until a
+        rebuild into another count is saved."""
+        return len(ann.shard_list(self.index))
+
+    def layout(self) -> dict:
+        """What `medsearch info` shows of the layout: shard count and vectors per shard."""
+        return {"index_shards": self.shards, "shard_sizes": shard_sizes(self.index)}
+
+    def _empty(self) -> faiss.Index:
+        return new_layout(self.manifest.index_type, self.dim, self.manifest.index_shards)
 
     @property
     def count(self) -> int:
@@ -165,7 +125,7 @@ class VectorIndex:
     # -- loading and checking ---------------------------------------------------------------
     def load(self, full_check: bool = False) -> None:
         """The saved index if it passes the manifest's checks; never a damaged one."""
-        index, problem = read_index_file(self.path, self.manifest, full=full_check)
+        index, problem = read_index_files(self.root, self.manifest, full=full_check)
         if problem:
             self.damaged(problem)
         if index is not None and not self._type_matches(index):
@@ -173,8 +133,7 @@ class VectorIndex:
             # that type being saved leaves the old file: rebuilt, as the manifest says
             self.damaged(f"it holds another index type than {self.manifest.index_type}")
             index = None
-        self.index = (ann.enable_lookup(index) if index is not None
-                      else new_index(self.manifest.index_type, self.dim))
+        self.index = ann.enable_lookup(index) if index is not None else self._empty()
         self.tombstones = np.zeros(0, np.int64)
 
     def _type_matches(self, index: faiss.Index) -> bool:
@@ -198,11 +157,11 @@ class VectorIndex:
     def verify_file(self) -> str | None:
         """Check the file on disk in full (size, crc32, sha256, id count); on a new problem the
         loaded index is dropped (the caller reconciles it from the rows). Returns the problem."""
-        index, problem = read_index_file(self.path, self.manifest, full=True)
+        index, problem = read_index_files(self.root, self.manifest, full=True)
         del index
         if problem and self.problem is None:
             self.damaged(problem)
-            self.index = new_index(self.manifest.index_type, self.dim)
+            self.index = self._empty()
             self.tombstones = np.zeros(0, np.int64)
             self.dirty = True
         return problem
@@ -213,7 +172,7 @@ class VectorIndex:
         they exceed ~2% of it (rebuilding an HNSW graph per changed file would cost minutes)."""
         self.dirty = True
         if supports_removal(self.index):
-            self.index.remove_ids(ids)
+            ann.remove_by_shard(self.index, ids)
             return
         self.tombstones = np.union1d(self.tombstones, ids)
         if self.tombstones.size > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
@@ -225,13 +184,16 @@ class VectorIndex:
         if not self.index.is_trained:
             self.rebuild(self.manifest.index_type)
             return
-        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32),
-                                np.ascontiguousarray(ids, np.int64))
+        ann.add_by_shard(self.index, ids, vectors)
 
-    def rebuild(self, index_type: str) -> None:
+    def rebuild(self, index_type: str, shards: int | None = None) -> None:
         """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
-        stored raw vectors; a type that needs more vectors to train than the store holds is
-        searched exactly until it has them (see :meth:`status`)."""
+        stored raw vectors, in ``shards`` shards (None: as many as now) trained as ONE index;
+        a type that needs more vectors to train than the store holds is searched exactly
+        until it has them (see :meth:`status`). The layout reaches the manifest at save."""
+        shards = self.shards if shards is None else int(shards)
+        if shards < 1:
+            raise StoreError(f"a sharded index needs at least 1 shard, not {shards}")
         ids, vectors = self._all_vectors()
         m = self.manifest
         auto = index_type == ann.AUTO or (m.index_auto and index_type == m.index_type)
@@ -254,8 +216,9 @@ class VectorIndex:
                                      "choose another index type and rebuild (`medsearch reindex`)",
                                      setting="index_type") from None
                 trained_on = len(sample)
+        index = ann.sharded(ann.split_trained(index, shards)) if shards > 1 else index
         if len(ids):
-            index.add_with_ids(vectors, ids)
+            ann.add_by_shard(index, ids, vectors)
         self.index = index
         self.tombstones = np.zeros(0, np.int64)
         new = (index_type, auto, reason, trained_on)
@@ -322,6 +285,11 @@ class VectorIndex:
         reports a failed close only on stderr), are read back and compared, fsynced; then the
         manifest records the new file (keeping the previous record, see index_records), and
         only then is the file renamed into place and the folder fsynced."""
+        if self.shards > 1:
+            self.manifest.id_high_water = write_shard_files(self.index, self.root,
+                                                            self.manifest, high_water)
+            self.dirty = False
+            return self.manifest.id_high_water
         path = self.path
         try:
             out = AtomicFile(path)
@@ -337,6 +305,7 @@ class VectorIndex:
             m.index_size, m.index_count = out.size, int(self.index.ntotal)
             m.index_crc32, m.index_sha256 = out.crc, out.sha.hexdigest()
             m.id_high_water = int(max(high_water, max_id(self.index)))
+            m.index_shards, m.index_shard_files = 1, None
             m.write(self.root / MANIFEST)
             out.replace()
         except OSError as exc:
@@ -347,13 +316,15 @@ class VectorIndex:
             out.abort()
             self.manifest.__dict__.update(before)
             raise
+        remove_stale_files(self.root, 1)
         self.dirty = False
         return self.manifest.id_high_water
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                fetch_vectors: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids): exact for Flat, bitmap filters with widened HNSW/IVF search,
-        exact re-ranking for PQ codes, hidden ids left out (retrieval/ann/search.py)."""
-        return ann.search_index(self.index, queries, k, allowed=allowed,
-                                fetch_vectors=fetch_vectors, hidden=self.tombstones,
-                                rerank=ann.rerank_for(self.manifest.index_type))
+        exact re-ranking for PQ codes, hidden ids left out, shards searched in parallel and
+        merged (retrieval/ann/search.py)."""
+        search = ann.search_shards if self.shards > 1 else ann.search_index
+        return search(self.index, queries, k, allowed=allowed, fetch_vectors=fetch_vectors,
+                      hidden=self.tombstones, rerank=ann.rerank_for(self.manifest.index_type))

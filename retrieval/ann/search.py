@@ -257,7 +257,10 @@ def search_shards(index: faiss.Index, queries: np.ndarray, k: int, *,
     the filter selectors widened for the shard's selectivity, the small-subset path and the
     re-ranking work per shard as they do for one index; the shards' top-k are then merged.
     Flat shards give exactly the unsharded answer; IVF shards share one quantiser and probe
-    the same lists, and re-ranked shards each re-score their own candidates."""
+    the same lists; with ``rerank`` each shard gives its best rerank·k candidates by their
+    codes and the merged best rerank·k are re-scored once, so a sharded PQ index re-ranks the
+    candidates one index would (each shard re-ranking its own would read N times the raw
+    vectors and answer differently)."""
     parts = shard_list(index)
     if len(parts) == 1:
         return search_index(index, queries, k, allowed=allowed, fetch_vectors=fetch_vectors,
@@ -267,11 +270,13 @@ def search_shards(index: faiss.Index, queries: np.ndarray, k: int, *,
     allowed = None if allowed is None else np.asarray(allowed, np.int64)
     hidden = None if hidden is None else np.asarray(hidden, np.int64)
 
+    pooled = k * rerank if rerank and fetch_vectors is not None else k
+
     def one(number: int) -> tuple[np.ndarray, np.ndarray]:
         mine = None if allowed is None else allowed[shard_of(allowed, n) == number]
         hide = None if hidden is None else hidden[shard_of(hidden, n) == number]
-        return search_index(parts[number], queries, k, allowed=mine,
-                            fetch_vectors=fetch_vectors, rerank=rerank, hidden=hide)
+        return search_index(parts[number], queries, pooled, allowed=mine,
+                            fetch_vectors=fetch_vectors, hidden=hide)
 
     if flat_storage(inner_index(parts[0])) is not None:
         # exact shards are scanned one after another: each scan is a BLAS product that already
@@ -285,7 +290,8 @@ def search_shards(index: faiss.Index, queries: np.ndarray, k: int, *,
         faiss.omp_set_num_threads(threads)  # this worker thread's own setting
         return one(number)
 
-    return merge_topk(list(_shard_pool().map(in_worker, range(n))), k)
+    merged = merge_topk(list(_shard_pool().map(in_worker, range(n))), pooled)
+    return merged if pooled == k else _rerank(queries, merged[1], k, fetch_vectors)
 
 
 def merge_topk(results: list[tuple[np.ndarray, np.ndarray]],

@@ -1,5 +1,5 @@
 """A sharded index (`medsearch reindex --shards N`): the same answers as one index (exactly for
-Flat, recall@10 within 0.005 for IVF shards sharing one trained quantiser), the store's writes,
+Flat, recall@10 within 0.005 either way for IVF shards sharing one trained quantiser), the store's writes,
 filters and checks on it, the layout on disk and in the manifest, and kills mid-reindex."""
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_ivf_shards_sharing_one_quantiser_keep_recall(tmp_path, spec):
     centroids = [policy.inner_index(p).quantizer.reconstruct_n(0, 16) for p in parts]
     assert all((c == centroids[0]).all() for c in centroids)  # ONE trained quantiser
     sharded = recall(store.search(q, 10)[1], truth)
-    assert sharded >= one - 0.005, (spec, one, sharded)
+    assert abs(sharded - one) <= 0.005, (spec, one, sharded)
     # a filter through the bitmap selector per shard, and the small-subset path
     allowed = store.matching_ids(Filters(modality=["CT"]))
     _, ftruth = exact_topk(q, vectors[np.isin(ids, allowed)], allowed, 10)

@@ -1,0 +1,117 @@
+"""The Ray engine on a real local Ray cluster (loopback, 2 CPUs): the same rows, vectors and
+rankings as the local engine; a killed embedding actor costs nothing; a broken file costs one."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import PYDICOM_TEST_FILES, write_images
+
+ray = pytest.importorskip("ray", reason="Ray is not installed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # no shared memory, no ports: say why, don't fail the suite
+        pytest.skip(f"cannot start a local Ray cluster: {type(exc).__name__}: {exc}")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ray-corpus")
+    write_images(folder, 6)
+    for name in ("CT_small.dcm", "MR_small.dcm", "rtstruct.dcm"):  # rtstruct: no image
+        shutil.copy(PYDICOM_TEST_FILES / name, folder / name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder
+
+
+def _local(store_dir: Path, tiny_model: Path, folder: Path):
+    from indexer.pipeline import Indexer
+    from retrieval.model import VisionEncoder, resolve_checkpoint
+    from retrieval.store import Store, manifest_for
+
+    encoder = VisionEncoder(resolve_checkpoint(str(tiny_model)), "cpu", "fp32")
+    store = Store.create(store_dir, manifest_for(encoder, "Flat"))
+    with Indexer(store, encoder, workers=0, batch_size=4, progress=False) as indexer:
+        report = indexer.run([folder])
+    return store, report
+
+
+def _ray(store_dir: Path, tiny_model: Path, folder: Path, **spec):
+    from indexer.ray_engine import EmbedderSpec, ModelShape, RayIndexer
+    from retrieval.model import resolve_checkpoint
+    from retrieval.store import Store, manifest_for
+
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    shape = ModelShape.of(checkpoint)
+    store = (Store.open(store_dir, exclusive=True) if store_dir.exists()
+             else Store.create(store_dir, manifest_for(shape, "Flat")))
+    spec = EmbedderSpec(str(tiny_model), checkpoint.fingerprint, "cpu", "fp32", threads=1, **spec)
+    with RayIndexer(store, shape, spec, batch_size=4, progress=False) as indexer:
+        report = indexer.run([folder])
+    return store, report
+
+
+def _rows(store) -> dict[tuple[str, int], tuple]:
+    """(path, frame) → (metadata, vector) of every stored image."""
+    keys = store.image_keys()
+    rows = store.rows([k[0] for k in keys])
+    vectors = store.vectors([k[0] for k in keys])
+    drop = ("id", "file_id")  # ids come from each store's own writer
+    return {(path, frame): ({k: v for k, v in rows[i].items() if k not in drop}, vector)
+            for (i, path, frame, _), vector in zip(keys, vectors)}
+
+
+def test_ray_and_local_engines_agree(cluster, tmp_path, tiny_model, folder):
+    started = time.perf_counter()
+    local, local_report = _local(tmp_path / "local", tiny_model, folder)
+    remote, ray_report = _ray(tmp_path / "ray", tiny_model, folder)
+    for key in ("indexed", "images", "failed", "unchanged", "total"):
+        assert getattr(ray_report, key) == getattr(local_report, key), key
+    assert ray_report.failed == 1 and ray_report.failures[0]["path"].endswith("broken.png")
+    assert ray_report.failures == local_report.failures  # the same reason
+    assert [s["path"] for s in ray_report.skipped] == [s["path"] for s in local_report.skipped]
+    assert remote.failures() == local.failures()
+    a, b = _rows(local), _rows(remote)
+    assert sorted(a) == sorted(b) and len(a) == local_report.images
+    for key in a:
+        # patient keys are hashed with each store's own key (retrieval.privacy): not compared
+        meta = [{k: v for k, v in x[key][0]["metadata"].items() if k != "patient_key"}
+                for x in (a, b)]
+        assert meta[0] == meta[1] and a[key][0]["path"] == b[key][0]["path"], key
+        assert float(np.dot(a[key][1], b[key][1])) >= 0.99999, key
+    for key in list(a)[:4]:  # the same top-10 for a few queries
+        query = a[key][1][None]
+        top = [[(s.rows([int(i)])[int(i)]["path"], s.rows([int(i)])[int(i)]["frame"])
+                for i in s.search(query, 10)[1][0] if i >= 0] for s in (local, remote)]
+        assert top[0] == top[1]
+    # incremental: a second run embeds nothing (broken and no-image files are tried again)
+    remote.close()
+    _, again = _ray(tmp_path / "ray", tiny_model, folder)
+    assert (again.indexed, again.unchanged, again.failed) == (0, ray_report.indexed, 1)
+    print(f"ray vs local: {time.perf_counter() - started:.1f} s")
+
+
+def test_a_killed_actor_costs_no_item_and_duplicates_none(cluster, tmp_path, tiny_model, folder):
+    marker = tmp_path / "killed"
+    store, report = _ray(tmp_path / "ray", tiny_model, folder, kill_after=1,
+                         kill_marker=str(marker), batch_size=2)
+    assert marker.exists()  # the actor was killed mid-run
+    keys = [(path, frame) for _, path, frame, _ in store.image_keys()]
+    assert len(keys) == len(set(keys)) == report.images
+    indexed = {path for path, _ in keys}
+    expected = {str(p) for p in folder.iterdir()} - {str(folder / "broken.png"),
+                                                       str(folder / "rtstruct.dcm")}
+    assert indexed == expected
+    assert report.failed == 1

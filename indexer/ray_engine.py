@@ -216,7 +216,7 @@ class RayIndexer(IndexRun):
         context.enable_progress_bars, context.max_errored_blocks = False, -1
         data_log = logging.getLogger("ray.data")
         level = data_log.level
-        data_log.setLevel(logging.WARNING)
+        data_log.setLevel(logging.ERROR)  # its notes (progress bars off …) are not the user's
         seen: set[tuple[str, str]] = set()
         returned: set[str] = set()
         batch: list[Decoded] = []

@@ -115,3 +115,17 @@ def test_a_killed_actor_costs_no_item_and_duplicates_none(cluster, tmp_path, tin
                                                        str(folder / "rtstruct.dcm")}
     assert indexed == expected
     assert report.failed == 1
+
+
+def test_cli_index_with_the_ray_engine(cluster, tmp_path, tiny_model, folder, capsys):
+    from tests.test_cli import cli
+
+    store = tmp_path / "store"
+    code, doc, err = cli(capsys, "index", str(folder), "--store", str(store), "--model",
+                         str(tiny_model), "--device", "cpu", "--engine", "ray", "--ray-address",
+                         "auto", "--no-progress")
+    assert code == 0, doc
+    assert (doc["indexed"], doc["failed"], len(doc["skipped"])) == (8, 1, 1)
+    assert "Ray cluster" in err
+    code, doc, _ = cli(capsys, "search", "chest", "--store", str(store), "--model", str(tiny_model))
+    assert code == 0 and len(doc["results"]) == 8

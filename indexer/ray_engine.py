@@ -193,6 +193,9 @@ class RayIndexer(IndexRun):
         self.spec, self.gpus = spec, cluster_gpus()
         self.actors = actors or max(1, self.gpus)
         self.files_per_call = spec.batch_size or (MAX_CUDA_BATCH if self.gpus else self.batch_size)
+        #: seconds from the start of the run to the first result back (actors starting,
+        #: the model loading, the first blocks decoding): Ray's fixed cost per run
+        self.first_result_s: float | None = None
 
     def _dataset(self, plan: Plan) -> "ray.data.Dataset":
         rows = [{"source": pickle.dumps(s, protocol=5),
@@ -224,6 +227,8 @@ class RayIndexer(IndexRun):
         ops: list[tuple] = []
         try:
             for out in self._dataset(plan).iter_batches(batch_size=None, batch_format="numpy"):
+                if self.first_result_s is None:
+                    self.first_result_s = time.perf_counter() - started
                 for blob, raw in zip(out["decoded"], out["vectors"]):
                     decoded: Decoded = pickle.loads(blob)
                     key = (decoded.source.path, decoded.content_hash)

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import ray
 import ray.data
+import ray.exceptions
 import torch
 from tqdm import tqdm
 
 from retrieval import privacy
-from retrieval.errors import InputError
+from retrieval.errors import InputError, MedsearchError
 from retrieval.model import Checkpoint
 from retrieval.model.acceleration import MAX_CUDA_BATCH
 from retrieval.store import Store
@@ -245,10 +246,18 @@ class RayIndexer(IndexRun):
                         self._write_embedded(vectors, batch, ops, report)
                         batch, vectors, ops = [], [], []
                         self._after_write(report, bar, started)
+            if not returned and len(plan.todo) > SOURCES_PER_BLOCK:
+                # every block lost: the cluster is broken, not every one of the files
+                raise MedsearchError("the Ray cluster returned no result at all (see its logs: "
+                                     "can every node import medsearch and load the model?)")
             for source in plan.todo:
                 if source.path not in returned:
                     self._route(Decoded(source, error=LOST_REASON), plan, batch, ops, report)
             self._write_embedded(vectors, batch, ops, report)
+        except ray.exceptions.RayError as exc:  # committed batches stay; the next run resumes
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise MedsearchError(f"the Ray cluster failed: {first}; the batches written so far "
+                                 "are kept: run the command again to resume") from None
         finally:
             context.enable_progress_bars, context.max_errored_blocks = saved
             data_log.setLevel(level)

@@ -129,3 +129,43 @@ def test_cli_index_with_the_ray_engine(cluster, tmp_path, tiny_model, folder, ca
     assert "Ray cluster" in err
     code, doc, _ = cli(capsys, "search", "chest", "--store", str(store), "--model", str(tiny_model))
     assert code == 0 and len(doc["results"]) == 8
+
+
+@pytest.mark.slow  # two CLI runs, each starting its own Ray cluster: ~1 minute on 2 cores
+def test_a_killed_driver_resumes_without_duplicates(tmp_path, tiny_model):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from retrieval.store import Store
+
+    folder = tmp_path / "many"
+    write_images(folder, 24, seed=3)
+    store_dir = tmp_path / "store"
+    cmd = [sys.executable, "-m", "medsearch", "index", str(folder), "--store", str(store_dir),
+           "--model", str(tiny_model), "--device", "cpu", "--engine", "ray", "--ray-address",
+           "local", "--batch-size", "1", "--no-progress", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    committed, deadline = 0, time.time() + 240
+    while time.time() < deadline and proc.poll() is None and committed < 3:
+        if (store_dir / "manifest.json").exists():
+            try:
+                with Store.open(store_dir, readonly=True) as store:
+                    committed = len(store.image_keys())
+            except Exception:  # not yet created in full
+                committed = 0
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)  # the driver only: its Ray cluster shares its fate
+    proc.wait()
+    assert 3 <= committed < 24
+    finish = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    import json
+
+    doc = json.loads(finish.stdout)
+    assert 0 < doc["indexed"] < 24 and doc["indexed"] + doc["unchanged"] == 24
+    with Store.open(store_dir, readonly=True) as store:
+        keys = [(path, frame) for _, path, frame, _ in store.image_keys()]
+        assert len(keys) == len(set(keys)) == store.count == 24

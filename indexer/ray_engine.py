@@ -137,6 +137,9 @@ class Embedder:
                                      cache_dir=Path(spec.cache_dir) if spec.cache_dir else None)
         self.batch_size = auto_batch_size(self.encoder.device, spec.batch_size)
         self.spec, self.calls = spec, 0
+        if spec.kill_marker:  # tests only: each start is noted, so a restart can be seen
+            with open(spec.kill_marker + ".starts", "a") as fh:
+                fh.write(f"{os.getpid()}\n")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from retrieval.model.acceleration import stack_planes

@@ -107,7 +107,8 @@ def test_a_killed_actor_costs_no_item_and_duplicates_none(cluster, tmp_path, tin
     marker = tmp_path / "killed"
     store, report = _ray(tmp_path / "ray", tiny_model, folder, kill_after=1,
                          kill_marker=str(marker), batch_size=2)
-    assert marker.exists()  # the actor was killed mid-run
+    assert marker.exists()  # the actor was killed mid-run, and Ray started it again
+    assert len((tmp_path / "killed.starts").read_text().split()) >= 2
     keys = [(path, frame) for _, path, frame, _ in store.image_keys()]
     assert len(keys) == len(set(keys)) == report.images
     indexed = {path for path, _ in keys}
@@ -129,6 +130,15 @@ def test_cli_index_with_the_ray_engine(cluster, tmp_path, tiny_model, folder, ca
     assert "Ray cluster" in err
     code, doc, _ = cli(capsys, "search", "chest", "--store", str(store), "--model", str(tiny_model))
     assert code == 0 and len(doc["results"]) == 8
+
+
+def test_ray_is_imported_only_for_the_ray_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, medsearch.cli.main, medsearch.cli.core, indexer.pipeline; "
+            "sys.exit('ray' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 @pytest.mark.slow  # two CLI runs, each starting its own Ray cluster: ~1 minute on 2 cores

@@ -597,13 +597,23 @@ def main(argv: list[str] | None = None) -> dict:
         if args.engine == "ray":
             doc.update(ray_rate(checkpoint_dir, corpus, work / "ray-store", batch, device,
                                 encoder.precision, bf16_mode))
-            doc["ray_overhead"] = round(1 - doc["ray_images_per_s"] / doc["images_per_s"], 3)
-            doc["steady_images_per_s"] = pipe["steady_images_per_s"]
-            if doc["ray_steady_images_per_s"] and pipe["steady_images_per_s"]:
+            # the local engine again after Ray: a shared machine's speed drifts over minutes,
+            # so Ray is compared with the mean of the local runs on either side of it
+            after = pipeline_rate(encoder, corpus, work / "store-after-ray", batch, pool)
+            local = (pipe["images_per_s"] + after["images_per_s"]) / 2
+            steady = [r["steady_images_per_s"] for r in (pipe, after) if r["steady_images_per_s"]]
+            doc["local_images_per_s_before_after"] = [round(pipe["images_per_s"], 3),
+                                                      round(after["images_per_s"], 3)]
+            doc["local_steady_images_per_s_before_after"] = [pipe["steady_images_per_s"],
+                                                             after["steady_images_per_s"]]
+            doc["ray_overhead"] = round(1 - doc["ray_images_per_s"] / local, 3)
+            doc["steady_images_per_s"] = round(sum(steady) / len(steady), 3) if steady else None
+            if doc["ray_steady_images_per_s"] and doc["steady_images_per_s"]:
                 doc["ray_steady_overhead"] = round(
-                    1 - doc["ray_steady_images_per_s"] / pipe["steady_images_per_s"], 3)
+                    1 - doc["ray_steady_images_per_s"] / doc["steady_images_per_s"], 3)
             log(f"ray: {doc['ray_images_per_s']} images/s (steady {doc['ray_steady_images_per_s']}; "
-                f"first result at {doc['ray_first_result_s']} s), local {doc['images_per_s']} "
+                f"first result at {doc['ray_first_result_s']} s), local "
+                f"{doc['local_images_per_s_before_after']} "
                 f"(steady {doc['steady_images_per_s']}): overhead {doc['ray_overhead']:.1%}, "
                 f"steady {doc.get('ray_steady_overhead')}")
         if not args.skip_host:

@@ -3,6 +3,7 @@ rankings as the local engine; a killed embedding actor costs nothing; a broken f
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -98,8 +99,17 @@ def test_ray_and_local_engines_agree(cluster, tmp_path, tiny_model, folder):
         assert top[0] == top[1]
     # incremental: a second run embeds nothing (broken and no-image files are tried again)
     remote.close()
-    _, again = _ray(tmp_path / "ray", tiny_model, folder)
+    store, again = _ray(tmp_path / "ray", tiny_model, folder)
     assert (again.indexed, again.unchanged, again.failed) == (0, ray_report.indexed, 1)
+    # only the mtime changed: decoded (to hash it), not embedded, its row kept
+    store.close()
+    touched = folder / "CT_small.dcm"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    store, touch = _ray(tmp_path / "ray", tiny_model, folder)
+    assert (touch.indexed, touch.images, touch.unchanged) == (0, 0, ray_report.indexed)
+    assert len(store.image_keys()) == ray_report.images
+    assert store.known_files([str(folder)])[str(touched)][1] == touched.stat().st_mtime_ns
+    store.close()
     print(f"ray vs local: {time.perf_counter() - started:.1f} s")
 
 

@@ -24,11 +24,11 @@ from retrieval.model import VisionEncoder
 from retrieval.store import Store
 
 from .decode import Decoded, decode_source
-from .ingest import SAVE_EVERY_S, IndexReport, IndexRun, Plan
+from .ingest import IndexReport, IndexRun, Plan
 from .sources import SourceFile
 from .workers import SupervisedPool, keep_freed_memory
 
-__all__ = ["Indexer", "IndexReport", "SAVE_EVERY_S", "decode_pool", "default_workers",
+__all__ = ["Indexer", "IndexReport", "decode_pool", "default_workers",
            "query_image_vector"]
 
 

@@ -201,13 +201,16 @@ class RayIndexer(IndexRun):
         #: the model loading, the first blocks decoding): Ray's fixed cost per run
         self.first_result_s: float | None = None
 
+    #: the decode task (a staticmethod, so a test can put a crashing one in its place)
+    decode_block = staticmethod(_decode_block)
+
     def _dataset(self, plan: Plan) -> "ray.data.Dataset":
         rows = [{"source": pickle.dumps(s, protocol=5),
                  "known_hash": plan.known.get(s.path, (0, 0, ""))[2]} for s in plan.todo]
         blocks = min(len(rows), max(64, math.ceil(len(rows) / SOURCES_PER_BLOCK)))
         # a decode task that keeps crashing its worker must not retry forever
         decoded = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-            _decode_block, fn_kwargs={"options": self.options}, batch_size=None,
+            self.decode_block, fn_kwargs={"options": self.options}, batch_size=None,
             batch_format="numpy", num_cpus=1, max_retries=2)
         gpu = {"num_gpus": 1} if self.gpus else {"num_cpus": 1}
         return decoded.map_batches(Embedder, fn_constructor_kwargs={"spec": self.spec},

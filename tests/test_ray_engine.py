@@ -142,6 +142,39 @@ def test_cli_index_with_the_ray_engine(cluster, tmp_path, tiny_model, folder, ca
     assert code == 0 and len(doc["results"]) == 8
 
 
+def _crash_on_poison(batch, options):
+    """A decode task whose worker dies (as a segfaulting decoder's would) on one file."""
+    from indexer.ray_engine import _decode_block
+
+    if any(b"poison" in blob for blob in batch["source"]):
+        os._exit(1)
+    return _decode_block(batch, options)
+
+
+@pytest.mark.slow  # three attempts, each killing a worker: ~20 s on 2 cores
+def test_a_decoder_crash_costs_one_file_with_its_reason(cluster, tmp_path, tiny_model):
+    from indexer.ray_engine import LOST_REASON, EmbedderSpec, ModelShape, RayIndexer
+    from retrieval.model import resolve_checkpoint
+    from retrieval.store import Store, manifest_for
+
+    folder = tmp_path / "crash"
+    write_images(folder, 4)
+    shutil.copy(next(folder.glob("*.png")), folder / "poison.png")
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    shape = ModelShape.of(checkpoint)
+    store = Store.create(tmp_path / "store", manifest_for(shape, "Flat"))
+    spec = EmbedderSpec(str(tiny_model), checkpoint.fingerprint, "cpu", "fp32", threads=1)
+
+    class Crashing(RayIndexer):
+        decode_block = staticmethod(_crash_on_poison)
+
+    with Crashing(store, shape, spec, batch_size=4, progress=False) as indexer:
+        report = indexer.run([folder])
+    assert (report.indexed, report.failed) == (4, 1)
+    assert report.failures == [{"path": str(folder / "poison.png"), "reason": LOST_REASON}]
+    store.close()
+
+
 def test_ray_is_imported_only_for_the_ray_engine():
     import subprocess
     import sys

@@ -250,12 +250,77 @@ def pipeline_rate(encoder: VisionEncoder, corpus: dict, root: Path, batch: int, 
     store = Store.create(root, manifest_for(encoder, "auto"))
     with Indexer(store, encoder, workers=0 if pool is None else None, pool=pool,
                  batch_size=batch, progress=False) as indexer:
+        marks = mark_writes(indexer)
         report = indexer.run([corpus["path"]])
     store.close()
     if report.failed:
         raise RuntimeError(f"{report.failed} corpus files failed: {report.failures[:3]}")
     return {"images": report.images, "seconds": report.seconds,
-            "images_per_s": report.images / report.seconds, "workers": indexer.workers}
+            "images_per_s": report.images / report.seconds, "workers": indexer.workers,
+            "steady_images_per_s": steady_rate(marks)}
+
+
+def mark_writes(indexer) -> list[tuple[float, int]]:
+    """(time, images written so far) after every committed batch of an indexing run."""
+    marks: list[tuple[float, int]] = []
+    after_write = indexer._after_write
+
+    def marked(report, bar, started):
+        marks.append((time.perf_counter(), report.images))
+        after_write(report, bar, started)
+
+    indexer._after_write = marked
+    return marks
+
+
+def steady_rate(marks: list[tuple[float, int]]) -> float | None:
+    """Images/s between the batch that completed a quarter of the run and the last batch:
+    the rate once every stage runs, without the run's start (workers, actors, model load)."""
+    if len(marks) < 3:
+        return None
+    total = marks[-1][1]
+    first = next(m for m in marks if m[1] >= total / 4)
+    if first is marks[-1]:
+        return None
+    return round((marks[-1][1] - first[1]) / (marks[-1][0] - first[0]), 3)
+
+
+def ray_rate(checkpoint: Path, corpus: dict, root: Path, batch: int, device: torch.device,
+             precision: str, bf16_mode: str) -> dict:
+    """The same indexing run on the Ray engine (a local cluster on loopback with this
+    machine's cores: one decode task per core but one, one embedding actor, as the local
+    engine's workers and model). The cluster's start is not timed; each run's own start
+    (actors, model load in them, first decodes) is, and is reported apart."""
+    import ray
+
+    from indexer.ray_engine import EmbedderSpec, ModelShape, RayIndexer
+    from retrieval.store import Store, manifest_for
+
+    begun = time.perf_counter()
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    start_s = time.perf_counter() - begun
+    try:
+        ckpt = resolve_checkpoint(str(checkpoint))
+        shape = ModelShape.of(ckpt)
+        store = Store.create(root, manifest_for(shape, "auto"))
+        spec = EmbedderSpec(str(ckpt.path), ckpt.fingerprint, str(device), precision,
+                            bf16_mode, threads=torch.get_num_threads(), batch_size=batch)
+        with RayIndexer(store, shape, spec, batch_size=batch, progress=False) as indexer:
+            marks = mark_writes(indexer)
+            report = indexer.run([corpus["path"]])
+        store.close()
+    finally:
+        ray.shutdown()
+    if report.failed:
+        raise RuntimeError(f"{report.failed} corpus files failed on Ray: {report.failures[:3]}")
+    # the first result's wait (worker and actor processes starting, the model loading in
+    # the actor) is a fixed cost per run; the steady rate is the per-image one
+    return {"ray_images_per_s": round(report.images / report.seconds, 3),
+            "ray_seconds": report.seconds,
+            "ray_first_result_s": round(indexer.first_result_s or 0.0, 2),
+            "ray_steady_images_per_s": steady_rate(marks), "ray_cluster_start_s": round(start_s, 2),
+            "ray_actors": indexer.actors, "ray_gpus": indexer.gpus}
 
 
 class HostOnlyEncoder:
@@ -454,8 +519,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-host", action="store_true")
     parser.add_argument("--host-only", action="store_true",
                         help="only the indexing run without the model (no forward, int8, baseline, text)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: also index the corpus with the Ray engine (a local cluster) "
+                             "and report its images/s and overhead next to the local engine's")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.engine == "ray" and args.host_only:
+        parser.error("--engine ray needs the model (its actors load it): drop --host-only, "
+                     "or use a small --checkpoint")
 
     device = select_device(args.device)
     bf16_mode = args.bf16_mode or "weights"
@@ -523,6 +594,28 @@ def main(argv: list[str] | None = None) -> dict:
             "pool_start_s": pool.start_seconds if pool else None,
             "pipeline_seconds": pipe["seconds"],
         }
+        if args.engine == "ray":
+            doc.update(ray_rate(checkpoint_dir, corpus, work / "ray-store", batch, device,
+                                encoder.precision, bf16_mode))
+            # the local engine again after Ray: a shared machine's speed drifts over minutes,
+            # so Ray is compared with the mean of the local runs on either side of it
+            after = pipeline_rate(encoder, corpus, work / "store-after-ray", batch, pool)
+            local = (pipe["images_per_s"] + after["images_per_s"]) / 2
+            steady = [r["steady_images_per_s"] for r in (pipe, after) if r["steady_images_per_s"]]
+            doc["local_images_per_s_before_after"] = [round(pipe["images_per_s"], 3),
+                                                      round(after["images_per_s"], 3)]
+            doc["local_steady_images_per_s_before_after"] = [pipe["steady_images_per_s"],
+                                                             after["steady_images_per_s"]]
+            doc["ray_overhead"] = round(1 - doc["ray_images_per_s"] / local, 3)
+            doc["steady_images_per_s"] = round(sum(steady) / len(steady), 3) if steady else None
+            if doc["ray_steady_images_per_s"] and doc["steady_images_per_s"]:
+                doc["ray_steady_overhead"] = round(
+                    1 - doc["ray_steady_images_per_s"] / doc["steady_images_per_s"], 3)
+            log(f"ray: {doc['ray_images_per_s']} images/s (steady {doc['ray_steady_images_per_s']}; "
+                f"first result at {doc['ray_first_result_s']} s), local "
+                f"{doc['local_images_per_s_before_after']} "
+                f"(steady {doc['steady_images_per_s']}): overhead {doc['ray_overhead']:.1%}, "
+                f"steady {doc.get('ray_steady_overhead')}")
         if not args.skip_host:
             doc.update(host_rate(HostOnlyEncoder.like(encoder), corpus, work / "host-store",
                                  batch, pool))

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     redact_paths: Literal["none", "name", "hash"] = "none"  # folder names in results and exports
     index_type: str = "auto"             # a FAISS factory string, or auto (by size and memory)
     k: int = 10
+    engine: Literal["local", "ray"] = "local"  # index: this machine's processes, or a Ray cluster
+    ray_address: str = "local"           # engine ray: local (a cluster in this process) | auto | ray://HOST:PORT
+    ray_actors: int | None = None        # engine ray: embedding actors; None = one per GPU, else 1 (CPU)
     cache_dir: Path | None = None        # None: $XDG_CACHE_HOME/medsearch
     db: str | None = None                # postgresql+psycopg://USER@HOST[:PORT]/DB; None: SQLite in the store
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"index", "build_s", "bytes_per_vector", "qps_single", "qps_batch", "recall_at_10"}
 
@@ -57,3 +59,13 @@ def test_int8_ceiling_times_the_same_layers_in_both_precisions(monkeypatch):
     fp32, int8 = linear_layer_seconds(rows=16, cfg={"hidden_size": 32, "intermediate_size": 64},
                                       repeats=1)
     assert 0 < fp32 < 5 and 0 < int8 < 5
+
+
+@pytest.mark.slow  # starts its own Ray cluster: ~1 minute on 2 cores
+def test_embed_benchmark_compares_the_ray_engine(tiny_model):
+    pytest.importorskip("ray", reason="Ray is not installed")
+    doc = run("embed.py", "--engine", "ray", "--checkpoint", str(tiny_model), "--images", "8",
+              "--unique", "1", "--workers", "1", "--batch-size", "4", "--skip-baseline",
+              "--skip-int8", "--skip-text", "--skip-host")
+    assert doc["ray_images_per_s"] > 0 and doc["images_per_s"] > 0
+    assert "ray_overhead" in doc and doc["ray_actors"] == 1

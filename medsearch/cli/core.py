@@ -76,6 +76,13 @@ def index_cmd(
     since: Annotated[Optional[str], typer.Option(help="DICOMweb: studies on or after YYYY-MM-DD.")] = None,
     decode_timeout: Annotated[float, typer.Option(
         min=1, help="Seconds one file may take to decode before it is reported as failed.")] = 300.0,
+    engine: Annotated[Optional[str], typer.Option(
+        help="local (this machine's processes) or ray (decode and embed on a Ray cluster).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        help="--engine ray: local (start a cluster here), auto (the running cluster, "
+             "`ray start --head`) or ray://HOST:PORT.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        min=1, help="--engine ray: embedding actors (default: one per GPU, else one).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS into the store (incremental and resumable)."""
@@ -85,7 +92,8 @@ def index_cmd(
     from indexer.view import settings_for_run
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
-                  workers=workers, frames=frames, phi_policy=phi, index_type=index_type)
+                  workers=workers, frames=frames, phi_policy=phi, index_type=index_type,
+                  engine=engine, ray_address=ray_address, ray_actors=ray_actors)
     root = store_root(cfg)
     try:
         window = None if window is None else check_window_choice(window)
@@ -97,14 +105,21 @@ def index_cmd(
     missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
     if missing:
         raise NotFoundError(f"no such file or folder: {', '.join(missing)}")
+    ray = cfg.engine == "ray"
     # decode workers start now, while the model loads (each needs seconds to import)
     with _store_faults(root), (decode_pool(cfg.workers, timeout_s=decode_timeout)
-                               if cfg.workers != 0 else nullcontext()) as pool:
+                               if cfg.workers != 0 and not ray else nullcontext()) as pool:
         # a model named on the command line, else the store's own, else the configured one
         checkpoint = resolve_checkpoint(model or _store_model(root) or cfg.model)
-        encoder = vision_encoder(cfg, checkpoint, compile=cfg.compile)
+        if ray:  # the actors load the model; the driver only needs its shape
+            from indexer.ray_engine import ModelShape, connect
+
+            connect(cfg.ray_address)
+            encoder = ModelShape.of(checkpoint)
+        else:
+            encoder = vision_encoder(cfg, checkpoint, compile=cfg.compile)
         batch = cfg.batch_size
-        if batch_size is None and encoder.device.type == "cuda":  # not given: fill the GPU
+        if batch_size is None and not ray and encoder.device.type == "cuda":  # fill the GPU
             batch = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
@@ -118,16 +133,35 @@ def index_cmd(
             if st.manifest.decode is not None:
                 decode = settings_for_run(st.manifest.decode, window=window, frames=frames,
                                           series_vectors=series_vectors)
-            note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
-            indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
-                              batch_size=batch, frames=decode.frames, phi_policy=cfg.phi_policy,
-                              keys=key_files(cfg), progress=progress, window=decode.window,
-                              series_vectors=decode.series_vectors, dicomweb_query=query)
+            common = dict(batch_size=batch, frames=decode.frames, phi_policy=cfg.phi_policy,
+                          keys=key_files(cfg), progress=progress, window=decode.window,
+                          series_vectors=decode.series_vectors, dicomweb_query=query)
+            if ray:
+                indexer = _ray_indexer(cfg, st, encoder, batch_size, common)
+            else:
+                note(f"indexing into {root} with {encoder.checkpoint.name} on {encoder.device}")
+                indexer = Indexer(st, encoder, workers=0 if pool is None else None, pool=pool,
+                                  **common)
             try:
                 report = indexer.run(paths)
             except ConnectionError as exc:
                 raise InputError(f"{exc}; is the server running and the address right?") from None
     emit(report.to_json(), json_out, _index_human)
+
+
+def _ray_indexer(cfg, st: Store, shape, batch_size: int | None, common: dict):
+    """The Ray engine's indexer, its actors loading the model as this run's settings say."""
+    from indexer.ray_engine import EmbedderSpec, RayIndexer
+
+    checkpoint = shape.checkpoint
+    spec = EmbedderSpec(str(checkpoint.path) if checkpoint.revision == "local" else checkpoint.name,
+                        checkpoint.fingerprint, cfg.device, cfg.precision, cfg.cuda_bf16,
+                        threads=cfg.threads, batch_size=batch_size,
+                        cache_dir=str(cfg.cache_folder))
+    indexer = RayIndexer(st, shape, spec, actors=cfg.ray_actors, **common)
+    note(f"indexing into {st.root} with {checkpoint.name} on a Ray cluster: {indexer.actors} "
+         f"embedding actor(s) on {'GPUs' if indexer.gpus else 'CPUs'}")
+    return indexer
 
 
 @contextmanager

@@ -84,9 +84,13 @@ class Searcher:
         return self.text_encoder.embed_cached(text.strip())
 
     def id_vector(self, image_id: int) -> np.ndarray:
+        """An indexed image's stored vector as a unit query vector: stored as float16, its
+        norm is 1 only to ~1e-4, and every path (similar by id, #id terms) must score alike."""
         if not self.store.rows([image_id]):
             raise NotFoundError(f"no indexed image with id {image_id}")
-        return self.store.vectors([image_id])[0]
+        vector = self.store.vectors([image_id])[0]
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm > 0 else vector
 
     # -- ranking ---------------------------------------------------------------------------
     def by_vector(self, vector: np.ndarray, k: int = 10, filters: Filters | None = None,

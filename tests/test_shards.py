@@ -18,19 +18,15 @@ from retrieval.ann.exact import exact_topk
 from retrieval.filters import Filters
 from retrieval.store import INDEX_FILE, Manifest, NewImage, Store
 
+from .test_ann import clustered as clustered_vectors
+from .test_ann import recall
+
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
 
 
 def clustered(n, d=DIM, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((40, d)).astype(np.float32)
-    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def recall(found, truth):
-    return np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])
+    return clustered_vectors(n, d, seed)
 
 
 def make_store(root, vectors, index_type="Flat"):

@@ -33,8 +33,8 @@ from .layout import (DATABASE, DEFAULT_INDEX_TYPE, DIR_MODE, FILE_MODE, FORMAT_V
 from .location import adopt, database_url, lock_store, prepare_new, read_manifest, record_manifest
 from .rows import IMAGE_COLUMNS, Rows, image_dict
 from .schema import SCHEMA_VERSION
-from .vectors import (TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, read_index_file,
-                      resolve_index_type)
+from .indexfile import read_index_file
+from .vectors import TOMBSTONE_FRACTION, TOMBSTONE_MIN, VectorIndex, new_index, resolve_index_type
 from .writer import NewFile, NewImage, StoreWriter
 
 if TYPE_CHECKING:

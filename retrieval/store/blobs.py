@@ -53,12 +53,6 @@ def encode(vectors: np.ndarray) -> list[bytes]:
     return [row.tobytes() for row in half]
 
 
-def stored_values(vectors: np.ndarray) -> np.ndarray:
-    """The float32 values a reader gets back for ``vectors`` (rounded through float16), so
-    an index fed at write time equals one rebuilt from the rows."""
-    return as_stored(vectors).astype(np.float32)
-
-
 def decode(blobs: list[bytes], dim: int) -> np.ndarray:
     """n×dim float32 from blobs of either format (told apart by length)."""
     return decode_compact(blobs, dim).astype(np.float32, copy=False)

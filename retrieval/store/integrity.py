@@ -21,7 +21,8 @@ from .layout import (DATABASE, DIR_MODE, FILE_MODE, INDEX_FILE, MANIFEST, Manife
                      atomic_write_bytes, create_private_file, make_folder, temp_name, write_error)
 from .database import copy_database
 from .shards import describe, read_index_files, recorded
-from .vectors import index_ids, max_id, read_index_file, supports_removal
+from .indexfile import read_index_file
+from .vectors import index_ids, max_id, supports_removal
 
 if TYPE_CHECKING:
     from . import Store

@@ -42,10 +42,6 @@ def chunks(values: list, size: int = IN_CHUNK):
 READ_BLOCK = 16_384
 
 
-def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
-    """float32 n×dim from stored blobs (float16, or float32 not yet migrated)."""
-    return vector_blobs.decode(blobs, dim)
-
 
 def image_dict(row: RowMapping, labels: list[dict]) -> dict:
     """A result row (images joined with its file's path and kind) as the dict results carry."""
@@ -160,7 +156,7 @@ class Rows:
         missing = [i for i in ids if i not in found]
         if missing:
             raise StoreError(f"no stored vector for id(s) {missing[:10]}")
-        return vectors_from_blobs([found[i] for i in ids], self.dim)
+        return vector_blobs.decode([found[i] for i in ids], self.dim)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (id, float32 vector), ascending; read in blocks kept as float16 until the

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import ann
 from ..errors import StoreError
-from .indexfile import index_records, read_checked, read_index_file  # noqa: F401 (re-exported)
+from .indexfile import index_records
 from .layout import CHUNK, INDEX_FILE, MANIFEST, AtomicFile, Manifest, write_error
 from .shards import read_index_files, remove_stale_files, shard_sizes, write_shard_files
 

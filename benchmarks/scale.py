@@ -34,6 +34,7 @@ from benchmarks.machine import cpu  # noqa: E402
 from benchmarks.search import K, log, recall  # noqa: E402
 from retrieval import ann  # noqa: E402
 from retrieval.ann import policy  # noqa: E402
+from retrieval.ann.exact import exact_topk  # noqa: E402
 from retrieval.store import new_index  # noqa: E402
 
 CHUNK = 1 << 18          # vectors generated, added and scanned per step
@@ -107,19 +108,14 @@ class Work:
         path = self.folder / "truth.npy"
         if path.is_file():
             return np.load(path)
-        best_s = np.full((len(self.queries), TRUTH_K), -np.inf, np.float32)
-        best_i = np.full((len(self.queries), TRUTH_K), -1, np.int64)
+        best = None
         for start in range(0, self.n, CHUNK):
-            block = self.block(start, min(start + CHUNK, self.n))
-            scores = self.queries @ block.T
-            top = np.argpartition(-scores, TRUTH_K - 1, axis=1)[:, :TRUTH_K]
-            merged_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-            merged_i = np.concatenate([best_i, top + start], axis=1)
-            keep = np.argsort(-merged_s, axis=1)[:, :TRUTH_K]
-            best_s = np.take_along_axis(merged_s, keep, 1)
-            best_i = np.take_along_axis(merged_i, keep, 1)
-        np.save(path, best_i)
-        return best_i
+            stop = min(start + CHUNK, self.n)
+            found = exact_topk(self.queries, self.block(start, stop),
+                               np.arange(start, stop, dtype=np.int64), TRUTH_K)
+            best = found if best is None else ann.merge_topk([best, found], TRUTH_K)
+        np.save(path, best[1])
+        return best[1]
 
 
 def build(work: Work, index_type: str, save_every: int) -> tuple[faiss.Index, dict]:

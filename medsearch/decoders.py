@@ -3,11 +3,9 @@ both through the indexer's one decode entry with the store's recorded decode set
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from retrieval.errors import InputError
+from retrieval.errors import InputError, NotFoundError
 
 
 def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = None) -> np.ndarray:
@@ -29,9 +27,9 @@ def decode_stored(path: str, frame: int, size: int, decode: dict | None = None) 
     store recorded (``decode``: its manifest's); the path comes from the store."""
     from indexer.view import read_stored
 
-    if not Path(path).is_file():
-        raise InputError("the source file is no longer there")
     try:
         return read_stored(path, frame, image_size=size, decode=decode).tensor
+    except NotFoundError as exc:  # gone: say so, not "cannot decode"
+        raise InputError(str(exc).removeprefix(f"{path}: ")) from None
     except InputError as exc:
         raise InputError(f"cannot decode it again: {str(exc).removeprefix(f'{path}: ')}") from None

@@ -171,16 +171,19 @@ class Medsearch:
         return self.searcher.vision_encoder.image_size
 
     # -- queries ---------------------------------------------------------------------------
-    def _check_ids(self, ids: list[int]) -> None:
+    def _check_ids(self, ids: list[int]) -> dict[int, dict]:
+        """The stored rows of ``ids``; NotFoundError names the first id that has none."""
         too_large = [i for i in ids if not 0 <= i <= MAX_ID]
         if too_large:  # SQLite cannot even be asked (OverflowError): no such image
             raise NotFoundError(f"no indexed image with id {too_large[0]}")
-        if ids:
-            with self.store_lock:
-                found = self.store.rows(ids)
-            missing = [i for i in ids if i not in found]
-            if missing:
-                raise NotFoundError(f"no indexed image with id {missing[0]}")
+        if not ids:
+            return {}
+        with self.store_lock:
+            found = self.store.rows(ids)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise NotFoundError(f"no indexed image with id {missing[0]}")
+        return found
 
     def embed_upload(self, content: bytes, kind: str) -> np.ndarray:
         """The unit vector of an uploaded file's bytes (``kind``: png, jpeg or dicom)."""
@@ -247,13 +250,8 @@ class Medsearch:
 
     # -- stored images and the store ---------------------------------------------------------
     def _stored_row(self, image_id: int) -> dict:
-        self._check_ids([image_id])
         self.refresh()
-        with self.store_lock:
-            rows = self.store.rows([image_id])
-        if image_id not in rows:
-            raise NotFoundError(f"no indexed image with id {image_id}")
-        return rows[image_id]
+        return self._check_ids([image_id])[image_id]
 
     def row(self, image_id: int) -> dict:
         """One indexed image's stored metadata, its path shown as ``redact_paths`` says."""

@@ -339,14 +339,7 @@ class HostOnlyEncoder:
     @classmethod
     def from_config(cls, checkpoint, device: torch.device) -> "HostOnlyEncoder":
         """Shapes from the checkpoint's config alone: no weights loaded for a host-only run."""
-        from transformers import AutoConfig
-
-        from retrieval.model import quiet_transformers
-
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
-        vision = getattr(config, "vision_config", config)
-        return cls(checkpoint, device, int(vision.image_size), int(vision.hidden_size))
+        return cls(checkpoint, device, *checkpoint.vision_shape())
 
     @torch.inference_mode()
     def embed_batch(self, batch: torch.Tensor) -> np.ndarray:

@@ -59,14 +59,7 @@ class ModelShape:
 
     @classmethod
     def of(cls, checkpoint: Checkpoint) -> "ModelShape":
-        from transformers import AutoConfig
-
-        from retrieval.model import quiet_transformers
-
-        with quiet_transformers():
-            config = AutoConfig.from_pretrained(checkpoint.path, local_files_only=True)
-        vision = getattr(config, "vision_config", config)
-        return cls(checkpoint, int(vision.image_size), int(vision.hidden_size))
+        return cls(checkpoint, *checkpoint.vision_shape())
 
 
 @dataclass(frozen=True)

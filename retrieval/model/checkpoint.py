@@ -31,6 +31,16 @@ class Checkpoint:
     def config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
+    def vision_shape(self) -> tuple[int, int]:
+        """(input image size, embedding width) of the vision tower, from the config alone: for
+        a process that must know them without loading the weights."""
+        from transformers import AutoConfig
+
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(self.path, local_files_only=True)
+        vision = getattr(config, "vision_config", config)
+        return int(vision.image_size), int(vision.hidden_size)
+
 
 def hub_offline() -> bool:
     """The hub library's own resolved offline setting (it reads ``HF_HUB_OFFLINE`` once)."""

@@ -29,8 +29,9 @@ from retrieval.errors import (InputError, MedsearchError, NotFoundError, StoreEr
                               UndecodableImageError)
 from retrieval.filters import Filters
 from retrieval.privacy import KeyFiles
-from retrieval.query import Term
-from retrieval.search import Result, Searcher
+from retrieval.query import Term, rocchio
+from retrieval.ranking import PageOptions
+from retrieval.search import Page, Result, Searcher
 from retrieval.store import CommitCounter, Store
 
 from .decoders import decode_stored, decode_upload
@@ -58,6 +59,12 @@ class QuerySpec:
     k: int = 10
     filters: Filters | None = None
     min_score: float | None = None
+    distinct: str | None = None          # patient | study | series: best image per group
+    min_prob: float | None = None        # every image whose SigLIP match prob >= this
+    offset: int = 0                      # paging: skip this many rows (groups)
+    dedupe: float | None = None          # drop rows this close (cosine) to a kept higher one
+    relevant: list[int] = field(default_factory=list)       # Rocchio feedback
+    not_relevant: list[int] = field(default_factory=list)
 
 
 class Medsearch:
@@ -89,6 +96,7 @@ class Medsearch:
         self._preview_lock = threading.Lock()
         self._preview_limit = preview_cache
         self._classifier = None
+        self._image_size: int | None = None
         self.started = time.time()
 
     @classmethod
@@ -168,7 +176,12 @@ class Medsearch:
 
     @property
     def image_size(self) -> int:
-        return self.searcher.vision_encoder.image_size
+        """The model's input size S (previews are S×S), from its config until the tower loads."""
+        if self._image_size is None:
+            vision = self.searcher._vision
+            self._image_size = (vision.image_size if vision is not None
+                                else self.searcher._checkpoint().vision_shape()[0])
+        return self._image_size
 
     # -- queries ---------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> dict[int, dict]:
@@ -207,19 +220,30 @@ class Medsearch:
             return query_image_vector(self.searcher.vision_encoder, Path(path), self.decode)
 
     def query(self, spec: QuerySpec, *, local_files: bool = False) -> list[Result]:
-        """Ranked results of a query (text, ids, an upload, with arithmetic and filters).
+        """Ranked results of a query (text, ids, an upload, with arithmetic and filters): the
+        rows of :meth:`page`."""
+        return self.page(spec, local_files=local_files).results
+
+    def page(self, spec: QuerySpec, *, local_files: bool = False) -> Page:
+        """One page of a query's results (distinct, min_prob, dedupe, offset, relevance
+        feedback as Rocchio terms: retrieval.ranking) with the expression actually run.
 
         File terms are read from disk only with ``local_files`` (the command line); a request
         names no path on the server."""
         self.refresh()
-        self._check_ids([int(t.value) for t in spec.terms if t.kind == "id"])
+        terms = spec.terms
+        if spec.relevant or spec.not_relevant:
+            terms = rocchio(terms, spec.relevant, spec.not_relevant)
+        self._check_ids([int(t.value) for t in terms if t.kind == "id"])
         if spec.upload:
             upload_vector = self.embed_upload(*spec.upload)
             image_vector = lambda term: upload_vector  # noqa: E731
         else:
             image_vector = (lambda term: self.embed_file(term.value)) if local_files else None
-        return self.searcher.query(spec.terms, spec.k, spec.filters, spec.min_score,
-                                   image_vector=image_vector)
+        opts = PageOptions(k=spec.k, offset=spec.offset, distinct=spec.distinct,
+                           dedupe=spec.dedupe)
+        return self.searcher.page(terms, opts, spec.filters, spec.min_score, spec.min_prob,
+                                  image_vector=image_vector)
 
     def classify(self, image_id: int | None = None, upload: tuple[bytes, str] | None = None,
                  labels: list[str] | None = None, preset: str | None = None,
@@ -270,7 +294,14 @@ class Medsearch:
                     "preprocessing_version": m.preprocessing_version, **st.stats(),
                     "index_maintenance_due": st.maintenance_due(),
                     "decode": self.decode_settings().to_json(),
-                    "decode_recorded": m.decode is not None}
+                    "decode_recorded": m.decode is not None,
+                    "patient_keys": st.db.has_patient_keys(), "image_size": self._size_or_none()}
+
+    def _size_or_none(self) -> int | None:
+        try:
+            return self.image_size
+        except MedsearchError:  # the checkpoint is not here: the store's figures still are
+            return None
 
     def decode_settings(self):
         """How the store's images became model inputs (indexer.view.DecodeSettings); the

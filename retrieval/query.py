@@ -29,7 +29,11 @@ DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 FILE_SUFFIXES = tuple(sorted(IMAGE_SUFFIXES | DICOM_SUFFIXES))
 _WEIGHT = re.compile(r"^([0-9]*\.?[0-9]+):(?=\S)")
 _ID = re.compile(r"^#([0-9]+)$")
-MAX_TERMS = 16
+#: A user's terms (16) plus relevance feedback's (up to 32 relevant and 32 not relevant ids).
+MAX_TERMS = 80
+MAX_FEEDBACK = 32
+#: Rocchio weights: the query as given, the mean of the relevant images, minus that of the others.
+ROCCHIO_ALPHA, ROCCHIO_BETA, ROCCHIO_GAMMA = 1.0, 0.75, 0.15
 
 
 @dataclass(frozen=True)
@@ -150,4 +154,48 @@ def describe(terms: list[Term]) -> str:
                  "upload": f"<upload {t.value}>"}[t.kind]
         op = "- " if t.weight < 0 else ("" if i == 0 else "+ ")
         out.append(f"{op}{weight}{value}")
+    return " ".join(out)
+
+
+def rocchio(terms: list[Term], relevant: list[int], not_relevant: list[int], *,
+            alpha: float = ROCCHIO_ALPHA, beta: float = ROCCHIO_BETA,
+            gamma: float = ROCCHIO_GAMMA) -> list[Term]:
+    """Relevance feedback as query arithmetic: q' = alpha·q + beta·mean(relevant) −
+    gamma·mean(not relevant). The query's own terms keep their weights (× alpha); each marked
+    image becomes a ``#id`` term weighted beta/|R| or −gamma/|N|, so the result can be shown,
+    edited and run again as an ordinary expression (:func:`expression`)."""
+    relevant, not_relevant = list(relevant or []), list(not_relevant or [])
+    for name, ids in (("relevant", relevant), ("not_relevant", not_relevant)):
+        if len(ids) > MAX_FEEDBACK:
+            raise InputError(f"{name} may list at most {MAX_FEEDBACK} ids, got {len(ids)}",
+                             setting=name)
+        if len(set(ids)) != len(ids):
+            raise InputError(f"{name} lists an id more than once", setting=name)
+    both = sorted(set(relevant) & set(not_relevant))
+    if both:
+        raise InputError(f"image {both[0]} is marked both relevant and not relevant",
+                         setting="relevant")
+    out = [Term(t.kind, t.value, t.weight * alpha) for t in terms]
+    out += [Term("id", int(i), beta / len(relevant)) for i in relevant]
+    out += [Term("id", int(i), -gamma / len(not_relevant)) for i in not_relevant]
+    return out
+
+
+def _number(weight: float) -> str:
+    """A weight in the shortest positional form that reads back as the same float."""
+    return np.format_float_positional(float(weight), trim="-")
+
+
+def expression(terms: list[Term]) -> str:
+    """The terms in the query syntax, every weight written out, so that parsing the text
+    gives the same terms back (upload terms, which name no file, show as ``<upload>``)."""
+    out = []
+    for i, t in enumerate(terms):
+        if t.kind == "text":
+            quote = "'" if '"' in str(t.value) else '"'
+            value = f"{quote}{t.value}{quote}"
+        else:
+            value = {"id": f"#{t.value}", "file": f"@{t.value}", "upload": "<upload>"}[t.kind]
+        op = "- " if t.weight < 0 else ("" if i == 0 else "+ ")
+        out.append(f"{op}{_number(abs(t.weight))}:{value}")
     return " ".join(out)

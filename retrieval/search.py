@@ -22,10 +22,31 @@ class Result:
     frame: int
     score: float
     metadata: dict
+    prob: float | None = None          # SigLIP match probability, text-only queries
+    group_count: int | None = None     # with distinct: images of the group the query admits
 
     def to_json(self) -> dict:
-        return {"id": self.id, "path": self.path, "frame": self.frame,
-                "score": round(float(self.score), 6), "metadata": self.metadata}
+        doc = {"id": self.id, "path": self.path, "frame": self.frame,
+               "score": round(float(self.score), 6), "metadata": self.metadata}
+        if self.prob is not None:
+            doc["prob"] = round(float(self.prob), 6)
+        if self.group_count is not None:
+            doc["group_count"] = self.group_count
+        return doc
+
+
+@dataclass
+class Page:
+    """One page of results, where the next starts (None: no more), and the query as run."""
+
+    results: list[Result]
+    offset: int = 0
+    next_offset: int | None = None
+    query_expression: str = ""
+
+    def to_json(self) -> dict:
+        return {"results": [r.to_json() for r in self.results], "offset": self.offset,
+                "next_offset": self.next_offset, "query_expression": self.query_expression}
 
 
 class Searcher:
@@ -133,6 +154,56 @@ class Searcher:
             return image_vector(term)
 
         return query_vector(terms, vector_of)
+
+    def logit_scalars(self):
+        """The checkpoint's (logit_scale, logit_bias), or None when its weights lack them."""
+        from .errors import ModelUnavailableError
+        from .zeroshot import read_logit_scalars
+
+        try:
+            return read_logit_scalars(self.text_encoder.checkpoint)
+        except ModelUnavailableError:
+            return None
+
+    def page(self, terms: list, opts, filters: Filters | None = None,
+             min_score: float | None = None, min_prob: float | None = None,
+             image_vector=None) -> Page:
+        """One page of a query with arithmetic (retrieval.ranking: thresholds, distinct,
+        dedupe, paging); positive #id terms are the query's examples and left out. Text-only
+        queries carry ``prob``: SigLIP's sigmoid of the query vector's cosine (for one text
+        term, that text's match probability); ``min_prob`` is refused for other queries."""
+        from .query import expression
+        from .ranking import check_patient_keys, prob_threshold, probability, rank_page
+
+        text_only = all(t.kind == "text" for t in terms)
+        if min_prob is not None and not text_only:
+            raise InputError("min_prob applies to text-only queries: it is SigLIP's text–image "
+                             "match probability, and image terms (#id, files, uploads, relevance "
+                             "feedback) have no text to match; use min_score instead",
+                             setting="min_prob")
+        if opts.distinct == "patient":
+            check_patient_keys(self.store)
+        scalars = self.logit_scalars() if text_only else None
+        if min_prob is not None and scalars is None:
+            from .zeroshot import read_logit_scalars
+
+            read_logit_scalars(self.text_encoder.checkpoint)  # raises, saying what is missing
+        thresholds = [t for t in (min_score, None if min_prob is None else prob_threshold(
+            min_prob, scalars.scale, scalars.bias)) if t is not None]
+        opts.threshold = max(thresholds) if thresholds else None
+        opts.exact_scan = min_prob is not None
+        exclude = {int(t.value) for t in terms if t.kind == "id" and t.weight > 0}
+        with self.text_lock:
+            vector = self.terms_vector(terms, image_vector)
+        with self.index_lock:
+            hits, more = rank_page(self.store, vector, opts, filters, exclude)
+            rows = self.store.rows([h.id for h in hits])
+        results = [Result(h.id, self.redact(rows[h.id]["path"]), rows[h.id]["frame"], h.score,
+                          rows[h.id]["metadata"],
+                          probability(h.score, scalars.scale, scalars.bias) if scalars else None,
+                          h.group_count) for h in hits if h.id in rows]
+        return Page(results, opts.offset, opts.offset + len(hits) if more else None,
+                    expression(terms))
 
     def query(self, terms: list, k: int = 10, filters: Filters | None = None,
               min_score: float | None = None, image_vector=None) -> list[Result]:

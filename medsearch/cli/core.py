@@ -19,6 +19,8 @@ from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, Jso
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
                       build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
+from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
+                            RelevantOpt, spec_fields)
 
 
 @app.command("make-test-model")
@@ -230,7 +232,9 @@ def search_cmd(
     store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
-    label: LabelOpt = None, precision: PrecisionOpt = None, json_out: JsonOpt = False,
+    label: LabelOpt = None, precision: PrecisionOpt = None, distinct: DistinctOpt = None,
+    min_prob: MinProbOpt = None, offset: OffsetOpt = 0, dedupe: DedupeOpt = None,
+    relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Find images by a text description (or weighted text/image terms: query arithmetic)."""
     from retrieval.query import parse_query
@@ -239,9 +243,10 @@ def search_cmd(
     cfg = resolve(store=store, db=db, device=device, precision=precision, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score)
-        results = found.query(spec, local_files=True)
-    emit({"results": [r.to_json() for r in results]}, json_out, results_table)
+        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
+            distinct, min_prob, offset, dedupe, relevant, not_relevant))
+        page = found.page(spec, local_files=True)
+    emit(page.to_json(), json_out, results_table)
 
 
 @app.command("similar")
@@ -251,19 +256,23 @@ def similar_cmd(
     store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
-    label: LabelOpt = None, json_out: JsonOpt = False,
+    label: LabelOpt = None, distinct: DistinctOpt = None, offset: OffsetOpt = 0,
+    dedupe: DedupeOpt = None, relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Find similar cases for an image file, or for an indexed image by --id."""
+    from retrieval.query import Term
+
     if (file is None) == (image_id is None):
         raise InputError("give either a FILE or --id N (one of them)")
     cfg = resolve(store=store, db=db, device=device, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
+    terms = [Term("id", image_id, 1.0) if image_id is not None else Term("file", str(file), 1.0)]
     with Medsearch.from_settings(cfg, model=model) as found:
-        if image_id is not None:
-            results = found.searcher.similar_id(image_id, cfg.k, filters, min_score)
-        else:
-            results = found.searcher.by_vector(found.embed_file(file), cfg.k, filters, min_score)
-    emit({"results": [r.to_json() for r in results]}, json_out, results_table)
+        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
+            distinct, None, offset, dedupe, relevant, not_relevant))
+        page = found.page(spec, local_files=True)
+    emit(page.to_json(), json_out, results_table)
 
 
 @app.command("info")

@@ -16,6 +16,7 @@ from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, Jso
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
                       resolve, store_root)
 from .output import RESEARCH_NOTICE, emit, note
+from .query_options import DedupeOpt, DistinctOpt, MinProbOpt, OffsetOpt, spec_fields
 
 
 @app.command("serve")
@@ -94,7 +95,8 @@ def export_cmd(
     store: StoreOpt = None, db: DbOpt = None, model: ModelOpt = None, device: DeviceOpt = None, k: KOpt = None,
     min_score: MinScoreOpt = None, modality: ModalityOpt = None, body_part: BodyPartOpt = None,
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
-    label: LabelOpt = None, json_out: JsonOpt = False,
+    label: LabelOpt = None, distinct: DistinctOpt = None, min_prob: MinProbOpt = None,
+    offset: OffsetOpt = 0, dedupe: DedupeOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Write a cohort (one row per result: score and stored metadata) to CSV, JSON or Parquet."""
     from retrieval import export as cohort
@@ -120,7 +122,8 @@ def export_cmd(
                              f"({redact.mode}) hides; export without them, or unset "
                              "redact_paths / MEDSEARCH_REDACT_PATHS for this export")
         filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score)
+        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score,
+                         **spec_fields(distinct, min_prob, offset, dedupe))
         results = found.query(spec, local_files=True)
     rows = cohort.cohort_rows(r.to_json() for r in results)
     written = cohort.write_rows(rows, out)

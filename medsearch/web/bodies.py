@@ -14,6 +14,7 @@ from retrieval.filters import GLOB_PATTERN, MAX_GLOB_LENGTH, Filters
 from retrieval.query import MAX_TERMS, Term, parse_query
 
 from ..app import MAX_ID, QuerySpec
+from .query_fields import FormQueryShape, QueryShape
 
 #: Zero-shot labels per request, counted after splitting on commas (each label is a text
 #: forward pass under the text lock).
@@ -168,7 +169,7 @@ _QUERY_DOC = ('query arithmetic, e.g. "pleural effusion" - "chest tube" or 2:"ef
               "(#N is indexed image N); an expression that does not parse is answered 400")
 
 
-class SearchBody(_NoNulls):
+class SearchBody(_NoNulls, QueryShape):
     """Text search by ``query`` (text with arithmetic) or by ``terms`` (exactly one of them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True,
@@ -195,7 +196,7 @@ class SearchBody(_NoNulls):
         return self
 
 
-class SimilarBody(BaseModel):
+class SimilarBody(QueryShape):
     """Similar cases for an indexed image, optionally shifted by a query expression."""
 
     model_config = _JSON
@@ -207,7 +208,7 @@ class SimilarBody(BaseModel):
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
 
 
-class ExportBody(_NoNulls):
+class ExportBody(_NoNulls, QueryShape):
     """What /search (``query`` or ``terms``) or /similar (``id``, with optional extra ``query``
     terms) takes; the rows of the results as a file."""
 
@@ -329,7 +330,7 @@ class ClassifyUploadFields(BaseModel):
         return self
 
 
-class UploadFields(BaseModel, extra="forbid"):
+class UploadFields(FormQueryShape, extra="forbid"):
     """Form fields that accompany an uploaded ``file``."""
 
     query: str | None = Field(None, max_length=2000)
@@ -345,10 +346,15 @@ class ResultBody(BaseModel):
     frame: int
     score: float
     metadata: dict
+    prob: float | None = None
+    group_count: int | None = None
 
 
 class ResultsBody(BaseModel):
     results: list[ResultBody]
+    offset: int = 0
+    next_offset: int | None = None
+    query_expression: str = ""
 
 
 def _text_terms(query: str | None) -> list[Term]:
@@ -378,17 +384,19 @@ def spec_from_search(body: SearchBody) -> QuerySpec:
     if not terms:
         raise InputError("the query is empty: give query (text) or terms")
     return QuerySpec(terms, None, body.k, body.filters.to_filters() if body.filters else None,
-                     body.min_score)
+                     body.min_score, **body.shape())
 
 
 def spec_from_similar(body: SimilarBody) -> QuerySpec:
     extra = _text_terms(_leading_op(body.query))
     return QuerySpec([Term("id", body.id, 1.0)] + extra, None, body.k,
-                     body.filters.to_filters() if body.filters else None, body.min_score)
+                     body.filters.to_filters() if body.filters else None, body.min_score,
+                     **body.shape())
 
 
 def spec_from_upload(content: bytes, kind: str, fields: UploadFields) -> QuerySpec:
     extra = _text_terms(_leading_op(fields.query))
     return QuerySpec([Term("upload", "file", fields.weight)] + extra, (content, kind), fields.k,
-                     fields.filters.to_filters() if fields.filters else None, fields.min_score)
+                     fields.filters.to_filters() if fields.filters else None, fields.min_score,
+                     **fields.shape())
 

@@ -8,12 +8,12 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastPath
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from retrieval import export as cohort
-from retrieval.search import Result
+from retrieval.search import Page
 
 from ..app import Medsearch
 from . import openapi
@@ -29,8 +29,10 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'
                "script-src 'self'; object-src 'none'; frame-ancestors 'none'")
 
 
-def _results(found: list[Result]) -> dict:
-    return {"results": [r.to_json() for r in found]}
+def _results(found: Page) -> JSONResponse:
+    """The page as is: "prob" and "group_count" appear only where they apply, which the
+    response model (published for the schema) would fill with nulls."""
+    return JSONResponse(found.to_json())
 
 
 def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
@@ -59,21 +61,21 @@ def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
     @app.post("/search", tags=["search"], response_model=ResultsBody,
               openapi_extra=openapi.json_request_body(SearchBody),
               responses=openapi.responses(*ALWAYS, 400, 404, 422, 503))
-    async def search(request: Request) -> dict:
+    async def search(request: Request) -> JSONResponse:
         """Text search, with query arithmetic, filters and a score threshold."""
         spec = spec_from_search(validated(SearchBody, await json_body(request)))
-        return _results(await run_in_threadpool(medsearch.query, spec))
+        return _results(await run_in_threadpool(medsearch.page, spec))
 
     @app.post("/similar", tags=["search"], response_model=ResultsBody,
               openapi_extra=openapi.query_body(SimilarBody),
               responses=openapi.responses(*ALWAYS, 400, 404, 415, 422, 503))
-    async def similar(request: Request) -> dict:
+    async def similar(request: Request) -> JSONResponse:
         """Similar cases for an uploaded image (multipart ``file``) or an indexed id (JSON)."""
         if is_multipart(request):
             spec = await upload_spec(request)
         else:
             spec = spec_from_similar(validated(SimilarBody, await json_body(request)))
-        return _results(await run_in_threadpool(medsearch.query, spec))
+        return _results(await run_in_threadpool(medsearch.page, spec))
 
     @app.post("/export", tags=["search"], openapi_extra=openapi.query_body(ExportBody),
               response_class=Response, responses={
@@ -91,13 +93,13 @@ def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
         else:
             body = validated(ExportBody, await json_body(request))
             if body.id is not None:
-                spec = spec_from_similar(SimilarBody(id=body.id, query=body.query, k=body.k,
-                                                     filters=body.filters,
-                                                     min_score=body.min_score))
+                spec = spec_from_similar(SimilarBody.model_construct(
+                    id=body.id, query=body.query, k=body.k, filters=body.filters,
+                    min_score=body.min_score, **body.shape()))
             else:
                 spec = spec_from_search(SearchBody.model_construct(
                     query=body.query, terms=body.terms, k=body.k, filters=body.filters,
-                    min_score=body.min_score))
+                    min_score=body.min_score, **body.shape()))
         found = await run_in_threadpool(medsearch.query, spec)
         rows = cohort.cohort_rows(r.to_json() for r in found)
         data = await run_in_threadpool(cohort.to_bytes, rows, format)

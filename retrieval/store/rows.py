@@ -349,6 +349,32 @@ class Rows:
                                  .where(ImageRow.file_id.in_(file_ids)))
         return files, int(labels or 0)
 
+    # -- groups (one row per patient, study or series: retrieval.ranking) -------------------
+    def group_keys(self, ids: list[int], column: str) -> dict[int, str | None]:
+        """id → its ``column`` value (patient_key, study_uid or series_uid), None when unset."""
+        col = ImageRow.__table__.c[column]
+        out: dict[int, str | None] = {}
+        with self.engine.connect() as conn:
+            for chunk in chunks([int(i) for i in ids]):
+                out.update(conn.execute(select(ImageRow.id, col).where(ImageRow.id.in_(chunk))).all())
+        return out
+
+    def group_members(self, column: str, keys: list[str]) -> dict[str, list[int]]:
+        """key → ids of every stored image whose ``column`` holds that key."""
+        col = ImageRow.__table__.c[column]
+        out: dict[str, list[int]] = {}
+        with self.engine.connect() as conn:
+            for chunk in chunks(list(keys)):
+                for image_id, key in conn.execute(select(ImageRow.id, col).where(col.in_(chunk))):
+                    out.setdefault(key, []).append(int(image_id))
+        return out
+
+    def has_patient_keys(self) -> bool:
+        """Whether any stored image carries a patient key (not so under the PHI policy drop)."""
+        with self.engine.connect() as conn:
+            return conn.scalar(select(ImageRow.id).where(ImageRow.patient_key.is_not(None))
+                               .limit(1)) is not None
+
     # -- integrity ---------------------------------------------------------------------------------
     def integrity(self) -> dict:
         """One snapshot of what `check` compares: the database's own check, row counts, ids with a

@@ -1,0 +1,61 @@
+"""The result-shaping fields /search, /similar and /export accept (and the upload forms, as
+text): one row per group, a probability threshold, paging, near-copy removal, relevance
+feedback; with the bounds a hostile request meets (4xx, never unbounded work)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
+
+from retrieval.query import MAX_FEEDBACK
+from retrieval.ranking import MAX_OFFSET
+
+from ..app import MAX_ID
+
+
+def _integral(value):
+    """JSON's 12.0 is the integer 12 (as JSON Schema says); true is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+FeedbackId = Annotated[Annotated[int, Field(ge=0, le=MAX_ID)], BeforeValidator(_integral)]
+Offset = Annotated[Annotated[int, Field(ge=0, le=MAX_OFFSET)], BeforeValidator(_integral)]
+
+
+class QueryShape(BaseModel):
+    """Fields shared by the query bodies (defaults keep a plain top-k search)."""
+
+    distinct: Literal["patient", "study", "series"] | None = Field(
+        None, description="one row per patient, study or series (its best-scoring image); k "
+                          "counts groups; rows carry group_count")
+    min_prob: float | None = Field(
+        None, ge=0.0, le=1.0, description="every image whose SigLIP match probability for the "
+                                          "text-only query is at least this (uncalibrated)")
+    offset: Offset = 0
+    dedupe: float | None = Field(
+        None, ge=0.0, le=1.0, description="drop a row whose cosine to a higher-ranked kept row "
+                                          "is at least this")
+    relevant: list[FeedbackId] = Field(default_factory=list, max_length=MAX_FEEDBACK,
+                                       description="relevance feedback: ids marked relevant")
+    not_relevant: list[FeedbackId] = Field(default_factory=list, max_length=MAX_FEEDBACK,
+                                           description="ids marked not relevant")
+
+    def shape(self) -> dict:
+        """The QuerySpec keyword arguments these fields stand for."""
+        return {"distinct": self.distinct, "min_prob": self.min_prob, "offset": self.offset,
+                "dedupe": self.dedupe, "relevant": list(self.relevant),
+                "not_relevant": list(self.not_relevant)}
+
+
+class FormQueryShape(QueryShape):
+    """The same as multipart form text: ids as "5,7"."""
+
+    @field_validator("relevant", "not_relevant", mode="before")
+    @classmethod
+    def _comma_ids(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

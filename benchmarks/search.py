@@ -241,8 +241,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "and hnswlib at each (e.g. 16,24,32,48,64,96,128)")
     parser.add_argument("--sweep-nprobe", default="",
                         help="comma-separated nprobe values for the IVF rows (e.g. 4,8,16,32)")
+    parser.add_argument("--min-prob", action="store_true",
+                        help="only the min-prob section (benchmarks/min_prob.py): recall of the "
+                             "widened index search for all vectors above a threshold")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.min_prob:
+        return min_prob_section(args)
     n = 1_000_000 if args.full else args.n
     sweep = tuple(int(v) for v in args.sweep.split(",") if v)
     sweep_nprobe = tuple(int(v) for v in args.sweep_nprobe.split(",") if v)
@@ -289,6 +294,33 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(table(doc))
     return doc
+
+
+def min_prob_section(args) -> dict:
+    """Recall of --min-prob's index path against the exact set, on a store of planted vectors."""
+    import min_prob
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    x, queries = clustered_vectors(args.n, args.dim, min(args.queries, 20))
+    types = [t for t in args.indexes.split(";") if t] or ["HNSW32", "HNSW32,SQ8", "Flat"]
+    log(f"min-prob over {args.n}×{args.dim} planted vectors: {types}")
+    doc = {"section": "min_prob", "n": args.n, "dim": args.dim, "queries": len(queries),
+           "page": min_prob.PAGE, "threads": args.threads, "machine": machine(),
+           "cpu_flags": cpu_flags(), **min_prob.run(x, queries, types, log)}
+    print(json.dumps(doc) if args.json else "\n".join(map(str, doc["rows"])))
+    return doc
+
+
+def cpu_flags() -> list[str]:
+    """The vector instruction sets FAISS and BLAS can use here."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512bw",
+                                             "avx512_vnni", "amx_tile", "neon", "sve"})
 
 
 def machine() -> str:

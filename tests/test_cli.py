@@ -59,8 +59,10 @@ def test_index_search_similar_info_contract(capsys, tiny_model, indexed):
     code, doc, _ = cli(capsys, "search", "left pneumothorax", "--store", str(store), "-k", "3")
     assert code == 0 and len(doc["results"]) == 3
     for r in doc["results"]:
-        assert set(r) == {"id", "path", "frame", "score", "metadata"}
+        assert set(r) == {"id", "path", "frame", "score", "metadata", "prob"}  # a text query
         assert isinstance(r["id"], int) and isinstance(r["score"], float)
+    assert doc["offset"] == 0 and doc["next_offset"] == 3
+    assert doc["query_expression"] == '1:"left pneumothorax"'
 
     code, doc, _ = cli(capsys, "search", "chest", "--store", str(store), "--modality", "CT")
     assert [Path(r["path"]).name for r in doc["results"]] == ["ct"]

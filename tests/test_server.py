@@ -197,7 +197,7 @@ def test_internal_errors_say_nothing(data):
     def boom(*_args, **_kwargs):
         raise RuntimeError("secret detail /data/patient-name")
 
-    app.state.medsearch.searcher.by_vector = boom
+    app.state.medsearch.searcher.page = boom
     with running(app) as url:
         response = httpx.post(f"{url}/search", json={"query": "a"}, timeout=60)
     assert response.status_code == 500
@@ -548,7 +548,7 @@ def test_errors_never_log_request_data(data, caplog):
             def sql_error(*_a, **_k):
                 raise err
 
-            app.state.medsearch.searcher.by_vector = sql_error
+            app.state.medsearch.searcher.page = sql_error
             assert httpx.post(f"{url}/search", json={"query": "a"}, timeout=60).status_code == 500
     logged = "\n".join(r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") +
                        (r.exc_text or "") for r in caplog.records)

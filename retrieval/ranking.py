@@ -161,15 +161,12 @@ class _Reducer:
     def _dedupe(self, hits: list[Hit]) -> list[Hit]:
         import faiss
 
-        unknown = [h.id for h in hits if h.id not in self.vectors]
-        if unknown:
-            raw = self.store.vectors(unknown)
-            raw /= np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
-            self.vectors.update(zip(unknown, raw))
         kept_index = faiss.IndexFlatIP(self.store.dim)
         kept = []
-        for hit in hits:
-            v = self.vectors[hit.id][None, :].astype(np.float32)
+        for at, hit in enumerate(hits):
+            if hit.id not in self.vectors:  # read in blocks, only as far as the page needs
+                self._read([h.id for h in hits[at:at + 1024] if h.id not in self.vectors])
+            v = self.vectors[hit.id][None, :]
             if kept_index.ntotal:
                 nearest, _ = kept_index.search(v, 1)
                 if nearest[0, 0] >= self.opts.dedupe:
@@ -179,6 +176,11 @@ class _Reducer:
             if len(kept) >= self.stop:
                 break
         return kept
+
+    def _read(self, ids: list[int]) -> None:
+        raw = np.ascontiguousarray(self.store.vectors(ids), np.float32)
+        raw /= np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        self.vectors.update(zip(ids, raw))
 
 
 def rank_page(store: Store, vector: np.ndarray, opts: PageOptions, filters: Filters | None = None,

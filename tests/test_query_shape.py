@@ -284,6 +284,16 @@ def test_distinct_patient_is_refused_without_patient_keys(dicom_stores, capsys):
     assert code != 0 and "--distinct" in err and "patient keys" in err
 
 
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).save(out, format="PNG")
+    return out.getvalue()
+
+
 # -- the CLI and the API give the same pages -------------------------------------------------------
 def test_api_and_cli_agree(planted, dicom_stores):
     from fastapi.testclient import TestClient
@@ -315,6 +325,15 @@ def test_api_and_cli_agree(planted, dicom_stores):
         assert again["results"] == fed["results"]
         similar = client.post("/similar", json={"id": 1, "distinct": "study", "k": 3}).json()
         assert len({r["metadata"].get("study_uid") for r in similar["results"]}) == 3
+        upload = client.post("/similar", files={"file": ("q.png", _png())},
+                             data={"distinct": "patient", "k": "2", "offset": "1",
+                                   "relevant": "3,5", "dedupe": "0.99"})
+        assert upload.status_code == 200, upload.text
+        doc = upload.json()
+        assert doc["offset"] == 1 and len(doc["results"]) == 2
+        assert doc["query_expression"] == "1:<upload> + 0.375:#3 + 0.375:#5"
+        form = client.get("/openapi.json").json()["paths"]["/similar"]["post"]["requestBody"]
+        assert form["content"]["multipart/form-data"]["schema"]["properties"]["relevant"]["type"] == "string"
         for bad in ({"distinct": "ward"}, {"min_prob": 2}, {"offset": -1}, {"offset": 100_001},
                     {"dedupe": 1.5}, {"relevant": list(range(33))}):
             assert client.post("/search", json={"query": TEXT, **bad}).status_code in (400, 422), bad

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, field_validator
 
 from retrieval.query import MAX_FEEDBACK
 from retrieval.ranking import MAX_OFFSET
@@ -50,8 +50,18 @@ class QueryShape(BaseModel):
                 "not_relevant": list(self.not_relevant)}
 
 
+_FORM_IDS = WithJsonSchema({"type": "string", "maxLength": 32 * 21,
+                            "pattern": "^[0-9]{1,19}(,[0-9]{1,19}){0,31}$",
+                            "description": "ids separated by commas, e.g. 5,7"})
+
+
 class FormQueryShape(QueryShape):
     """The same as multipart form text: ids as "5,7"."""
+
+    relevant: Annotated[list[FeedbackId], _FORM_IDS] = Field(default_factory=list,
+                                                             max_length=MAX_FEEDBACK)
+    not_relevant: Annotated[list[FeedbackId], _FORM_IDS] = Field(default_factory=list,
+                                                                 max_length=MAX_FEEDBACK)
 
     @field_validator("relevant", "not_relevant", mode="before")
     @classmethod

@@ -22,8 +22,10 @@ METADATA_COLUMNS = (
     "width", "height", "modality", "body_part", "study_date", "study_description",
     "series_description", "view_position", "manufacturer", "study_uid", "series_uid", "sop_uid",
     "patient_sex", "patient_age", "patient_key", "source_kind", "labels")
-COLUMNS = ("rank", "score", "id", "path", "frame") + METADATA_COLUMNS
-_INTEGER_COLUMNS = {"rank", "id", "frame", "width", "height"}
+#: prob: SigLIP match probability (text-only queries); group_count: with distinct, the images
+#: of the row's patient/study/series the query admits (empty cells otherwise).
+COLUMNS = ("rank", "score", "prob", "group_count", "id", "path", "frame") + METADATA_COLUMNS
+_INTEGER_COLUMNS = {"rank", "id", "frame", "width", "height", "group_count"}
 FORMATS = {".csv": "csv", ".json": "json", ".parquet": "parquet"}
 #: A spreadsheet evaluates a cell that begins with one of these (OWASP "CSV injection").
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -36,7 +38,8 @@ def cohort_rows(results: Iterable[dict]) -> list[dict]:
     rows = []
     for rank, result in enumerate(results, 1):
         meta = result.get("metadata", {})
-        row = {"rank": rank, "score": result["score"], "id": result["id"],
+        row = {"rank": rank, "score": result["score"], "prob": result.get("prob"),
+               "group_count": result.get("group_count"), "id": result["id"],
                "path": result["path"], "frame": result.get("frame", 0)}
         for name in METADATA_COLUMNS:
             row[name] = meta.get(name)
@@ -86,7 +89,7 @@ def _parquet(rows: list[dict]) -> bytes:
     import pyarrow.parquet as pq
 
     types = {name: pa.int64() if name in _INTEGER_COLUMNS else pa.string() for name in COLUMNS}
-    types["score"] = pa.float64()
+    types["score"] = types["prob"] = pa.float64()
     schema = pa.schema([(name, types[name]) for name in COLUMNS])
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = io.BytesIO()

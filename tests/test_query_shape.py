@@ -340,6 +340,8 @@ def test_api_and_cli_agree(planted, dicom_stores):
         exported = client.post("/export?format=json", json={"query": TEXT, "distinct": "patient",
                                                               "k": 20})
         assert exported.status_code == 200 and len(exported.json()) == 12
+        assert sum(row["group_count"] or 0 for row in exported.json()) == 30
+        assert all(0 < row["prob"] < 1 for row in exported.json())
     with TestClient(make_app(dicom_stores["drop"]), base_url="http://127.0.0.1") as client:
         refused = client.post("/search", json={"query": TEXT, "distinct": "patient"})
         assert refused.status_code == 400 and "patient keys" in refused.json()["error"]

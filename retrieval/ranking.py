@@ -45,7 +45,9 @@ GROWTH = 4
 #: An approximate index's last candidates are its least reliable: a threshold query asks for
 #: this many times what it needs, and stops widening only once that many times as many
 #: candidates as pass were looked at (recall measured: benchmarks/results/min_prob_50k.json).
-THRESHOLD_MARGIN = 2
+THRESHOLD_MARGIN = 4
+#: Candidates an approximate index scores this close to a threshold are re-scored exactly.
+BOUNDARY = 0.01
 
 
 @dataclass
@@ -202,6 +204,7 @@ def rank_page(store: Store, vector: np.ndarray, opts: PageOptions, filters: Filt
             return store.vector_index.search(vector[None, :], fetch, allowed, store.vectors)
         margin = 1 if _index_is_exact(store) or opts.threshold is None else THRESHOLD_MARGIN
     reduce = _Reducer(store, opts, need)
+    rescored: dict[int, float] = {}
     ceiling = min(total + len(exclude), MAX_CANDIDATES)
     grouped = opts.distinct is not None or opts.dedupe is not None
     fetch = max(1, min(need * (GROWTH if grouped else margin) + len(exclude), ceiling))
@@ -211,6 +214,8 @@ def rank_page(store: Store, vector: np.ndarray, opts: PageOptions, filters: Filt
         hits = [Hit(i, s) for i, s in pairs if i not in exclude]
         below = False
         if opts.threshold is not None:
+            if margin > 1:
+                hits = _exact_near(store, vector, hits, opts.threshold, rescored)
             passing = [h for h in hits if h.score >= opts.threshold]
             below, hits = len(passing) * margin <= len(hits) and len(passing) < len(hits), passing
         units = reduce(hits)
@@ -221,6 +226,21 @@ def rank_page(store: Store, vector: np.ndarray, opts: PageOptions, filters: Filt
     if opts.distinct:
         _count_groups(store, vector, page, reduce.keys, opts, allowed, exclude)
     return page, len(units) > opts.offset + opts.k
+
+
+def _exact_near(store: Store, vector: np.ndarray, hits: list[Hit], threshold: float,
+                cache: dict[int, float]) -> list[Hit]:
+    """Hits re-ranked with exact scores for those an approximate index scored within
+    :data:`BOUNDARY` of the threshold (SQ8 codes are off by ~1e-3), so that what passes a
+    min-prob threshold is decided on the stored vectors."""
+    near = [h.id for h in hits if abs(h.score - threshold) < BOUNDARY and h.id not in cache]
+    for start in range(0, len(near), 4096):
+        part = near[start:start + 4096]
+        cache.update(zip(part, (store.vectors(part) @ vector).tolist()))
+    if not any(h.id in cache for h in hits):
+        return hits
+    exact = [Hit(h.id, cache.get(h.id, h.score)) for h in hits]
+    return sorted(exact, key=lambda h: -h.score)
 
 
 def _count_groups(store: Store, vector: np.ndarray, page: list[Hit], keys: dict,

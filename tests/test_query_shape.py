@@ -159,9 +159,15 @@ def test_group_count_counts_the_images_passing_the_threshold(app):
 
 
 # -- min-prob ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("index_type", ["Flat", "HNSW16"])
-def test_min_prob_returns_exactly_the_images_passing(model, tmp_path, index_type):
+@pytest.mark.parametrize("index_type,scan", [("Flat", True), ("HNSW16", True), ("HNSW16", False)])
+def test_min_prob_returns_exactly_the_images_passing(model, tmp_path, monkeypatch, index_type, scan):
+    """Flat is exact; a small HNSW store is scanned exactly; with the scan turned off the
+    widened index search (its codes re-scored near the threshold) gives the same answer."""
     from medsearch.app import Medsearch
+    from retrieval import ranking
+
+    if not scan:
+        monkeypatch.setattr(ranking, "EXACT_SCAN_LIMIT", 0)
 
     root, _ = _build(tmp_path / "store", model, index_type)
     with Medsearch.open(root) as found:

@@ -35,6 +35,16 @@ def test_search_benchmark_prints_the_contract():
     assert [s["nprobe"] for s in rows["IVF16,SQ8"]["sweep"]] == [2]
 
 
+def test_min_prob_section_measures_recall_against_the_exact_set():
+    doc = run("search.py", "--min-prob", "--n", "4000", "--dim", "32", "--queries", "2",
+              "--indexes", "HNSW16;Flat")
+    assert doc["section"] == "min_prob" and doc["machine"] and "cpu_flags" in doc
+    rows = {(row["index"], row["expected_matches"]): row for row in doc["rows"]}
+    assert set(rows) == {("HNSW16", 100), ("HNSW16", 1000), ("Flat", 100), ("Flat", 1000)}
+    assert rows[("Flat", 1000)]["recall"] == 1.0 and rows[("Flat", 1000)]["precision_is_1"]
+    assert all(0.5 < row["recall"] <= 1.0 for row in rows.values())
+
+
 def test_store_query_benchmark_runs_through_a_real_store():
     doc = run("store_query.py", "--n", "2000", "--queries", "5")
     assert doc["n"] == 2000 and doc["index"] == "Flat"

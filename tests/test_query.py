@@ -32,7 +32,7 @@ def test_parse(text, expected):
 @pytest.mark.parametrize("text, message", [
     ("", "empty"), ("   ", "empty"), ('"effusion" +', "ends with an operator"),
     ("a + - b", "two operators"), ('"unclosed', "unclosed"), ("0:a", "weight 0"),
-    ('""', "empty"), (" + ".join(["a"] * 17), "at most 16"),
+    ('""', "empty"), (" + ".join(["a"] * 81), "at most 80"),
 ])
 def test_parse_errors(text, message):
     with pytest.raises(InputError, match=message):

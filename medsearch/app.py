@@ -298,6 +298,11 @@ class Medsearch:
                     "patient_keys": st.db.has_patient_keys(), "image_size": self._size_or_none()}
 
     def _size_or_none(self) -> int | None:
+        """The model's input size if known without a download (the server has loaded the
+        towers; a local checkpoint folder has its config); else None."""
+        if (self._image_size is None and self.searcher._vision is None
+                and not Path(self.searcher.model_name).expanduser().is_dir()):
+            return None
         try:
             return self.image_size
         except MedsearchError:  # the checkpoint is not here: the store's figures still are

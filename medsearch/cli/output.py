@@ -43,5 +43,10 @@ def results_table(document: dict) -> str:
         meta = r.get("metadata", {})
         tags = " ".join(f"{k}={meta[k]}" for k in ("modality", "body_part", "study_date") if meta.get(k))
         frame = f" [frame {r['frame']}]" if r.get("frame") else ""
-        lines.append(f"{rank:3d}. {r['score']:.4f}  id={r['id']}  {r['path']}{frame}  {tags}".rstrip())
+        extra = (f"  prob={r['prob']:.3f}" if r.get("prob") is not None else "") + \
+            (f"  group_count={r['group_count']}" if r.get("group_count") is not None else "")
+        lines.append(f"{document.get('offset', 0) + rank:3d}. {r['score']:.4f}{extra}  "
+                     f"id={r['id']}  {r['path']}{frame}  {tags}".rstrip())
+    if document.get("next_offset") is not None:
+        lines.append(f"more: --offset {document['next_offset']}")
     return "\n".join(lines)

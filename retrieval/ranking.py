@@ -39,6 +39,8 @@ GROUP_COLUMNS = {"patient": "patient_key", "study": "study_uid", "series": "seri
 EXACT_SCAN_LIMIT = 20_000
 #: The widened search never asks the index for more candidates than this per page.
 MAX_CANDIDATES = 262_144
+#: With dedupe each candidate's stored vector is read: fewer candidates, bounded memory.
+MAX_DEDUPE_CANDIDATES = 32_768
 #: Paging stops here: a page further down costs a search this wide.
 MAX_OFFSET = 100_000
 GROWTH = 4
@@ -205,7 +207,8 @@ def rank_page(store: Store, vector: np.ndarray, opts: PageOptions, filters: Filt
         margin = 1 if _index_is_exact(store) or opts.threshold is None else THRESHOLD_MARGIN
     reduce = _Reducer(store, opts, need)
     rescored: dict[int, float] = {}
-    ceiling = min(total + len(exclude), MAX_CANDIDATES)
+    ceiling = min(total + len(exclude),
+                  MAX_CANDIDATES if opts.dedupe is None else MAX_DEDUPE_CANDIDATES)
     grouped = opts.distinct is not None or opts.dedupe is not None
     fetch = max(1, min(need * (GROWTH if grouped else margin) + len(exclude), ceiling))
     while True:

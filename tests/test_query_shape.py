@@ -301,6 +301,22 @@ def _png() -> bytes:
 
 
 # -- the CLI and the API give the same pages -------------------------------------------------------
+def test_export_dedupe_and_distinct(planted, tmp_path):
+    import json
+
+    root = str(planted[0])
+    doc = cli("export", "--query", TEXT, "--dedupe", "0.99", "-k", "40", "--out",
+              str(tmp_path / "d.json"), "--store", root)
+    rows = json.loads((tmp_path / "d.json").read_text())
+    assert doc["rows"] == len(rows) == 29   # 30 images, one of the planted pair dropped
+    assert sum(r["path"].startswith("/data/copy-") for r in rows) == 1
+    cli("export", "--query", TEXT, "--distinct", "series", "-k", "40", "--offset", "2", "--out",
+        str(tmp_path / "s.json"), "--store", root)
+    series = json.loads((tmp_path / "s.json").read_text())
+    # every planted image is its own series (4 per patient) or has none: 30 groups, 2 skipped
+    assert len(series) == 28 and all(r["group_count"] == 1 for r in series)
+
+
 def test_api_and_cli_agree(planted, dicom_stores):
     from fastapi.testclient import TestClient
 

@@ -68,7 +68,8 @@ def cards(driver) -> list[dict]:
 
 def results_after(driver, action, what) -> list[dict]:
     """Do ``action`` and wait for a new result grid with every thumbnail loaded."""
-    driver.execute_script("document.getElementById('status').textContent = '';")
+    driver.execute_script("const s = document.getElementById('status'); "
+                          "if (s) s.textContent = '';")
     action()
     wait(lambda: "result" in driver.find_element("id", "status").text
          or not driver.find_element("id", "error").get_attribute("hidden"), what=what)

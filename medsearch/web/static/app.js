@@ -282,7 +282,10 @@ function card(r, rank) {
   }
   li.append(img, meta);
   li.addEventListener("click", () => openDetail(r.id, li));
-  li.addEventListener("keydown", (e) => { if (e.key === "Enter") openDetail(r.id, li); });
+  li.addEventListener("keydown", (e) => {
+    // preventDefault: the Enter would otherwise go on to press the panel's focused close button
+    if (e.key === "Enter") { e.preventDefault(); openDetail(r.id, li); }
+  });
   return li;
 }
 

@@ -109,13 +109,18 @@ async function openDetail(id, from) {
     const row = await getJSON(`/images/${id}`);
     if (detailId !== id) return;   // another result was opened meanwhile
     const list = $("detail-meta");
-    for (const [key, value] of Object.entries(row)) {
-      if (key === "metadata" && value && typeof value === "object") {
-        for (const [name, v] of Object.entries(value)) addField(list, name, v);
-      } else if (key === "labels" && Array.isArray(value)) {
+    const field = (key, value) => {
+      if (key === "labels" && Array.isArray(value)) {
         addField(list, "labels", value.length ? value.map(labelText).join("; ") : "none");
       } else {
         addField(list, key, value);
+      }
+    };
+    for (const [key, value] of Object.entries(row)) {
+      if (key === "metadata" && value && typeof value === "object") {
+        for (const [name, v] of Object.entries(value)) field(name, v);
+      } else {
+        field(key, value);
       }
     }
   } catch (err) {

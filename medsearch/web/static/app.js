@@ -302,7 +302,7 @@ function render(results, label, millis, append) {
   $("more-button").hidden = !current || current.next === null || current.next === undefined;
   $("feedback-button").hidden = !(features.shape && marks.size && current && current.request.kind !== "cohort");
   $("save-cohort").hidden = !(features.cohorts && current && current.request.kind !== "cohort");
-  $("export-button").disabled = !current || current.request.kind === "cohort";
+  $("export-tools").hidden = !current || current.request.kind === "cohort";  // it has its own links
 }
 
 async function exportResults() {

@@ -55,6 +55,11 @@ def test_search_in_the_fragment_reloads_in_a_fresh_browser_and_goes_back(site, b
     assert location["search"] == ""  # the text never reaches the server's access log
     assert "q=pleural+effusion" in location["hash"] and "k=5" in location["hash"]
     shared = driver.current_url
+    # Only the page's own files, and nothing its policy had to block.
+    loaded = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded and all(name.startswith(url + "/") for name in loaded), loaded
+    assert not [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
 
     # The link opened in a fresh browser (no history, no storage) shows the same results.
     fresh = new_driver(tmp_path / "downloads")

@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import os
 import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -18,19 +16,12 @@ import pytest
 from sqlalchemy import select
 
 from .conftest import PYDICOM_TEST_FILES, write_images
+from .page import SHOTS, api, needs_chromium, new_driver, results_after, set_value, wait
 from .serving import index_store, make_app, running
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "web"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--disable-dev-shm-usage", "--window-size=1400,1000")
 TOKEN = "web-token-0123456789abcdef"
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
-    reason="needs Debian's chromium and chromium-driver (scripts/install-test-services.sh)")
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -46,66 +37,9 @@ def site(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium fetch a driver or browser
-    downloads = tmp_path_factory.mktemp("downloads")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior",
-                           {"behavior": "allow", "downloadPath": str(downloads)})
-    driver.downloads = downloads
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    driver = new_driver(tmp_path_factory.mktemp("downloads"))
     yield driver
     driver.quit()
-
-
-def wait(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def cards(driver) -> list[dict]:
-    return driver.execute_script("""
-        return [...document.querySelectorAll('#results .card')].map(c => ({
-          id: Number(c.dataset.id), score: c.querySelector('.score').textContent,
-          tags: c.querySelector('.tags').textContent,
-          loaded: c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}));""")
-
-
-def results_after(driver, action, what) -> list[dict]:
-    """Do ``action`` and wait for a new result grid with every thumbnail loaded."""
-    driver.execute_script("document.getElementById('results').dataset.old = '1';"
-                          "document.getElementById('status').textContent = '';")
-    action()
-    wait(lambda: "result" in driver.find_element("id", "status").text
-         or not driver.find_element("id", "error").get_attribute("hidden"), what=what)
-    error = driver.find_element("id", "error")
-    assert error.get_attribute("hidden"), error.text
-    wait(lambda: all(c["loaded"] for c in cards(driver)), what=f"thumbnails of {what}")
-    return cards(driver)
-
-
-def set_value(driver, element_id: str, value: str) -> None:
-    driver.execute_script("document.getElementById(arguments[0]).value = arguments[1];",
-                          element_id, value)
-
-
-def api(url: str, path: str, **kwargs) -> list[dict]:
-    return httpx.post(f"{url}{path}", timeout=60, **kwargs).json()["results"]
 
 
 def test_search_filter_similar_drop_and_export(site, browser):
@@ -142,11 +76,14 @@ def test_search_filter_similar_drop_and_export(site, browser):
     driver.save_screenshot(str(SHOTS / "2-label-filter.png"))
     set_value(driver, "f-label", "")
 
-    # A click on a result runs a similar-case search for it.
+    # A click on a result opens its detail panel; "similar to this" runs a similar-case search.
     results_after(driver, lambda: box.submit(), "text search again")
     first = driver.find_elements("css selector", "#results .card")[0]
     clicked = int(first.get_attribute("data-id"))
-    found = results_after(driver, first.click, "similar search")
+    first.click()
+    wait(lambda: driver.find_element("id", "detail").is_displayed(), what="detail panel")
+    found = results_after(driver, driver.find_element("id", "detail-similar").click,
+                          "similar search")
     assert driver.find_element("id", "summary").text == f"similar to image #{clicked}"
     assert [c["id"] for c in found] == [r["id"] for r in api(url, "/similar", json={"id": clicked, "k": 24})]
     assert clicked not in [c["id"] for c in found]

@@ -281,6 +281,23 @@ class Medsearch:
         """One indexed image's stored metadata, its path shown as ``redact_paths`` says."""
         return self.searcher.redact.row(self._stored_row(image_id))
 
+    def duplicates(self, threshold: float = 0.98, *, slices: bool = False,
+                   limit: int | None = None) -> dict:
+        """Groups of near-identical stored images (retrieval.duplicates), each member's path
+        shown as ``redact_paths`` says; ``limit`` caps the groups listed, not those counted."""
+        from retrieval.duplicates import store_duplicates
+
+        self.refresh()
+        with self.store_lock:
+            found = store_duplicates(self.store, threshold, slices=slices)
+            listed = found["groups"][:limit] if limit is not None else found["groups"]
+            rows = self.store.rows(sorted({i for g in listed for i in g["ids"]}))
+        for group in listed:
+            group["images"] = [{"id": i, "path": self.searcher.redact(rows[i]["path"]),
+                                "frame": rows[i]["frame"]} for i in group["ids"] if i in rows]
+        found.update(groups_total=len(found["groups"]), groups=listed)
+        return found
+
     def info(self) -> dict:
         """Model, dimension, counts and index type of the store (`medsearch info`, /stats)."""
         self.refresh()

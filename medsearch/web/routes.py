@@ -3,6 +3,7 @@ each a thin shell over the application object."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,6 +34,26 @@ def _results(found: Page) -> JSONResponse:
     """The page as is: "prob" and "group_count" appear only where they apply, which the
     response model (published for the schema) would fill with nulls."""
     return JSONResponse(found.to_json())
+
+
+class DuplicateRuns:
+    """The last duplicates answer per (threshold, slices) for the store as it is now: the scan
+    reads every vector, so a second request for an unchanged store is served from here."""
+
+    def __init__(self, medsearch: Medsearch) -> None:
+        self.medsearch, self.lock, self.cached = medsearch, threading.Lock(), {}
+
+    def get(self, threshold: float, slices: bool, limit: int) -> dict:
+        with self.lock:  # one scan at a time: a burst of requests cannot multiply the work
+            self.medsearch.refresh()
+            key = (round(threshold, 6), slices, self.medsearch.store.count,
+                   self.medsearch.store.db.db_max_id())
+            if key not in self.cached:
+                self.cached = {key: self.medsearch.duplicates(threshold, slices=slices,
+                                                              limit=1000)}
+            doc = dict(self.cached[key])
+        doc["groups"] = doc["groups"][:limit]
+        return doc
 
 
 def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
@@ -122,6 +143,17 @@ def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
             args = (body.id, None, body.labels, body.preset, body.templates,
                     body.max_entropy, body.min_margin)
         return await run_in_threadpool(medsearch.classify, *args)
+
+    duplicate_runs = DuplicateRuns(medsearch)
+
+    @app.get("/duplicates", tags=["images"], responses=openapi.responses(*ALWAYS, 422, 503))
+    async def duplicates(
+            threshold: Annotated[float, Query(ge=0.9, le=1.0)] = 0.98,
+            slices: bool = False,
+            limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+        """Groups of near-identical stored images. One run per store version and settings is
+        computed and shared, so repeated requests cost nothing."""
+        return await run_in_threadpool(duplicate_runs.get, threshold, slices, limit)
 
     @app.get("/images/{image_id}", tags=["images"],
              responses=openapi.responses(*ALWAYS, 404, 422, 503))

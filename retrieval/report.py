@@ -201,6 +201,13 @@ def eval_html(result: dict, figures: dict[str, bytes]) -> str:
     parts = [f"<p>Manifest: {_e(result.get('manifest', '–'))}<br>Model: {_e(result.get('model', '–'))}"
              f"<br>Images evaluated: {result['n_images']} (failed: {len(result.get('failures', []))})"
              f"<br>Prompt templates: {_e(', '.join(result.get('templates', [])))}</p>"]
+    leakage = result.get("leakage")
+    if leakage:
+        from .leakage import describe
+
+        listed = "".join(f"<li>{_e(path)}</li>" for path in leakage.get("paths", []))
+        parts.append(f"<h2>Train/test leakage</h2><p>{_e(describe(leakage))}.</p>"
+                     + (f"<ul>{listed}</ul>" if listed else ""))
     rows = [[f"<td>{_e(label)}</td>", f"<td class=\"num\">{result['label_counts'][label]}</td>",
              f"<td class=\"num\">{_num(zs['auc']['per_label'].get(label))}</td>",
              f"<td class=\"num\">{_num(tr['per_label'].get(label, {}).get('ap'))}</td>",

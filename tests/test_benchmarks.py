@@ -45,6 +45,12 @@ def test_min_prob_section_measures_recall_against_the_exact_set():
     assert all(0.5 < row["recall"] <= 1.0 for row in rows.values())
 
 
+def test_duplicates_benchmark_finds_the_planted_copies():
+    doc = run("duplicates.py", "--n", "3000", "--copies", "30", "--dim", "64")
+    assert doc["benchmark"] == "duplicates" and doc["machine"]["cores"]
+    assert doc["recall_planted"] == 1.0 and doc["false_pairs"] == 0
+
+
 def test_store_query_benchmark_runs_through_a_real_store():
     doc = run("store_query.py", "--n", "2000", "--queries", "5")
     assert doc["n"] == 2000 and doc["index"] == "Flat"

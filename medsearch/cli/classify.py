@@ -120,6 +120,34 @@ def _stored_vectors(st: Store, paths: list[str]) -> dict[str, np.ndarray]:
     return st.vectors_for_paths(paths)
 
 
+def _stored_keys(st: Store, paths: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """path → (patient key, Study Instance UID) of the indexed paths, for the leakage check."""
+    out = {}
+    for path in paths:
+        ids = sorted(st.ids_for_path(path))
+        if ids:
+            meta = st.rows(ids[:1])[ids[0]]["metadata"]
+            out[path] = (meta.get("patient_key"), meta.get("study_uid"))
+    return out
+
+
+def _leakage(kept: list, vectors: dict, keys: dict | None, threshold: float,
+             kinds: str) -> dict | None:
+    """Train/test leaks of the kept manifest rows (None without a train/test split)."""
+    from retrieval.leakage import find_leaks
+
+    splits = [r.split for r in kept]
+    if not {"train", "test"} <= set(splits):
+        return None
+    doc = find_leaks(splits, np.stack([vectors[r.path] for r in kept]),
+                     patient_keys=[keys.get(r.path, (None, None))[0] for r in kept] if keys is not None else None,
+                     study_uids=[keys.get(r.path, (None, None))[1] for r in kept] if keys is not None else None,
+                     threshold=threshold,
+                     kinds=tuple(k.strip().replace("-", "_") for k in kinds.split(",") if k.strip()))
+    doc["paths"] = [kept[i].path for i in doc["leaking"][:200]]
+    return doc
+
+
 def _indexed_ids(st: Store, file: Path) -> set[int]:
     """Ids of the images of ``file`` if it is itself indexed (so it is not its own similar case)."""
     return st.ids_for_path(str(file.expanduser().absolute()))
@@ -160,9 +188,18 @@ def eval_cmd(
         "--preset", help="Use this preset's prompt templates (labels come from the manifest).")] = None,
     ks: Annotated[str, typer.Option("--ks", help="Comma-separated k values for @k metrics.")] = "1,5,10",
     folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds of the linear probe.")] = 5,
+    leak_threshold: Annotated[float, typer.Option(
+        min=0.5, max=1.0, help="Cosine at which a test image counts as a near-copy of a train image.")] = 0.98,
+    leak_by: Annotated[str, typer.Option(
+        help="Which leaks to look for: patient, study, near-duplicate (comma-separated).")
+    ] = "patient,study,near-duplicate",
+    drop_leaks: Annotated[bool, typer.Option(
+        "--drop-leaks", help="Evaluate without the test images that leak (same patient, study "
+                             "or a near-copy in train).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Zero-shot AUC, text→image and similar-case retrieval, and a linear probe on a labelled set."""
+    """Zero-shot AUC, text→image and similar-case retrieval, and a linear probe on a labelled set;
+    with a train/test split, test images that leak from train are counted (and can be dropped)."""
     from retrieval.evaluation import evaluate, read_manifest, vocabulary
     from retrieval.report import eval_figures, eval_html, write_html
     from retrieval.zeroshot import DEFAULT_TEMPLATES, check_template
@@ -182,11 +219,12 @@ def eval_cmd(
     started = time.perf_counter()
     failures: list[dict] = []
     vectors: dict[str, np.ndarray] = {}
-    decode = None
+    decode, keys = None, None
     if store is not None:
         st = Store.open(store, readonly=True, db=cfg.db)
         found = searcher(cfg, st, model)
         vectors = _stored_vectors(st, [r.path for r in rows])
+        keys = _stored_keys(st, [r.path for r in rows])
         decode = st.manifest.decode
         get_text = lambda: found.text_encoder  # noqa: E731
         get_vision = lambda: found.vision_encoder  # noqa: E731
@@ -200,6 +238,15 @@ def eval_cmd(
         note(f"embedding {len(missing)} image(s) not in the store")
         vectors.update(_embed_files(get_vision(), missing, cfg.batch_size, failures, decode))
     kept = [r for r in rows if r.path in vectors]
+    leakage = _leakage(kept, vectors, keys, leak_threshold, leak_by)
+    if leakage is not None:
+        leakage["dropped"] = 0
+        if drop_leaks and leakage["leaking"]:
+            leaking = set(leakage["leaking"])
+            kept = [r for i, r in enumerate(kept) if i not in leaking]
+            leakage["dropped"] = len(leaking)
+    elif drop_leaks:
+        raise InputError(f"{manifest}: --drop-leaks needs a split column with train and test rows")
     labels = vocabulary([r.labels for r in kept])
     if len(kept) < 2 or len(labels) < 2:
         raise InputError(f"{manifest}: need at least two usable images and two labels to evaluate "
@@ -213,7 +260,8 @@ def eval_cmd(
     result.update({"manifest": str(manifest), "model": text.checkpoint.name,
                    "templates": templates, "ks": list(k_values), "from_store": from_store,
                    "embedded": len(kept) - min(from_store, len(kept)), "failures": failures,
-                   "seconds": round(time.perf_counter() - started, 3), "notice": RESEARCH_NOTICE})
+                   "seconds": round(time.perf_counter() - started, 3), "notice": RESEARCH_NOTICE,
+                   "leakage": leakage})
     out.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out / "eval.json", out / "eval.html"
     json_path.write_text(json.dumps(result, indent=2))
@@ -239,6 +287,10 @@ def eval_cmd(
         elif probe:
             lines.append(f"linear probe ({probe['protocol']}) macro AUC {fmt(probe['auc']['macro'])}"
                          + (f", accuracy {fmt(probe['accuracy'])}" if "accuracy" in probe else ""))
+        if d.get("leakage"):
+            from retrieval.leakage import describe
+
+            lines.append(describe(d["leakage"]))
         lines.append(f"wrote {d['json']} and {d['html']}")
         return "\n".join(lines)
 

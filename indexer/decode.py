@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from retrieval.model.preprocess import expand_planes, model_planes
+from retrieval.region import Region
 
 from .dicom import (NoImage, dicom_metadata, frame_count, no_image_reason, patient_key,
                     read_dataset)
@@ -30,6 +31,7 @@ class DecodeOptions:
     phi_secret: bytes = field(default=b"", repr=False)  # the store's key: never in logs
     window: str = "file"           # file | auto | a CT preset (indexer.pixels.PRESETS)
     frame: int | None = None       # one given frame instead of the policy's (a preview)
+    region: Region | None = None   # a box cut from the displayed image before the recipe
 
 
 @dataclass
@@ -95,9 +97,15 @@ def wanted_frames(count: int, options: DecodeOptions) -> list[int]:
     return [options.frame]
 
 
-def _frame(index: int, pixels: np.ndarray, size: int) -> DecodedFrame:
-    return DecodedFrame(index, int(pixels.shape[1]), int(pixels.shape[0]),
-                        model_planes(pixels, size).numpy())
+def _frame(index: int, pixels: np.ndarray, options: DecodeOptions) -> DecodedFrame:
+    width, height = int(pixels.shape[1]), int(pixels.shape[0])
+    if options.region is not None:
+        try:
+            x0, y0, x1, y1 = options.region.box(width, height, options.image_size)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+        pixels = pixels[y0:y1, x0:x1]
+    return DecodedFrame(index, width, height, model_planes(pixels, options.image_size).numpy())
 
 
 def _image_frames(data: str | bytes, options: DecodeOptions, result: Decoded) -> list[DecodedFrame]:
@@ -105,7 +113,7 @@ def _image_frames(data: str | bytes, options: DecodeOptions, result: Decoded) ->
         result.frame_count = count
         return wanted_frames(count, options)
 
-    return [_frame(i, px, options.image_size) for i, px in image_frames(data, choose)]
+    return [_frame(i, px, options) for i, px in image_frames(data, choose)]
 
 
 def _dicom_frames(data: str | bytes, options: DecodeOptions, result: Decoded) -> list[DecodedFrame]:
@@ -119,8 +127,7 @@ def _dicom_frames(data: str | bytes, options: DecodeOptions, result: Decoded) ->
     result.frame_count = frame_count(ds)
     wanted = wanted_frames(result.frame_count, options)
     path = None if isinstance(data, (bytes, bytearray)) else data
-    return [_frame(i, px, options.image_size)
-            for i, px in dicom_frames(ds, path, wanted, options.window)]
+    return [_frame(i, px, options) for i, px in dicom_frames(ds, path, wanted, options.window)]
 
 
 def decode_source(source: SourceFile, options: DecodeOptions,

@@ -147,11 +147,11 @@ class Indexer(IndexRun):
 
 
 def query_image_vector(encoder: VisionEncoder, file: str | Path,
-                       decode: dict | None = None) -> np.ndarray:
+                       decode: dict | None = None, region=None) -> np.ndarray:
     """Embed a query file decoded as the store's images were (``decode``: its manifest's
-    recorded settings, None for the defaults)."""
+    recorded settings, None for the defaults), or only a ``region`` (retrieval.region) of it."""
     from .view import DecodeSettings, read_image
 
     image = read_image(file, image_size=encoder.image_size,
-                       settings=DecodeSettings.from_manifest(decode).for_query())
+                       settings=DecodeSettings.from_manifest(decode).for_query(), region=region)
     return encoder.embed_batch(torch.from_numpy(image.tensor[None]))[0]

@@ -18,6 +18,7 @@ import torch
 
 from retrieval.errors import InputError, NotFoundError
 from retrieval.model.preprocess import model_input_to_uint8
+from retrieval.region import Region
 
 from .decode import Decoded, DecodeOptions, decode_source
 from .sources import SourceFile, classify, content_kind
@@ -94,15 +95,16 @@ class ModelImage:
 
 def read_image(source: str | Path | bytes, *, image_size: int,
                settings: DecodeSettings = DecodeSettings(), frame: int | None = None,
-               isolated: bool = False) -> ModelImage:
+               isolated: bool = False, region: Region | None = None) -> ModelImage:
     """One frame of a file (or of a file's bytes) as the model sees it.
 
     ``frame=None`` takes the first frame ``settings.frames`` selects (what indexing embeds
     first); ``isolated`` decodes in a child process under memory and time limits
     (:mod:`indexer.isolation`), for bytes from outside. Raises :class:`InputError` naming the
-    file (or "upload") and the reason.
+    file (or "upload") and the reason. ``region``: embed only that box of the displayed image
+    (retrieval.region), cut before padding and resizing.
     """
-    decoded = _decode(source, _options(image_size, settings, frame), isolated)
+    decoded = _decode(source, _options(image_size, settings, frame, region), isolated)
     first = decoded.frames[0]
     return ModelImage(first.index, decoded.frame_count, first.tensor)
 
@@ -115,19 +117,20 @@ def read_images(source: str | Path | bytes, *, image_size: int,
 
 
 def read_stored(path: str, frame: int, *, image_size: int,
-                decode: dict | None = None) -> ModelImage:
+                decode: dict | None = None, region: Region | None = None) -> ModelImage:
     """An indexed image (its path and frame from the store) decoded again with the settings
     the store recorded (``manifest.decode``), as it was embedded."""
     if not Path(path).is_file():
         raise NotFoundError(f"{path}: the source file is no longer there")
     return read_image(path, image_size=image_size, settings=DecodeSettings.from_manifest(decode),
-                      frame=frame)
+                      frame=frame, region=region)
 
 
-def _options(image_size: int, settings: DecodeSettings, frame: int | None) -> DecodeOptions:
+def _options(image_size: int, settings: DecodeSettings, frame: int | None,
+             region: Region | None = None) -> DecodeOptions:
     # phi "drop": what a user hands in is decoded for its pixels; its header is not kept
     return DecodeOptions(image_size=image_size, frames=settings.frames, phi_policy="drop",
-                         window=settings.window, frame=frame)
+                         window=settings.window, frame=frame, region=region)
 
 
 def _decode(source: str | Path | bytes, options: DecodeOptions, isolated: bool) -> Decoded:

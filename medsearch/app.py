@@ -65,6 +65,7 @@ class QuerySpec:
     dedupe: float | None = None          # drop rows this close (cosine) to a kept higher one
     relevant: list[int] = field(default_factory=list)       # Rocchio feedback
     not_relevant: list[int] = field(default_factory=list)
+    region: Region | None = None         # a box on the query image (its one image term)
 
 
 class Medsearch:
@@ -198,26 +199,29 @@ class Medsearch:
             raise NotFoundError(f"no indexed image with id {missing[0]}")
         return found
 
-    def embed_upload(self, content: bytes, kind: str) -> np.ndarray:
-        """The unit vector of an uploaded file's bytes (``kind``: png, jpeg or dicom)."""
+    def embed_upload(self, content: bytes, kind: str, region=None) -> np.ndarray:
+        """The unit vector of an uploaded file's bytes (``kind``: png, jpeg or dicom), or of
+        only a ``region`` (retrieval.region.Region) of the image."""
         import torch
 
         try:
             with self.decode_slots:  # bounds the memory that concurrent large uploads take
-                tensor = self.decode_upload(content, kind, self.image_size, self.decode)
+                tensor = self.decode_upload(content, kind, self.image_size, self.decode,
+                                            region=region)
         except MedsearchError as exc:
             raise UndecodableImageError(
                 f"the uploaded {kind.upper()} could not be decoded: {exc}") from None
         with self.vision_lock:
             return self.searcher.vision_encoder.embed_batch(torch.from_numpy(tensor[None]))[0]
 
-    def embed_file(self, path: str | Path) -> np.ndarray:
+    def embed_file(self, path: str | Path, region=None) -> np.ndarray:
         """The unit vector of an image file named by the local user (never by a request),
         decoded as the store's images were."""
         from indexer.pipeline import query_image_vector
 
         with self.vision_lock:
-            return query_image_vector(self.searcher.vision_encoder, Path(path), self.decode)
+            return query_image_vector(self.searcher.vision_encoder, Path(path), self.decode,
+                                      region)
 
     def query(self, spec: QuerySpec, *, local_files: bool = False) -> list[Result]:
         """Ranked results of a query (text, ids, an upload, with arithmetic and filters): the
@@ -235,7 +239,8 @@ class Medsearch:
         if spec.relevant or spec.not_relevant:
             terms = rocchio(terms, spec.relevant, spec.not_relevant)
         self._check_ids([int(t.value) for t in terms if t.kind == "id"])
-        if spec.upload:
+        term_vectors = self._region_vector(spec, local_files) if spec.region else None
+        if spec.upload and not term_vectors:
             upload_vector = self.embed_upload(*spec.upload)
             image_vector = lambda term: upload_vector  # noqa: E731
         else:
@@ -243,7 +248,42 @@ class Medsearch:
         opts = PageOptions(k=spec.k, offset=spec.offset, distinct=spec.distinct,
                            dedupe=spec.dedupe)
         return self.searcher.page(terms, opts, spec.filters, spec.min_score, spec.min_prob,
-                                  image_vector=image_vector)
+                                  image_vector=image_vector, term_vectors=term_vectors)
+
+    def _region_vector(self, spec: QuerySpec, local_files: bool) -> dict[Term, np.ndarray]:
+        """The vector of the query image's region, for its one image term."""
+        images = [t for t in spec.terms if t.kind != "text"]
+        if len(images) != 1:
+            raise InputError("a region applies to one query image: give exactly one image (an "
+                             "upload, one #id or one file) with it", setting="region")
+        term, region = images[0], spec.region
+        if term.kind == "upload":
+            return {term: self.embed_upload(*spec.upload, region=region)}
+        if term.kind == "file":
+            if not local_files:
+                raise InputError("a file term is read only on the command line", setting="region")
+            return {term: self.embed_file(term.value, region=region)}
+        row = self._check_ids([int(term.value)])[int(term.value)]
+        meta = row["metadata"]
+        try:  # checked on the stored size first: a clear reason, and no decoding for nothing
+            region.box(int(meta["width"]), int(meta["height"]), self.image_size)
+        except ValueError as exc:
+            raise InputError(str(exc), setting="region") from None
+        return {term: self.embed_stored(row, region)}
+
+    def embed_stored(self, row: dict, region=None) -> np.ndarray:
+        """The unit vector of an indexed image decoded again (only ``region`` of it)."""
+        import torch
+
+        try:
+            with self.decode_slots:
+                tensor = self.decode_stored(row["path"], int(row["frame"]), self.image_size,
+                                            self.decode, region=region)
+        except MedsearchError as exc:
+            reason = str(exc).replace(row["path"], self.searcher.redact(row["path"]))
+            raise NotFoundError(f"image {row['id']} cannot be read again: {reason}") from None
+        with self.vision_lock:
+            return self.searcher.vision_encoder.embed_batch(torch.from_numpy(tensor[None]))[0]
 
     def classify(self, image_id: int | None = None, upload: tuple[bytes, str] | None = None,
                  labels: list[str] | None = None, preset: str | None = None,

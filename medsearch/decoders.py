@@ -8,7 +8,8 @@ import numpy as np
 from retrieval.errors import InputError, NotFoundError
 
 
-def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = None) -> np.ndarray:
+def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = None,
+                  region=None) -> np.ndarray:
     """An uploaded file's bytes → model input, decoded from memory exactly as the indexer
     decodes the store's files (``decode``: its manifest's record; a query is one picture, so
     its middle frame), but in a child process with memory and time limits: a crafted upload
@@ -17,18 +18,20 @@ def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = No
 
     settings = DecodeSettings.from_manifest(decode).for_query()
     try:
-        return read_image(content, image_size=size, settings=settings, isolated=True).tensor
+        return read_image(content, image_size=size, settings=settings, isolated=True,
+                          region=region).tensor
     except InputError as exc:  # the server says "the uploaded … could not be decoded: …"
         raise InputError(str(exc).removeprefix(f"{UPLOAD_NAME}: ")) from None
 
 
-def decode_stored(path: str, frame: int, size: int, decode: dict | None = None) -> np.ndarray:
+def decode_stored(path: str, frame: int, size: int, decode: dict | None = None,
+                  region=None) -> np.ndarray:
     """An indexed source's frame → model input (for previews), decoded with the settings the
     store recorded (``decode``: its manifest's); the path comes from the store."""
     from indexer.view import read_stored
 
     try:
-        return read_stored(path, frame, image_size=size, decode=decode).tensor
+        return read_stored(path, frame, image_size=size, decode=decode, region=region).tensor
     except NotFoundError as exc:  # gone: say so, not "cannot decode"
         raise InputError(str(exc).removeprefix(f"{path}: ")) from None
     except InputError as exc:

@@ -139,12 +139,16 @@ class Searcher:
         return self.by_vector(self.id_vector(image_id), k, filters, min_score, exclude)
 
     # -- query arithmetic (retrieval.query) ----------------------------------------------------
-    def terms_vector(self, terms: list, image_vector=None) -> np.ndarray:
+    def terms_vector(self, terms: list, image_vector=None,
+                     term_vectors: dict | None = None) -> np.ndarray:
         """Combine weighted text / #id / image terms; ``image_vector(term)`` embeds file or
-        upload terms (the caller decodes them: retrieval never reads arbitrary files)."""
+        upload terms (the caller decodes them: retrieval never reads arbitrary files);
+        ``term_vectors`` gives the vector of particular terms (e.g. a region of an image)."""
         from .query import query_vector
 
         def vector_of(term) -> np.ndarray:
+            if term_vectors and term in term_vectors:
+                return term_vectors[term]
             if term.kind == "text":
                 return self.text_vector(term.value)
             if term.kind == "id":
@@ -167,7 +171,7 @@ class Searcher:
 
     def page(self, terms: list, opts, filters: Filters | None = None,
              min_score: float | None = None, min_prob: float | None = None,
-             image_vector=None) -> Page:
+             image_vector=None, term_vectors: dict | None = None) -> Page:
         """One page of a query with arithmetic (retrieval.ranking: thresholds, distinct,
         dedupe, paging); positive #id terms are the query's examples and left out. Text-only
         queries carry ``prob``: SigLIP's sigmoid of the query vector's cosine (for one text
@@ -194,7 +198,7 @@ class Searcher:
         opts.exact_scan = min_prob is not None
         exclude = {int(t.value) for t in terms if t.kind == "id" and t.weight > 0}
         with self.text_lock:
-            vector = self.terms_vector(terms, image_vector)
+            vector = self.terms_vector(terms, image_vector, term_vectors)
         with self.index_lock:
             hits, more = rank_page(self.store, vector, opts, filters, exclude)
             rows = self.store.rows([h.id for h in hits])

@@ -20,7 +20,7 @@ from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, Jso
                       build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
 from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
-                            RelevantOpt, spec_fields)
+                            RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
 
 
 @app.command("make-test-model")
@@ -258,10 +258,12 @@ def similar_cmd(
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
     label: LabelOpt = None, distinct: DistinctOpt = None, offset: OffsetOpt = 0,
     dedupe: DedupeOpt = None, relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None,
-    json_out: JsonOpt = False,
+    region: RegionOpt = None, region_space: RegionSpaceOpt = "image", json_out: JsonOpt = False,
 ) -> None:
-    """Find similar cases for an image file, or for an indexed image by --id."""
+    """Find similar cases for an image file, or for an indexed image by --id (or a --region
+    of either)."""
     from retrieval.query import Term
+    from retrieval.region import Region
 
     if (file is None) == (image_id is None):
         raise InputError("give either a FILE or --id N (one of them)")
@@ -270,7 +272,8 @@ def similar_cmd(
     terms = [Term("id", image_id, 1.0) if image_id is not None else Term("file", str(file), 1.0)]
     with Medsearch.from_settings(cfg, model=model) as found:
         spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, None, offset, dedupe, relevant, not_relevant))
+            distinct, None, offset, dedupe, relevant, not_relevant),
+            region=Region.parse(region, region_space))
         page = found.page(spec, local_files=True)
     emit(page.to_json(), json_out, results_table)
 

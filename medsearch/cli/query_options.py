@@ -27,6 +27,14 @@ NotRelevantOpt = Annotated[Optional[str], typer.Option(
     "--not-relevant", help="Relevance feedback: ids marked not relevant, e.g. 9.")]
 
 
+RegionOpt = Annotated[Optional[str], typer.Option(
+    "--region", help="Only this box of the query image, X,Y,W,H in pixels (embedded as a "
+                     "picture of its own: padded to a square like a whole image).")]
+RegionSpaceOpt = Annotated[str, typer.Option(
+    "--region-space", help="image: pixels of the displayed image; preview: pixels of the "
+                           "model-view square that `medsearch preview` shows.")]
+
+
 def id_list(value: str | None, name: str) -> list[int]:
     """'5,7' → [5, 7]; anything else is refused naming the option."""
     if not value or not value.strip():

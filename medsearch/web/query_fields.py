@@ -10,6 +10,7 @@ from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema, field_va
 
 from retrieval.query import MAX_FEEDBACK
 from retrieval.ranking import MAX_OFFSET
+from retrieval.region import MAX_COORDINATE, Region
 
 from ..app import MAX_ID
 
@@ -23,6 +24,7 @@ def _integral(value):
 
 FeedbackId = Annotated[Annotated[int, Field(ge=0, le=MAX_ID)], BeforeValidator(_integral)]
 Offset = Annotated[Annotated[int, Field(ge=0, le=MAX_OFFSET)], BeforeValidator(_integral)]
+Coordinate = Annotated[Annotated[int, Field(ge=0, le=MAX_COORDINATE)], BeforeValidator(_integral)]
 
 
 class QueryShape(BaseModel):
@@ -42,12 +44,20 @@ class QueryShape(BaseModel):
                                        description="relevance feedback: ids marked relevant")
     not_relevant: list[FeedbackId] = Field(default_factory=list, max_length=MAX_FEEDBACK,
                                            description="ids marked not relevant")
+    region: list[Coordinate] | None = Field(
+        None, min_length=4, max_length=4,
+        description="[x, y, w, h]: only this box of the query image (its one image term), "
+                    "embedded as a picture of its own")
+    region_space: Literal["image", "preview"] = Field(
+        "image", description="image: pixels of the displayed image; preview: pixels of the "
+                             "S×S model view GET /images/{id}/preview shows (S: /stats image_size)")
 
     def shape(self) -> dict:
         """The QuerySpec keyword arguments these fields stand for."""
         return {"distinct": self.distinct, "min_prob": self.min_prob, "offset": self.offset,
                 "dedupe": self.dedupe, "relevant": list(self.relevant),
-                "not_relevant": list(self.not_relevant)}
+                "not_relevant": list(self.not_relevant),
+                "region": Region.parse(self.region, self.region_space)}
 
 
 _FORM_IDS = WithJsonSchema({"type": "string", "maxLength": 32 * 21,
@@ -63,7 +73,12 @@ class FormQueryShape(QueryShape):
     not_relevant: Annotated[list[FeedbackId], _FORM_IDS] = Field(default_factory=list,
                                                                  max_length=MAX_FEEDBACK)
 
-    @field_validator("relevant", "not_relevant", mode="before")
+    region: Annotated[list[Coordinate] | None, WithJsonSchema({
+        "type": "string", "pattern": "^[0-9]{1,7}(,[0-9]{1,7}){3}$",
+        "description": "x,y,w,h in pixels, e.g. 10,20,64,64"})] = Field(None, min_length=4,
+                                                                         max_length=4)
+
+    @field_validator("relevant", "not_relevant", "region", mode="before")
     @classmethod
     def _comma_ids(cls, value):
         if isinstance(value, str):

@@ -25,6 +25,10 @@ class NotFoundError(InputError):
     """What the request names (an id, a file, a stored source) does not exist."""
 
 
+class ConflictError(InputError):
+    """What the request would create exists already (e.g. a cohort's name)."""
+
+
 class UndecodableImageError(InputError):
     """The file is there but holds no image that can be decoded."""
 

@@ -12,6 +12,7 @@ from .errors import install_error_handlers
 from .guard import Guard, HostPolicy
 from .metrics import Metrics
 from .openapi import document_bodies
+from .cohorts import CohortBody, CohortIdsBody, add_cohort_routes
 from .routes import add_routes
 
 DEFAULT_MAX_UPLOAD = 64 * 1024 * 1024
@@ -42,8 +43,9 @@ def create_app(medsearch: Medsearch, *, token: str | None = None,
     app.add_middleware(Guard, token=token, max_body=max_upload_bytes, metrics=metrics, hosts=hosts)
     install_error_handlers(app)
     add_routes(app, medsearch, metrics)
+    add_cohort_routes(app, medsearch)
     document_bodies(app, [SearchBody, SimilarBody, ExportBody, ClassifyBody, FiltersBody,
-                          TermBody, ErrorBody], secured=bool(token))
+                          TermBody, ErrorBody, CohortBody, CohortIdsBody], secured=bool(token))
     return app
 
 

@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from retrieval.errors import (InputError, MedsearchError, ModelMismatchError,
+from retrieval.errors import (ConflictError, InputError, MedsearchError, ModelMismatchError,
                               ModelUnavailableError, NotFoundError, StoreError,
                               UndecodableImageError)
 
@@ -29,6 +29,7 @@ class JsonTooLarge(MedsearchError):
 #: with another checkpoint is the server's configuration, not the request's fault: 503.
 STATUS: list[tuple[type[MedsearchError], int, str | None]] = [
     (NotFoundError, 404, "NotFound"),
+    (ConflictError, 409, "Conflict"),
     (UnsupportedMedia, 415, None),
     (UndecodableImageError, 422, "UndecodableImage"),
     (InvalidBody, 422, "ValidationError"),

@@ -54,7 +54,9 @@ ERRORS = {
          "that does not parse or whose terms cancel out, labels that repeat, a bad date",
     401: "Missing or wrong token (only when the server has one)",
     403: "A cross-site request (its Origin names another site)",
-    404: "No indexed image with that id, or its source can no longer be read",
+    404: "No indexed image with that id, or its source can no longer be read, or no cohort "
+         "of that name",
+    409: "A cohort of that name exists (send \"replace\": true to replace it)",
     413: "The body is over the upload limit (JSON bodies: over 1 MiB)",
     415: "The upload is not a PNG, JPEG or DICOM file (judged by its bytes)",
     421: "The Host header names a host this server does not answer to",

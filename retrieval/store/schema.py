@@ -141,3 +141,28 @@ class StoreStateRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     commits: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CohortRow(Base):
+    """A saved cohort: its name, kind (search, similar, ids) and provenance (JSON)."""
+
+    __tablename__ = "cohorts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    created: Mapped[str] = mapped_column(String(32))
+    refreshed: Mapped[str | None] = mapped_column(String(32))
+    provenance: Mapped[str] = mapped_column(Text)
+
+
+class CohortMemberRow(Base):
+    """One image of a cohort at its rank (no foreign key to images: see migration 0004)."""
+
+    __tablename__ = "cohort_members"
+
+    cohort_id: Mapped[int] = mapped_column(Integer, ForeignKey("cohorts.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(BigInteger)
+    score: Mapped[float | None] = mapped_column(Float)

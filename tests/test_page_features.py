@@ -209,3 +209,25 @@ def test_cohorts_save_add_list_show_and_download(site, browser):
     assert httpx.get(href).status_code == 200
     driver.save_screenshot(str(SHOTS / "10-cohort.png"))
     assert [c["score"] for c in cards(driver)] == ["member"] * len(members)
+
+
+def test_near_copy_groups_view(tmp_path, tiny_model, browser):
+    folder = tmp_path / "images"
+    first = write_images(folder, 4, seed=9)[0]
+    shutil.copy(first, folder / "copy-of-first.png")  # the same film stored twice
+    index_store(tmp_path / "store", folder, tiny_model)
+    with running(make_app(tmp_path / "store")) as url:
+        groups = httpx.get(f"{url}/duplicates", params={"limit": 50}).json()
+        assert groups["groups_total"] >= 1
+        expected = [i for g in groups["groups"] for i in g["ids"]]
+        driver = browser
+        open_page(driver, url + "/")
+        link = driver.find_element("id", "duplicates-link")
+        assert link.is_displayed()
+        link.click()
+        wait(lambda: "group(s) of near-identical images" in driver.find_element("id", "summary").text,
+             what="near-copy groups")
+        shown = cards(driver)
+        assert ids(shown) == expected and all("near-copy group" in c["group"] for c in shown)
+        assert not driver.find_element("id", "save-cohort").is_displayed()
+        driver.save_screenshot(str(SHOTS / "9-near-copies.png"))

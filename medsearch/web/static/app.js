@@ -9,7 +9,7 @@ const $ = (id) => document.getElementById(id);
 // relative URLs with the credentials in them, which browsers refuse for fetch and images.
 const at = (path) => location.origin + path;
 // What this server accepts, read from its OpenAPI schema: fields it does not know are refused.
-const features = { shape: false, region: false, cohorts: false, imageSize: null, patientKeys: null };
+const features = { shape: false, region: false, cohorts: false, duplicates: false, imageSize: null, patientKeys: null };
 let imageFile = null;      // a dropped/chosen image: searches use it (plus any text)
 let current = null;        // {state, request, results, next} of the results shown
 const marks = new Map();   // id -> "rel" | "nrel": relevance feedback for the next re-run
@@ -129,6 +129,11 @@ function markButton(r, kind, text, title) {
   return b;
 }
 
+// A saved cohort or the near-copy groups: a listing, not a query to refine, page or save.
+function listing() {
+  return current && ["cohort", "duplicates"].includes(current.request.kind);
+}
+
 function card(r, rank) {
   const li = document.createElement("li");
   li.className = "card";
@@ -152,9 +157,10 @@ function card(r, rank) {
   line("score", r.score !== undefined ? r.score.toFixed(3) : "member");
   if (r.prob !== undefined && r.prob !== null) line("prob", `p ${r.prob.toFixed(3)}`);
   if (r.group_count !== undefined && r.group_count !== null) line("group", `${r.group_count} in group`);
+  if (r.copy_group !== undefined) line("group", `near-copy group ${r.copy_group}`);
   line("name", (r.path || "").split(/[\\/]/).pop() + (r.frame ? ` [${r.frame}]` : ""));
   line("tags", tags(r.metadata || {}));
-  if (features.shape && current && current.request.kind !== "cohort") {
+  if (features.shape && current && !listing()) {
     const buttons = document.createElement("div");
     buttons.className = "marks";
     buttons.append(markButton(r, "rel", "+", "relevant"), markButton(r, "nrel", "−", "not relevant"));
@@ -180,13 +186,13 @@ function render(results, label, millis, append) {
   $("summary").textContent = label;
   $("toolbar").hidden = total === 0;
   $("more-button").hidden = !current || current.next === null || current.next === undefined;
-  $("feedback-button").hidden = !(features.shape && marks.size && current && current.request.kind !== "cohort");
-  $("save-cohort").hidden = !(features.cohorts && current && current.request.kind !== "cohort");
-  $("export-tools").hidden = !current || current.request.kind === "cohort";  // it has its own links
+  $("feedback-button").hidden = !(features.shape && marks.size && current && !listing());
+  $("save-cohort").hidden = !(features.cohorts && current && !listing());
+  $("export-tools").hidden = !current || listing();  // it has its own links
 }
 
 async function exportResults() {
-  if (!current || current.request.kind === "cohort") return;
+  if (!current || listing()) return;
   const format = $("export-format").value;
   showError("");
   try {
@@ -246,6 +252,9 @@ function route() {
   if (state.view === "cohorts" || state.view === "cohort") {
     clearResults();
     showCohorts(state);
+  } else if (state.view === "duplicates") {
+    clearResults();
+    showDuplicates();
   } else if (state.mode === "upload" && !imageFile) {
     clearResults();
     $("status").textContent = "This search was by an image, which is never put in the link: drop the image again.";
@@ -288,6 +297,7 @@ async function loadFeatures() {
     features.shape = "distinct" in fieldsOf(schema, "SearchBody");
     features.region = "region" in fieldsOf(schema, "SimilarBody");
     features.cohorts = "/cohorts" in (schema.paths || {});
+    features.duplicates = "/duplicates" in (schema.paths || {});
   } catch (e) { /* the page still searches without the newer fields */ }
   try {
     const s = await getJSON("/stats");
@@ -308,6 +318,7 @@ async function loadFeatures() {
     ? "(this server does not offer these yet)"
     : features.patientKeys === false ? "(no patient keys stored: one row per patient is not possible)" : "";
   $("cohorts-link").hidden = !features.cohorts;
+  $("duplicates-link").hidden = !features.duplicates;
   $("detail-cohort").hidden = !features.cohorts;
   $("detail-region").hidden = !features.region;
 }

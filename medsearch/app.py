@@ -328,10 +328,10 @@ class Medsearch:
         from retrieval.duplicates import store_duplicates
 
         self.refresh()
-        with self.store_lock:
-            found = store_duplicates(self.store, threshold, slices=slices)
-            listed = found["groups"][:limit] if limit is not None else found["groups"]
-            rows = self.store.rows(sorted({i for g in listed for i in g["ids"]}))
+        # database reads only: searches (which need the index lock) go on meanwhile
+        found = store_duplicates(self.store, threshold, slices=slices)
+        listed = found["groups"][:limit] if limit is not None else found["groups"]
+        rows = self.store.rows(sorted({i for g in listed for i in g["ids"]}))
         for group in listed:
             group["images"] = [{"id": i, "path": self.searcher.redact(rows[i]["path"]),
                                 "frame": rows[i]["frame"]} for i in group["ids"] if i in rows]

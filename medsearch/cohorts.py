@@ -191,9 +191,12 @@ class Cohorts:
         self.app.refresh()
         provenance = json.loads(found["provenance"])
         if provenance.get("query") is not None:
-            return self._members(spec_from_json(provenance["query"]), None)
-        with self.app.store_lock:
-            present = self.app.store.rows([i for i, _ in found["members"]])
+            members = self._members(spec_from_json(provenance["query"]), None)
+            have = {i for i, _ in members}
+            added = [i for i in provenance.get("added", []) if i not in have]
+            present = self.app.store.rows(added) if added else {}
+            return members + [(i, None) for i in added if i in present]  # hand-added stay
+        present = self.app.store.rows([i for i, _ in found["members"]])
         return [(i, s) for i, s in found["members"] if i in present]
 
     def refresh(self, name: str) -> dict:

@@ -76,8 +76,12 @@ def test_save_export_twice_diff_and_refresh(planted, tiny_model, tmp_path):
     assert refreshed["entered"] == diff["entered"] and refreshed["cohort"]["count"] == 6
     assert refreshed["cohort"]["provenance"]["store_rows"] == 22
     assert cli("cohort", "diff", "finding", "--store", str(root)) == {"entered": [], "left": []}
+    far = next(i for i in range(1, 23) if i not in refreshed["cohort"]["ids"])
+    cli("cohort", "add", "finding", "--ids", str(far), "--store", str(root))
+    again = cli("cohort", "refresh", "finding", "--store", str(root))  # hand-added ids stay
+    assert again == {**again, "entered": [], "left": []} and far in again["cohort"]["ids"]
     listed = cli("cohort", "list", "--store", str(root))["cohorts"]
-    assert [(c["name"], c["count"]) for c in listed] == [("finding", 6)]
+    assert [(c["name"], c["count"]) for c in listed] == [("finding", 7)]
 
 
 def test_the_api_saves_lists_adds_and_refuses(planted):

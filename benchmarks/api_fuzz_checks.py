@@ -30,8 +30,10 @@ CONTENT_ERRORS = (
     "query has ", "a quoted query term is empty", "query term ", "a query may have at most",
     "every query term has weight 0", "the query's terms cancel", "query ends with an operator",
     "label(s) given twice", "give at least two labels", "too many prompts",
+    "region ", "a region applies to one query image",
+    "relevant lists an id more than once", "not_relevant lists an id more than once",
 )
-ADMITTED = {(415, "UnsupportedMedia"), (422, "UndecodableImage")}
+ADMITTED = {(415, "UnsupportedMedia"), (422, "UndecodableImage"), (409, "Conflict")}
 
 
 def _error(response) -> tuple[str, str]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from .errors import InputError
 
 SPACES = ("image", "preview")
-#: No displayed image is larger than this on a side (the decoders' limits are far below it).
-MAX_COORDINATE = 1 << 20
+#: No displayed image is larger than this on a side (the decoders' limits are far below it);
+#: seven digits, as the API's form pattern allows.
+MAX_COORDINATE = 9_999_999
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Region:
             raise InputError(f"region must be four whole numbers X,Y,W,H (pixels), got {value!r}",
                              setting="region")
         x, y, w, h = numbers
-        if x < 0 or y < 0 or w < 1 or h < 1 or max(x + w, y + h) > MAX_COORDINATE:
+        if x < 0 or y < 0 or w < 1 or h < 1 or max(x, y, w, h) > MAX_COORDINATE:
             raise InputError(f"region {x},{y},{w},{h}: X and Y must be ≥ 0 and the width and "
                              "height ≥ 1 pixel", setting="region")
         return cls(x, y, w, h, space)

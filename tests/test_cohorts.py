@@ -98,7 +98,7 @@ def test_the_api_saves_lists_adds_and_refuses(planted):
         assert again.status_code == 409 and "exists" in again.json()["error"]
         assert client.post("/cohorts", json={"name": "../x", "ids": [1]}).status_code == 422
         assert client.post("/cohorts", json={"name": "two", "ids": [1],
-                                             "search": {"query": "a"}}).status_code == 400
+                                             "search": {"query": "a"}}).status_code == 422
         assert client.get("/cohorts/nope").status_code == 404
         added = client.post("/cohorts/picked/add", json={"ids": [3, 4]}).json()
         assert added["kind"] == "ids" and added["ids"] == [3, 4]

@@ -8,30 +8,39 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastPath
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from retrieval import export
-from retrieval.errors import InputError
 
 from ..app import Medsearch
 from ..cohorts import MAX_MEMBERS, Cohorts
 from . import openapi
-from .bodies import ImageId, SearchBody, SimilarBody, spec_from_search, spec_from_similar
+from .bodies import (ImageId, SearchBody, SimilarBody, _choice, _NoNulls, spec_from_search,
+                     spec_from_similar)
 from .openapi import ALWAYS
 from .uploads import json_body, validated
 
 Name = Annotated[str, FastPath(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
-class CohortBody(BaseModel, extra="forbid"):
+class CohortBody(_NoNulls):
     """A new cohort: exactly one of a search, a similar-cases query or a list of ids."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_choice("search", "similar", "ids"))
+    _NOT_NULL = ("search", "similar", "ids")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     search: SearchBody | None = None
     similar: SimilarBody | None = None
     ids: list[ImageId] | None = Field(None, min_length=1, max_length=MAX_MEMBERS)
     replace: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(x is not None for x in (self.search, self.similar, self.ids)) != 1:
+            raise ValueError("give exactly one of search, similar or ids")
+        return self
 
 
 class CohortIdsBody(BaseModel, extra="forbid"):
@@ -48,9 +57,6 @@ def add_cohort_routes(app: FastAPI, medsearch: Medsearch) -> None:
     async def save(request: Request) -> dict:
         """Save a query's results (or ids) as a cohort, with its provenance."""
         body = validated(CohortBody, await json_body(request))
-        given = [x for x in (body.search, body.similar, body.ids) if x is not None]
-        if len(given) != 1:
-            raise InputError("give exactly one of search, similar or ids")
         if body.ids is not None:
             return await run_in_threadpool(cohorts.save, body.name, ids=list(body.ids),
                                            replace=body.replace)

@@ -72,6 +72,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, f"invalid request: {problems}", "ValidationError")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "HTTPError",
-                              getattr(exc, "headers", None))
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # a path served by several routes: name all their methods
+            methods = sorted({m for route in request.app.router.routes
+                              if getattr(route, "path_regex", None) is not None
+                              and route.path_regex.match(request.url.path)
+                              for m in getattr(route, "methods", None) or ()})
+            if methods:
+                headers = {**(headers or {}), "Allow": ", ".join(methods)}
+        return error_response(exc.status_code, str(exc.detail), "HTTPError", headers)

@@ -25,6 +25,7 @@ def _integral(value):
 FeedbackId = Annotated[Annotated[int, Field(ge=0, le=MAX_ID)], BeforeValidator(_integral)]
 Offset = Annotated[Annotated[int, Field(ge=0, le=MAX_OFFSET)], BeforeValidator(_integral)]
 Coordinate = Annotated[Annotated[int, Field(ge=0, le=MAX_COORDINATE)], BeforeValidator(_integral)]
+Extent = Annotated[Annotated[int, Field(ge=1, le=MAX_COORDINATE)], BeforeValidator(_integral)]
 
 
 class QueryShape(BaseModel):
@@ -41,16 +42,23 @@ class QueryShape(BaseModel):
         None, ge=0.0, le=1.0, description="drop a row whose cosine to a higher-ranked kept row "
                                           "is at least this")
     relevant: list[FeedbackId] = Field(default_factory=list, max_length=MAX_FEEDBACK,
-                                       description="relevance feedback: ids marked relevant")
+                                       description="relevance feedback: ids marked relevant",
+                                       json_schema_extra={"uniqueItems": True})
     not_relevant: list[FeedbackId] = Field(default_factory=list, max_length=MAX_FEEDBACK,
-                                           description="ids marked not relevant")
-    region: list[Coordinate] | None = Field(
-        None, min_length=4, max_length=4,
-        description="[x, y, w, h]: only this box of the query image (its one image term), "
+                                           description="ids marked not relevant",
+                                           json_schema_extra={"uniqueItems": True})
+    region: tuple[Coordinate, Coordinate, Extent, Extent] | None = Field(
+        None, description="[x, y, w, h]: only this box of the query image (its one image term), "
                     "embedded as a picture of its own")
     region_space: Literal["image", "preview"] = Field(
         "image", description="image: pixels of the displayed image; preview: pixels of the "
                              "S×S model view GET /images/{id}/preview shows (S: /stats image_size)")
+
+    @field_validator("region", mode="before")
+    @classmethod
+    def _box_from_list(cls, value):
+        """JSON has lists only; the strict models take the box's array as the tuple it is."""
+        return tuple(value) if isinstance(value, list) else value
 
     def shape(self) -> dict:
         """The QuerySpec keyword arguments these fields stand for."""
@@ -73,12 +81,19 @@ class FormQueryShape(QueryShape):
     not_relevant: Annotated[list[FeedbackId], _FORM_IDS] = Field(default_factory=list,
                                                                  max_length=MAX_FEEDBACK)
 
-    region: Annotated[list[Coordinate] | None, WithJsonSchema({
-        "type": "string", "pattern": "^[0-9]{1,7}(,[0-9]{1,7}){3}$",
-        "description": "x,y,w,h in pixels, e.g. 10,20,64,64"})] = Field(None, min_length=4,
-                                                                         max_length=4)
+    region: Annotated[tuple[Coordinate, Coordinate, Extent, Extent] | None, WithJsonSchema({
+        "type": "string",
+        "pattern": "^[0-9]{1,7},[0-9]{1,7},0{0,6}[1-9][0-9]{0,6},0{0,6}[1-9][0-9]{0,6}$",
+        "description": "x,y,w,h in pixels (w, h at least 1), e.g. 10,20,64,64"})] = None
 
-    @field_validator("relevant", "not_relevant", "region", mode="before")
+    @field_validator("region", mode="before")
+    @classmethod
+    def _comma_box(cls, value):
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(","))
+        return value
+
+    @field_validator("relevant", "not_relevant", mode="before")
     @classmethod
     def _comma_ids(cls, value):
         if isinstance(value, str):

@@ -38,13 +38,13 @@ def crash(monkeypatch):
 
 @pytest.fixture()
 def small_fs(tmp_path):
-    """A 2 MiB file system: a store with its SQLite write-ahead log fills it quickly (a new
+    """A 3 MiB file system: a store with its SQLite write-ahead log fills it quickly (a new
     store's 16 KB pages take 0.43 MiB with four images in it)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("a size-limited file system needs root to mount (tmpfs)")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=700", "tmpfs", str(mount)],
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=700", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
@@ -71,7 +71,7 @@ def test_disk_full_stops_cleanly_keeps_the_store_and_the_next_run_resumes(
         tmp_path, small_fs, tiny_model, capsys, crash):
     corpus = tmp_path / "corpus"
     crash.make_corpus(corpus / "first", 12, seed=2)
-    crash.make_corpus(corpus / "more", 120, seed=3)  # far more than 1 MiB of store can hold
+    crash.make_corpus(corpus / "more", 120, seed=3)  # far more than 3 MiB of store can hold
     fresh = crash.fresh_embeddings(corpus, tiny_model)
     queries = np.ascontiguousarray(np.stack(list(fresh.vectors.values())[:4]), np.float32)
     store = small_fs / "store"

@@ -255,6 +255,7 @@ def forget(store: Store, *, patient: str | None = None, study: str | None = None
         writer.zero_freed_pages()
         writer.set_setting(marker, str(int(time.time())))
         removed = writer.remove_files([p for p, _ in files])
+        writer.forget_in_cohorts(writer.removed)
     if store.count != store.index.ntotal:  # a graph index only hid them: rebuild without them
         store.rebuild(store.manifest.index_type)
     store.save()

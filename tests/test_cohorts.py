@@ -128,3 +128,17 @@ def test_a_cohort_of_ids_lists_removed_images_as_left(planted):
         cli("cohort", "save", "chosen", "--ids", "2", "--store", str(root))
     with pytest.raises(Exception, match="cohort name"):
         cli("cohort", "save", "bad/name", "--ids", "2", "--store", str(root))
+
+
+def test_forgotten_images_leave_every_cohort(planted):
+    from retrieval.store import Store
+
+    root, _, _ = planted
+    cli("cohort", "save", "kept", "--ids", "2,5,7", "--store", str(root))
+    store = Store.open(root, exclusive=True)
+    try:
+        with store.writer() as w:  # what `forget` does in its transaction
+            assert w.forget_in_cohorts([5, 99]) == 1
+    finally:
+        store.close()
+    assert cli("cohort", "show", "kept", "--store", str(root))["ids"] == [2, 7]

@@ -64,3 +64,15 @@ class CohortRows:
             session.execute(delete(CohortMemberRow).where(CohortMemberRow.cohort_id == row.id))
             session.delete(row)
         return True
+
+
+def purge_members(session, image_ids: list[int]) -> int:
+    """Remove ``image_ids`` from every saved cohort inside the caller's transaction (withdrawn
+    consent: `forget` leaves no membership behind); returns the memberships removed."""
+    removed = 0
+    ids = [int(i) for i in image_ids]
+    for start in range(0, len(ids), 500):
+        result = session.execute(delete(CohortMemberRow)
+                                 .where(CohortMemberRow.image_id.in_(ids[start:start + 500])))
+        removed += result.rowcount or 0
+    return removed

@@ -76,6 +76,13 @@ class StoreWriter:
         self.removed.extend(image_ids)
         return len(image_ids)
 
+    def forget_in_cohorts(self, image_ids: list[int]) -> int:
+        """Purge ``image_ids`` from every saved cohort, in this transaction; returns the
+        memberships removed."""
+        from .cohort_rows import purge_members
+
+        return purge_members(self.session, image_ids)
+
     def remove_file(self, path: str) -> int:
         """Delete a source and its images; returns the number of images removed."""
         return self.remove_files([path])

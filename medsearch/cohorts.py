@@ -138,8 +138,16 @@ class Cohorts:
                 raise InputError(f"k is over {MAX_MEMBERS} for a cohort", setting="k")
             run = dataclasses.replace(spec, offset=0)
             return [(r.id, r.score) for r in self.app.page(run).results]
-        self.app._check_ids(list(ids or []))
+        self._check_members(list(ids or []))
         return [(int(i), None) for i in dict.fromkeys(ids or [])]
+
+    def _check_members(self, ids: list[int]) -> None:
+        """Ids in a request body that name no image: the body is wrong (400), not the cohort
+        the path names (404)."""
+        try:
+            self.app._check_ids(ids)
+        except NotFoundError as exc:
+            raise InputError(f"{exc}; a cohort holds indexed images only", setting="ids") from None
 
     def _provenance(self, spec: QuerySpec | None, created: str, extra: dict | None = None) -> dict:
         m, store = self.app.store.manifest, self.app.store
@@ -217,7 +225,7 @@ class Cohorts:
     def add(self, name: str, ids: list[int]) -> dict:
         """Add images by id (a cohort of kind "ids" is made when ``name`` is new)."""
         check_name(name)
-        self.app._check_ids(list(ids))
+        self._check_members(list(ids))
         found = self.table.get(name)
         if found is None:
             return self.save(name, ids=list(ids))

@@ -93,8 +93,12 @@ class TextEncoder:
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto", *,
                  cache_dir: Path | None = None) -> None:
-        """``cache_dir``: where ``precision="auto"`` keeps its CPU measurement (None: in memory)."""
-        from transformers import AutoTokenizer, SiglipTextModel
+        """``cache_dir``: where ``precision="auto"`` keeps its CPU measurement and the int8
+        tower its quantised weights (None: in memory, quantised every time). ``loaded_from``
+        says how the tower came: ``int8-cache``, ``int8-quantised`` or ``loaded``."""
+        from transformers import AutoTokenizer
+
+        from .texttower import load_text_tower
 
         self.checkpoint = checkpoint
         self.device = select_device(device)
@@ -105,8 +109,8 @@ class TextEncoder:
         except Exception as exc:
             raise ModelUnavailableError(unavailable_message(
                 checkpoint.name, f"no usable tokenizer in {checkpoint.path}: {exc}")) from None
-        self.model = acceleration.prepare_model(load_tower(SiglipTextModel, checkpoint),
-                                                self.device, self.precision)
+        self.model, self.loaded_from = load_text_tower(checkpoint, self.device, self.precision,
+                                                       cache_dir)
         self.dim: int = int(self.model.config.hidden_size)
         self._cached = lru_cache(maxsize=1024)(self._embed_one)
 

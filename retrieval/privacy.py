@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -200,6 +201,28 @@ def store_key(store: Store, *, create: bool = False, required: bool = True,
               "(owner-only, outside the store); back it up apart from the store")
     _record(store, fingerprint(key))
     return key
+
+
+# -- the text-embedding cache's secret -------------------------------------------------------------
+def text_cache_secret(store: Store, keys: KeyFiles | None = None) -> bytes | None:
+    """The secret keying the store's text-embedding cache (retrieval.store.text_cache), or None
+    (no cache). Derived from the patient-key secret where the store has one; otherwise a
+    random per-store secret in an owner-only file beside the key files (never in the store),
+    made on first use. Any failure only turns the cache off."""
+    keys = keys or user_key_files()
+    try:
+        key = store_key(store, keys=keys, required=False)
+        if key is None:
+            identity = f"{store.root.resolve()}\0{store.manifest.created_at!r}".encode()
+            name = "text-cache-" + hashlib.sha256(identity).hexdigest()[:16] + ".key"
+            path = keys.folder / name
+            if not path.exists():
+                write_key(path, secrets.token_bytes(KEY_BYTES))
+            key = read_key(path)
+    except (OSError, StoreError) as exc:
+        logging.getLogger(__name__).info("text-embedding cache of %s off: %s", store.root, exc)
+        return None
+    return hmac.new(key, b"medsearch text-embedding cache secret", hashlib.sha256).digest()
 
 
 # -- consent withdrawal ----------------------------------------------------------------------------

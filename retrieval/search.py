@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from .filters import Filters
 from .model import TextEncoder, VisionEncoder, resolve_checkpoint
 from .privacy import KeyFiles, PathRedactor
 from .store import Store
+from .store.text_cache import TextVectorCache
 
 
 @dataclass
@@ -72,6 +74,9 @@ class Searcher:
         self.precision = precision
         self._text: TextEncoder | None = None
         self._vision: VisionEncoder | None = None
+        self._keys = keys
+        self._checked = None
+        self._vector_cache: TextVectorCache | None | bool = None
         self.text_lock = text_lock or nullcontext()
         self.index_lock = index_lock or nullcontext()
 
@@ -90,19 +95,56 @@ class Searcher:
         return self._vision
 
     def _checkpoint(self):
+        if self._checked is not None:
+            return self._checked
         checkpoint = resolve_checkpoint(self.model_name)
         if checkpoint.fingerprint != self.store.manifest.model_fingerprint:
             raise ModelMismatchError(
                 f"model {self.model_name!r} is not the one store {self.store.root} was built with "
                 f"({self.store.manifest.model!r}); its vectors would not be comparable. "
                 "Use the store's checkpoint as the model.")
+        self._checked = checkpoint
         return checkpoint
+
+    # -- the persistent text-embedding cache (retrieval.store.text_cache) ----------------------
+    @property
+    def text_cache(self) -> TextVectorCache | None:
+        """The store's text-embedding cache, opened on first use (None: off)."""
+        if self._vector_cache is None:
+            from .privacy import text_cache_secret
+
+            secret = text_cache_secret(self.store, self._keys)
+            cache = TextVectorCache.beside(self.store.root, secret) if secret else None
+            self._vector_cache = cache if cache is not None and cache.enabled else False
+        return self._vector_cache if self._vector_cache is not False else None
+
+    def _model_key(self, kind: str = "text") -> str:
+        """What a cached vector depends on: the store's model and the settings that move it.
+        A checkpoint named other than the store's is checked once before any cache is used
+        (a hit must not hide a mismatch)."""
+        if self.model_name != self.store.manifest.model:
+            self._checkpoint()
+        model = self.store.manifest.model_fingerprint
+        if kind != "text":
+            return f"{kind}|{model}"
+        # "auto" resolves by this machine's hardware: its vectors are this machine's
+        machine = platform.node() if "auto" in (self.device, self.precision) else ""
+        return f"{kind}|{model}|{self.device}|{self.precision}|{machine}"
 
     # -- query vectors ---------------------------------------------------------------------
     def text_vector(self, text: str) -> np.ndarray:
         if not text or not text.strip():
             raise InputError("the query text is empty")
-        return self.text_encoder.embed_cached(text.strip())
+        text = text.strip()
+        cache = self.text_cache
+        if cache is None:
+            return self.text_encoder.embed_cached(text)
+        key = self._model_key()
+        vector = cache.get(key, text, self.store.manifest.dim)
+        if vector is None:
+            vector = self.text_encoder.embed_cached(text)
+            cache.put(key, text, vector)
+        return vector
 
     def id_vector(self, image_id: int) -> np.ndarray:
         """An indexed image's stored vector as a unit query vector: stored as float16, its
@@ -162,12 +204,23 @@ class Searcher:
     def logit_scalars(self):
         """The checkpoint's (logit_scale, logit_bias), or None when its weights lack them."""
         from .errors import ModelUnavailableError
-        from .zeroshot import read_logit_scalars
+        from .zeroshot import LogitScalars, read_logit_scalars
 
+        cache, key = self.text_cache, self._model_key("logit-scalars")
+        found = cache.get(key, "") if cache is not None else None
+        if found is not None:  # two float32 values, or none where the weights lack them
+            return LogitScalars(float(found[0]), float(found[1])) if found.size == 2 else None
         try:
-            return read_logit_scalars(self.text_encoder.checkpoint)
+            checkpoint = self._checkpoint()
         except ModelUnavailableError:
-            return None
+            return None  # nothing known about the weights: remember nothing
+        try:
+            scalars = read_logit_scalars(checkpoint)
+        except ModelUnavailableError:
+            scalars = None
+        if cache is not None:
+            cache.put(key, "", np.array([] if scalars is None else [scalars.scale, scalars.bias]))
+        return scalars
 
     def page(self, terms: list, opts, filters: Filters | None = None,
              min_score: float | None = None, min_prob: float | None = None,
@@ -191,7 +244,7 @@ class Searcher:
         if min_prob is not None and scalars is None:
             from .zeroshot import read_logit_scalars
 
-            read_logit_scalars(self.text_encoder.checkpoint)  # raises, saying what is missing
+            read_logit_scalars(self._checkpoint())  # raises, saying what is missing
         thresholds = [t for t in (min_score, None if min_prob is None else prob_threshold(
             min_prob, scalars.scale, scalars.bias)) if t is not None]
         opts.threshold = max(thresholds) if thresholds else None

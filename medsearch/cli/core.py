@@ -15,9 +15,11 @@ from retrieval.store import Manifest, Store, manifest_for
 
 from ..app import Medsearch, QuerySpec
 from .main import app
-from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
-                      MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
-                      build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
+from .options import (DbOpt, BodyPartOpt, CallingAetOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt,
+                      KOpt, LabelOpt, MinScoreOpt, ModalityOpt, ModelOpt, PacsTimeoutOpt,
+                      PacsUserOpt, PathGlobOpt, PrecisionOpt, StoreOpt, TlsCaOpt, TlsCertOpt,
+                      TlsKeyOpt, TlsOpt, build_filters, key_files, open_for_writing, pacs_access,
+                      resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
 from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
                             RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
@@ -54,7 +56,8 @@ def _index_human(d: dict) -> str:
 @app.command("index")
 def index_cmd(
     paths: Annotated[list[str], typer.Argument(
-        help="Files and folders to index, or a PACS: dicomweb+http://HOST:PORT/dicom-web.")],
+        help="Files and folders to index, or a PACS: dicomweb+http(s)://HOST:PORT/dicom-web "
+             "or dimse://AET@HOST:PORT.")],
     store: StoreOpt = None, db: DbOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -72,10 +75,13 @@ def index_cmd(
              "A store keeps the one it was made with.")] = None,
     series_vectors: Annotated[bool, typer.Option(
         "--series-vectors", help="Also store one vector per DICOM series (mean of its frames).")] = False,
-    study: Annotated[Optional[str], typer.Option(help="DICOMweb: only this StudyInstanceUID.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="PACS: only this StudyInstanceUID.")] = None,
     modality_filter: Annotated[Optional[str], typer.Option(
-        "--modality", help="DICOMweb: only this modality, e.g. CT.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="DICOMweb: studies on or after YYYY-MM-DD.")] = None,
+        "--modality", help="PACS: only this modality, e.g. CT.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="PACS: studies on or after YYYY-MM-DD.")] = None,
+    calling_aet: CallingAetOpt = None, pacs_user: PacsUserOpt = None, tls: TlsOpt = None,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+    pacs_timeout: PacsTimeoutOpt = None,
     decode_timeout: Annotated[float, typer.Option(
         min=1, help="Seconds one file may take to decode before it is reported as failed.")] = 300.0,
     engine: Annotated[Optional[str], typer.Option(
@@ -88,23 +94,28 @@ def index_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS into the store (incremental and resumable)."""
-    from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
+    from indexer.pacs import PacsQuery, dicom_date, is_pacs
     from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
     from indexer.view import settings_for_run
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
                   workers=workers, frames=frames, phi_policy=phi, index_type=index_type,
-                  engine=engine, ray_address=ray_address, ray_actors=ray_actors)
+                  engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+                  pacs_calling_aet=calling_aet, pacs_user=pacs_user, pacs_tls=tls,
+                  pacs_tls_ca=tls_ca, pacs_tls_cert=tls_cert, pacs_tls_key=tls_key,
+                  pacs_timeout=pacs_timeout)
     root = store_root(cfg)
+    access = pacs_access(cfg)
     try:
         window = None if window is None else check_window_choice(window)
-        query = DicomWebQuery(study, modality_filter, dicom_date(since) if since else None)
+        query = PacsQuery(study, modality_filter, dicom_date(since) if since else None)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if query.filtered and not any(is_dicomweb(p) for p in paths):
-        raise InputError("--study, --modality and --since apply to dicomweb+http:// sources only")
-    missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
+    if query.filtered and not any(is_pacs(p) for p in paths):
+        raise InputError("--study, --modality and --since apply to PACS sources only "
+                         "(dicomweb+http(s):// or dimse://)")
+    missing = [p for p in paths if not is_pacs(p) and not Path(p).expanduser().exists()]
     if missing:
         raise NotFoundError(f"no such file or folder: {', '.join(missing)}")
     ray = cfg.engine == "ray"
@@ -137,7 +148,7 @@ def index_cmd(
                                           series_vectors=series_vectors)
             common = dict(batch_size=batch, frames=decode.frames, phi_policy=cfg.phi_policy,
                           keys=key_files(cfg), progress=progress, window=decode.window,
-                          series_vectors=decode.series_vectors, dicomweb_query=query)
+                          series_vectors=decode.series_vectors, pacs_query=query, pacs=access)
             if ray:
                 indexer = _ray_indexer(cfg, st, encoder, batch_size, common)
             else:

@@ -14,6 +14,8 @@ from retrieval.privacy import KeyFiles
 from retrieval.search import Searcher
 from retrieval.store import Store
 
+from retrieval.errors import InputError
+
 from ..settings import Settings
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -37,6 +39,21 @@ DateFromOpt = Annotated[Optional[str], typer.Option("--date-from", help="Study d
 DateToOpt = Annotated[Optional[str], typer.Option("--date-to", help="Study date ≤ (YYYY-MM-DD).")]
 PathGlobOpt = Annotated[Optional[str], typer.Option(
     "--path-glob", help="Only paths matching this glob, e.g. '*/derm/*'.")]
+# How a PACS is reached (index dicomweb+…/dimse://, receive); secrets only from the
+# environment or the settings file, never the command line (other users see it in ps)
+CallingAetOpt = Annotated[Optional[str], typer.Option(
+    "--calling-aet", help="DIMSE: our AE title, as the PACS knows us (default MEDSEARCH).")]
+PacsUserOpt = Annotated[Optional[str], typer.Option(
+    "--pacs-user", help="DICOMweb: HTTP basic user (password: MEDSEARCH_PACS_PASSWORD; "
+                        "a bearer token: MEDSEARCH_PACS_TOKEN).")]
+TlsOpt = Annotated[Optional[bool], typer.Option("--tls/--no-tls", help="DIMSE over TLS.")]
+TlsCaOpt = Annotated[Optional[Path], typer.Option(
+    "--tls-ca", help="CA bundle that signed the PACS's certificate (https and DIMSE TLS).")]
+TlsCertOpt = Annotated[Optional[Path], typer.Option(
+    "--tls-cert", help="Our TLS certificate (PEM): mutual TLS, or receive's server certificate.")]
+TlsKeyOpt = Annotated[Optional[Path], typer.Option("--tls-key", help="The key of --tls-cert (PEM).")]
+PacsTimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--pacs-timeout", min=0.1, help="Seconds for one network step with the PACS (default 30).")]
 LabelOpt = Annotated[Optional[list[str]], typer.Option(
     "--label", help="Only images carrying this label (repeatable: any of them).")]
 
@@ -98,3 +115,16 @@ def searcher(cfg: Settings, store: Store, model: str | None = None) -> Searcher:
     from ..app import Medsearch
 
     return Medsearch(store, cfg, model=model).searcher
+
+
+def pacs_access(cfg: Settings):
+    """How this run reaches a PACS (``indexer.pacs.PacsAccess``), from the settings."""
+    from indexer.pacs import PacsAccess
+
+    try:
+        return PacsAccess(calling_aet=cfg.pacs_calling_aet, timeout_s=cfg.pacs_timeout,
+                          token=cfg.pacs_token, user=cfg.pacs_user, password=cfg.pacs_password,
+                          tls=cfg.pacs_tls, tls_ca=cfg.pacs_tls_ca, tls_cert=cfg.pacs_tls_cert,
+                          tls_key=cfg.pacs_tls_key)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None

@@ -165,7 +165,11 @@ class IndexRun:
         failed: list[str] = []
         for root in roots:
             try:
-                sources += list_sources(root, self.pacs_query, self.options.pacs)
+                listed, problems = list_sources(root, self.pacs_query, self.options.pacs)
+                sources += listed
+                for problem in problems:  # listed in part: nothing of it may be removed
+                    walker.unsafe[root] = "the PACS could be listed only in part"
+                    walker.problems.append(WalkProblem(root, root, f"cannot list: {problem}"))
             except ConnectionError as exc:
                 failed.append(str(exc))
                 walker.unsafe[root] = f"the PACS could not be listed: {exc}"

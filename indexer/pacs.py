@@ -82,22 +82,28 @@ def is_pacs(root: str) -> bool:
     return str(root).startswith((*DICOMWEB_PREFIXES, DIMSE_PREFIX))
 
 
-def list_sources(root: str, query: PacsQuery | None, access: PacsAccess) -> list[SourceFile]:
-    """Every instance the PACS at ``root`` lists for the query, as sources to index; a
-    ``ConnectionError`` (with what happened) when it cannot be listed at all."""
+def list_sources(root: str, query: PacsQuery | None,
+                 access: PacsAccess) -> tuple[list[SourceFile], list[str]]:
+    """(every instance the PACS at ``root`` lists for the query, as sources to index; what
+    could not be listed, e.g. one study); a ``ConnectionError`` (with what happened) when it
+    cannot be listed at all."""
     if root.startswith(DIMSE_PREFIX):
-        from .dimse import list_instances
-    else:
-        from .dicomweb import list_instances
-    return list_instances(root, query or PacsQuery(), access)
+        from .dimse import list_instances as list_dimse
+
+        return list_dimse(root, query or PacsQuery(), access)
+    from .dicomweb import list_instances
+
+    return list_instances(root, query or PacsQuery(), access), []
 
 
 def fetch(source: SourceFile, access: PacsAccess) -> bytes:
     """One instance's Part-10 bytes as the PACS stores them (``DecodeError`` on failure)."""
     if source.kind == "dimse":
-        from .dimse import retrieve_instance
-    else:
-        from .dicomweb import retrieve_instance
+        from .dimse import retrieve_instance as retrieve_dimse
+
+        return retrieve_dimse(source.path, access, getattr(source, "sop_class", ""))
+    from .dicomweb import retrieve_instance
+
     return retrieve_instance(source.path, access)
 
 

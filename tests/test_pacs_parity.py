@@ -130,6 +130,12 @@ def test_folder_and_pacs_index_the_same(loaded, tiny_model, tmp_path, protocol):
     assert pacs_report["total"] == folder_report["total"] == len(sop_of)
     f_failed, f_skipped, f_vectors = _by_sop(folder_report, folder_vectors, sop_of.__getitem__)
     p_failed, p_skipped, p_vectors = _by_sop(pacs_report, pacs_vectors, _pacs_sop)
+    deflated = {sop for sop in f_failed if sop.endswith(".8")}
+    assert len(deflated) == 1 and "Deflated Image Frame" in f_failed[min(deflated)]
+    if protocol == "dimse":  # Orthanc's DICOM stack cannot send a syntax newer than itself
+        sop = deflated.pop()
+        assert "sent no instance (status 0x" in p_failed.pop(sop)
+        f_failed.pop(sop)
     assert p_failed == f_failed
     assert p_skipped == f_skipped
     assert set(p_vectors) == set(f_vectors)
@@ -140,6 +146,4 @@ def test_folder_and_pacs_index_the_same(loaded, tiny_model, tmp_path, protocol):
     assert cosines[worst] >= 0.9999, (worst, [p for p, s in sop_of.items() if s == worst[0]])
     # what the issue found lost on the PACS path is there
     assert (ODD_UID, 0) in p_vectors
-    deflated = [reason for sop, reason in p_failed.items() if sop.endswith(".8")]
-    assert deflated and "unexpected" not in deflated[0]
     assert not any("retrieval failed" in r or "C-GET" in r for r in p_failed.values())

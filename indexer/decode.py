@@ -149,12 +149,19 @@ def decode_source(source: SourceFile, options: DecodeOptions,
 
             data = fetch(source, options.pacs)
             result.content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
+        elif source.kind == "received":  # pushed to `medsearch receive`: its spool file
+            if not getattr(source, "spool", ""):
+                raise DecodeError("a received instance is not kept once indexed (only its "
+                                  "vector and allowed metadata are): no pixels to show")
+            with open(source.spool, "rb") as fh:
+                data = fh.read()
+            result.content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
         elif source.size == 0:
             raise DecodeError("empty file (0 bytes)")
         else:
             result.content_hash = content_hash(source.path)
             data = source.path
-        if source.kind in ("dicom", *PACS_KINDS):
+        if source.kind in ("dicom", "received", *PACS_KINDS):
             result.frames = _dicom_frames(data, options, result)
         else:
             result.frames = _image_frames(data, options, result)

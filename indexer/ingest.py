@@ -72,6 +72,10 @@ class Plan:
 class IndexRun:
     """One indexing run into a store; subclasses supply the decode → embed stages."""
 
+    #: Re-choose the index type and save the index file when the run ends (a caller that
+    #: runs many short batches does it on its own schedule instead).
+    save_at_end = True
+
     def __init__(self, store: Store, *, image_size: int, batch_size: int = 8,
                  frames: str = "middle", phi_policy: str = "hash", progress: bool | None = None,
                  window: str = "file", series_vectors: bool = False,
@@ -117,8 +121,9 @@ class IndexRun:
         finally:
             self._stop()
             bar.close()
-            self.store.maintain_index()
-            self.store.save()
+            if self.save_at_end:
+                self.store.maintain_index()
+                self.store.save()
         report.seconds = round(time.perf_counter() - started, 3)
         return report
 

@@ -21,7 +21,9 @@ from retrieval.model.preprocess import model_input_to_uint8
 from retrieval.region import Region
 
 from .decode import Decoded, DecodeOptions, decode_source
+from .pacs import DIMSE_PREFIX, PacsAccess, is_pacs
 from .sources import SourceFile, classify, content_kind
+from .spool import PREFIX as RECEIVED_PREFIX
 
 #: What errors about in-memory bytes call them.
 UPLOAD_NAME = "upload"
@@ -116,14 +118,28 @@ def read_images(source: str | Path | bytes, *, image_size: int,
     return [ModelImage(f.index, decoded.frame_count, f.tensor) for f in decoded.frames]
 
 
-def read_stored(path: str, frame: int, *, image_size: int,
-                decode: dict | None = None, region: Region | None = None) -> ModelImage:
+def read_stored(path: str, frame: int, *, image_size: int, decode: dict | None = None,
+                region: Region | None = None, pacs: PacsAccess | None = None) -> ModelImage:
     """An indexed image (its path and frame from the store) decoded again with the settings
-    the store recorded (``manifest.decode``), as it was embedded."""
-    if not Path(path).is_file():
-        raise NotFoundError(f"{path}: the source file is no longer there")
-    return read_image(path, image_size=image_size, settings=DecodeSettings.from_manifest(decode),
-                      frame=frame, region=region)
+    the store recorded (``manifest.decode``), as it was embedded; a PACS instance is fetched
+    again (``pacs``: how to reach it)."""
+    settings = DecodeSettings.from_manifest(decode)
+    kind = remote_kind(path)
+    if kind is None:
+        if not Path(path).is_file():
+            raise NotFoundError(f"{path}: the source file is no longer there")
+        return read_image(path, image_size=image_size, settings=settings, frame=frame,
+                          region=region)
+    options = replace(_options(image_size, settings, frame, region), pacs=pacs or PacsAccess())
+    decoded = _checked(decode_source(SourceFile(path, 0, 0, kind), options), path)
+    return ModelImage(decoded.frames[0].index, decoded.frame_count, decoded.frames[0].tensor)
+
+
+def remote_kind(path: str) -> str | None:
+    """The source kind of a stored path that is not a local file (None: a file)."""
+    if is_pacs(path):
+        return "dimse" if path.startswith(DIMSE_PREFIX) else "dicomweb"
+    return "received" if path.startswith(RECEIVED_PREFIX) else None
 
 
 def _options(image_size: int, settings: DecodeSettings, frame: int | None,
@@ -151,6 +167,10 @@ def _decode(source: str | Path | bytes, options: DecodeOptions, isolated: bool) 
         decoded = decode_isolated(item, options, content=content)
     else:
         decoded = decode_source(item, options, content)
+    return _checked(decoded, name)
+
+
+def _checked(decoded: Decoded, name: str) -> Decoded:
     if decoded.error or decoded.skipped or not decoded.frames:
         raise InputError(f"{name}: {decoded.error or decoded.skipped or 'no frames'}")
     return decoded

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +35,9 @@ from retrieval.ranking import PageOptions
 from retrieval.search import Page, Result, Searcher
 from retrieval.store import CommitCounter, Store
 
-from .decoders import decode_stored, decode_upload
+from .decoders import decode_stored, decode_upload, pacs_access
+
+_decode_stored = decode_stored
 from .settings import Settings
 
 log = logging.getLogger("medsearch.app")
@@ -89,6 +92,8 @@ class Medsearch:
                                  settings.redact_paths, keys=self.key_files(settings),
                                  cuda_bf16=settings.cuda_bf16, cache_dir=settings.cache_folder,
                                  text_lock=self.text_lock, index_lock=self.store_lock)
+        if decode_stored is _decode_stored:  # PACS rows are fetched as the settings say
+            decode_stored = partial(decode_stored, pacs=pacs_access(settings))
         self.decode_upload, self.decode_stored = decode_upload, decode_stored
         self.decode_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._commits: CommitCounter | None = None

@@ -64,6 +64,13 @@ def test_index_over_dicomweb_then_incremental(orthanc, tiny_model, tmp_path):
     assert [s["reason"] for s in doc["skipped"]] == ["no pixel data: Comprehensive SR Storage (SR)"]
     assert stats["images"] == len(UPLOAD) - 1
     assert stats["modalities"] == {"CT": 1, "MR": 1, "NM": 2, "OT": 1, "US": 1}
+    from medsearch.app import Medsearch  # a preview fetches the instance again (WADO-RS)
+
+    app = Medsearch.open(tmp_path / "store")
+    try:
+        assert all(app.preview(int(i)).startswith(b"\x89PNG") for i in app.store.vector_ids())
+    finally:
+        app.store.close()
 
     again, stats2 = _index(tmp_path / "store", tiny_model, source, workers=0)
     assert again.indexed == 0 and again.images == 0 and again.removed == 0

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
+from .certs import certificates
 from .conftest import PYDICOM_TEST_FILES
 from .orthanc import ORTHANC_AET, running_orthanc
 from .serving import run_cli
@@ -56,6 +56,16 @@ def test_index_dimse_then_incremental(pacs, tiny_model, tmp_path, capsys):
 
     code, stats = _cli(capsys, "info", "--store", str(store))
     assert stats["images"] == 3 and stats["modalities"] == {"CT": 1, "MR": 1, "NM": 1}
+
+    # a preview of a PACS row fetches the instance again (C-GET), as a file is read again
+    from medsearch.app import Medsearch
+
+    app = Medsearch.open(store)
+    try:
+        png = app.preview(int(app.store.vector_ids()[0]))
+        assert png.startswith(b"\x89PNG")
+    finally:
+        app.store.close()
 
 
 def test_dimse_query_filters(pacs, tiny_model, tmp_path, capsys):
@@ -134,27 +144,8 @@ def test_instance_gone_from_the_pacs_is_a_failure_of_that_instance(tiny_model, t
             retrieve_instance(listed[0].path, sop_class=listed[0].sop_class)
 
 
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    folder.mkdir(parents=True, exist_ok=True)
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=medsearch test CA")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN=127.0.0.1")
-        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    return {p.stem + p.suffix: folder / p for p in map(Path, ["ca.pem", "server.pem",
-                                                              "server.key", "client.pem",
-                                                              "client.key"])}
-
-
 def test_dimse_over_tls(tiny_model, tmp_path, capsys):
-    certs = _certificates(tmp_path / "certs")
+    certs = certificates(tmp_path / "certs")
     tls = {"DicomTlsEnabled": True, "DicomTlsCertificate": str(certs["server.pem"]),
            "DicomTlsPrivateKey": str(certs["server.key"]),
            "DicomTlsTrustedCertificates": str(certs["ca.pem"]),

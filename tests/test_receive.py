@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from retrieval.store import Store
 
+from .certs import certificates
 from .conftest import PYDICOM_TEST_FILES
 from .orthanc import free_port, running_orthanc
 
@@ -83,14 +84,16 @@ def _copies(n: int, series: str | None = None) -> list[pydicom.Dataset]:
     return out
 
 
-def _push(port: int, datasets, calling: str = "MODALITY", acks: list | None = None) -> list:
+def _push(port: int, datasets, calling: str = "MODALITY", acks: list | None = None,
+          tls=None) -> list:
     """Send with pynetdicom, one association; the status of each (None: no answer)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEARCH")
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDSEARCH", tls_args=tls)
     if not assoc.is_established:
         return [None] * len(datasets)
     statuses = []
@@ -141,6 +144,15 @@ def test_storescu_push_is_indexed_spool_owner_only(receiver):
     assert stat.S_IMODE((store / "spool").stat().st_mode) == 0o700
     with Store.open(store, readonly=True) as st:
         assert any("no pixel data" in reason for reason in st.failures().values())  # the SR
+    from medsearch.app import Medsearch
+    from retrieval.errors import InputError
+
+    app = Medsearch.open(store)
+    try:  # the pixels are not kept: the preview says so
+        with pytest.raises(InputError, match="not kept once indexed"):
+            app.preview(int(app.store.vector_ids()[0]))
+    finally:
+        app.store.close()
 
 
 def test_only_allow_listed_titles_and_garbage_harms_nothing(receiver):
@@ -245,3 +257,24 @@ def test_full_disk_is_refused_not_acknowledged(tiny_model, tmp_path):
     finally:
         doc, _ = _stop(proc)
     assert doc["received"] == 0 and doc["refused"] == 2 and doc["indexed"] == 0
+
+
+def test_receive_over_tls_requires_a_signed_client(tiny_model, tmp_path):
+    import ssl
+
+    certs = certificates(tmp_path / "certs")
+    store, port = tmp_path / "store", free_port()
+    proc = _receiver(store, tiny_model, port, "--allow", "MODALITY", "--tls-cert",
+                     str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
+                     "--tls-ca", str(certs["ca.pem"]))
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs["ca.pem"]))
+        client.load_cert_chain(str(certs["client.pem"]), str(certs["client.key"]))
+        assert _push(port, _copies(1), tls=(client, "127.0.0.1")) == [0]
+        assert _push(port, _copies(1)) == [None]  # plain DICOM on the TLS port
+        anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                               cafile=str(certs["ca.pem"]))
+        assert _push(port, _copies(1), tls=(anonymous, "127.0.0.1")) == [None]
+    finally:
+        doc, _ = _stop(proc)
+    assert doc["received"] == 1 and doc["indexed"] == 1

@@ -14,8 +14,6 @@ from retrieval.privacy import KeyFiles
 from retrieval.search import Searcher
 from retrieval.store import Store
 
-from retrieval.errors import InputError
-
 from ..settings import Settings
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -117,14 +115,9 @@ def searcher(cfg: Settings, store: Store, model: str | None = None) -> Searcher:
     return Medsearch(store, cfg, model=model).searcher
 
 
+
 def pacs_access(cfg: Settings):
     """How this run reaches a PACS (``indexer.pacs.PacsAccess``), from the settings."""
-    from indexer.pacs import PacsAccess
+    from ..decoders import pacs_access as from_settings
 
-    try:
-        return PacsAccess(calling_aet=cfg.pacs_calling_aet, timeout_s=cfg.pacs_timeout,
-                          token=cfg.pacs_token, user=cfg.pacs_user, password=cfg.pacs_password,
-                          tls=cfg.pacs_tls, tls_ca=cfg.pacs_tls_ca, tls_cert=cfg.pacs_tls_cert,
-                          tls_key=cfg.pacs_tls_key)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    return from_settings(cfg)

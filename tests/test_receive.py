@@ -168,10 +168,14 @@ def test_only_allow_listed_titles_and_garbage_harms_nothing(receiver):
             except OSError:
                 pass
     assert proc.poll() is None
-    ok = _copies(2)
-    assert _push(port, ok) == [0, 0]
+    ok, broken = _copies(2), _copies(1)[0]
+    broken.PixelData = broken.PixelData[:100]  # acknowledged (it is stored), then fails to decode
+    assert _push(port, [ok[0], broken, ok[1]]) == [0, 0, 0]
     _wait_drained(store)
     assert {f"received://{ds.SOPInstanceUID}" for ds in ok} <= set(_received(store))
+    with Store.open(store, readonly=True) as st:
+        reason = st.failures()[f"received://{broken.SOPInstanceUID}"]
+    assert "pixel" in reason.lower(), reason
 
 
 def test_orthanc_pushes_to_the_receiver(receiver, tmp_path):

@@ -202,6 +202,25 @@ def store_key(store: Store, *, create: bool = False, required: bool = True,
     return key
 
 
+def text_cache_secret(store: Store, keys: KeyFiles | None, cache_folder: Path) -> bytes:
+    """The key of the text-embedding cache (retrieval.store.text_cache): derived from the
+    store's patient-key secret when it has one (never that secret itself), else a per-user
+    key in the cache folder; empty (no cache) when neither can be had."""
+    try:
+        key = store_key(store, required=False, keys=keys)
+    except (KeyFileError, StoreError, OSError):
+        key = None
+    if key is None:
+        path = cache_folder / "text-embeddings" / "cache.key"
+        try:
+            if not path.exists():
+                write_key(path, secrets.token_bytes(KEY_BYTES))
+            key = read_key(path)
+        except (KeyFileError, OSError):
+            return b""
+    return hmac.new(key, b"medsearch text-embedding cache", hashlib.sha256).digest()
+
+
 # -- consent withdrawal ----------------------------------------------------------------------------
 def _marker(key: bytes, kind: str, value: str) -> str:
     """A withdrawal marker: keyed, so the store never holds the patient key or UID itself."""

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import InputError, ModelMismatchError, NotFoundError
 from .filters import Filters
 from .model import TextEncoder, VisionEncoder, resolve_checkpoint
-from .privacy import KeyFiles, PathRedactor
+from .privacy import KeyFiles, PathRedactor, text_cache_secret
 from .store import Store
 
 
@@ -71,6 +71,8 @@ class Searcher:
         self.device = device
         self.precision = precision
         self._text: TextEncoder | None = None
+        self._text_cache = None  # retrieval.store.text_cache.TextVectorCache, when first used
+        self.keys = keys
         self._vision: VisionEncoder | None = None
         self.text_lock = text_lock or nullcontext()
         self.index_lock = index_lock or nullcontext()
@@ -100,9 +102,32 @@ class Searcher:
 
     # -- query vectors ---------------------------------------------------------------------
     def text_vector(self, text: str) -> np.ndarray:
+        """A query text's vector: from the persistent cache when it was asked before (the
+        text tower is then not loaded at all), else from the tower, then remembered."""
         if not text or not text.strip():
             raise InputError("the query text is empty")
-        return self.text_encoder.embed_cached(text.strip())
+        text = text.strip()
+        cache = self.text_cache
+        if cache is not None and (vector := cache.get(text)) is not None:
+            return vector
+        vector = self.text_encoder.embed_cached(text)
+        if cache is not None:
+            cache.put(text, vector)
+        return vector
+
+    @property
+    def text_cache(self):
+        """The per-user text-embedding cache for this store's checkpoint (None: a checkpoint
+        other than the store's was named, or no cache folder was given)."""
+        if self._text_cache is None and self.cache_dir is not None \
+                and self.model_name == self.store.manifest.model:
+            from .store.text_cache import TextVectorCache
+
+            secret = text_cache_secret(self.store, self.keys, Path(self.cache_dir))
+            self._text_cache = TextVectorCache(
+                Path(self.cache_dir) / "text-embeddings", secret,
+                self.store.manifest.model_fingerprint, f"{self.device}/{self.precision}")
+        return self._text_cache
 
     def id_vector(self, image_id: int) -> np.ndarray:
         """An indexed image's stored vector as a unit query vector: stored as float16, its
@@ -160,14 +185,22 @@ class Searcher:
         return query_vector(terms, vector_of)
 
     def logit_scalars(self):
-        """The checkpoint's (logit_scale, logit_bias), or None when its weights lack them."""
+        """The checkpoint's (logit_scale, logit_bias), or None when its weights lack them;
+        remembered in the text cache, so a cached query reads no weights file either."""
         from .errors import ModelUnavailableError
-        from .zeroshot import read_logit_scalars
+        from .zeroshot import LogitScalars, read_logit_scalars
 
+        cache = self.text_cache
+        known = cache.fact("logit_scalars") if cache is not None else None
+        if isinstance(known, list) and len(known) == 2:
+            return LogitScalars(float(known[0]), float(known[1]))
         try:
-            return read_logit_scalars(self.text_encoder.checkpoint)
+            scalars = read_logit_scalars(self._checkpoint())
         except ModelUnavailableError:
             return None
+        if cache is not None:
+            cache.remember("logit_scalars", [scalars.scale, scalars.bias])
+        return scalars
 
     def page(self, terms: list, opts, filters: Filters | None = None,
              min_score: float | None = None, min_prob: float | None = None,
@@ -191,7 +224,7 @@ class Searcher:
         if min_prob is not None and scalars is None:
             from .zeroshot import read_logit_scalars
 
-            read_logit_scalars(self.text_encoder.checkpoint)  # raises, saying what is missing
+            read_logit_scalars(self._checkpoint())  # raises, saying what is missing
         thresholds = [t for t in (min_score, None if min_prob is None else prob_threshold(
             min_prob, scalars.scale, scalars.bias)) if t is not None]
         opts.threshold = max(thresholds) if thresholds else None

@@ -10,7 +10,6 @@ import typer
 
 from retrieval.errors import InputError, NotFoundError, storage_error
 from retrieval.model import resolve_checkpoint
-from retrieval.model.acceleration import auto_batch_size, precision_choice
 from retrieval.store import Manifest, Store, manifest_for
 
 from ..app import Medsearch, QuerySpec
@@ -122,6 +121,8 @@ def index_cmd(
             encoder = vision_encoder(cfg, checkpoint, compile=cfg.compile)
         batch = cfg.batch_size
         if batch_size is None and not ray and encoder.device.type == "cuda":  # fill the GPU
+            from retrieval.model.acceleration import auto_batch_size
+
             batch = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
@@ -283,8 +284,7 @@ def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
     cfg = resolve(store=store, db=db)
     with Medsearch.from_settings(cfg) as found:
-        doc = {**found.info(),
-               "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder)}
+        doc = {**found.info(), "precision_auto": found.precision_auto()}
     if not doc["decode_recorded"]:
         note("decode settings not recorded; defaults assumed")
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))

@@ -13,11 +13,13 @@ from retrieval.model import resolve_checkpoint
 from retrieval.store import Manifest, Store, manifest_for
 
 from ..app import Medsearch, QuerySpec
+from . import remote
 from .main import app
 from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
                       build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
+from .remote import LocalOpt
 from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
                             RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
 
@@ -236,18 +238,23 @@ def search_cmd(
     label: LabelOpt = None, precision: PrecisionOpt = None, distinct: DistinctOpt = None,
     min_prob: MinProbOpt = None, offset: OffsetOpt = 0, dedupe: DedupeOpt = None,
     relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None, json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
-    """Find images by a text description (or weighted text/image terms: query arithmetic)."""
+    """Find images by a text description (or weighted text/image terms: query arithmetic);
+    a running `medsearch serve` for the store answers when there is one (see --local)."""
     from retrieval.query import parse_query
 
     terms = parse_query(text, allow_files=True)
     cfg = resolve(store=store, db=db, device=device, precision=precision, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, min_prob, offset, dedupe, relevant, not_relevant))
-        page = found.page(spec, local_files=True)
-    emit(page.to_json(), json_out, results_table)
+    fields = spec_fields(distinct, min_prob, offset, dedupe, relevant, not_relevant)
+    doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
+                      min_score=min_score, fields=fields)
+    if doc is None:
+        with Medsearch.from_settings(cfg, model=model) as found:
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields)
+            doc = found.page(spec, local_files=True).to_json()
+    emit(doc, json_out, results_table)
 
 
 @app.command("similar")
@@ -260,9 +267,10 @@ def similar_cmd(
     label: LabelOpt = None, distinct: DistinctOpt = None, offset: OffsetOpt = 0,
     dedupe: DedupeOpt = None, relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None,
     region: RegionOpt = None, region_space: RegionSpaceOpt = "image", json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
     """Find similar cases for an image file, or for an indexed image by --id (or a --region
-    of either)."""
+    of either); a running `medsearch serve` for the store answers --id when there is one."""
     from retrieval.query import Term
     from retrieval.region import Region
 
@@ -271,12 +279,16 @@ def similar_cmd(
     cfg = resolve(store=store, db=db, device=device, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     terms = [Term("id", image_id, 1.0) if image_id is not None else Term("file", str(file), 1.0)]
-    with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, None, offset, dedupe, relevant, not_relevant),
-            region=Region.parse(region, region_space))
-        page = found.page(spec, local_files=True)
-    emit(page.to_json(), json_out, results_table)
+    fields = spec_fields(distinct, None, offset, dedupe, relevant, not_relevant)
+    box = Region.parse(region, region_space)
+    doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
+                      min_score=min_score, fields=fields, region=box)
+    if doc is None:
+        with Medsearch.from_settings(cfg, model=model) as found:
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields,
+                             region=box)
+            doc = found.page(spec, local_files=True).to_json()
+    emit(doc, json_out, results_table)
 
 
 @app.command("info")

@@ -13,6 +13,7 @@ No path from a request reaches the filesystem: previews decode only paths read f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -79,18 +80,17 @@ class Medsearch:
                  decode_stored: DecodeStored = decode_stored, preview_cache: int = 512) -> None:
         """``model``: a checkpoint other than the one the store was built with (None: the
         store's); device, precision, threads, path redaction and key files come from
-        ``settings`` (None: the defaults)."""
-        from retrieval.model.acceleration import configure_cpu_threads
-
+        ``settings`` (None: the defaults). Nothing here imports torch: a tower (and the thread
+        count) is set up when a query first needs it."""
         self.settings = settings = settings or Settings()
         self.store = store
         self.text_lock = threading.Lock()
         self.vision_lock = threading.Lock()
         self.store_lock = threading.RLock()
-        configure_cpu_threads(settings.threads)
         self.searcher = Searcher(store, model, settings.device, settings.precision,
                                  settings.redact_paths, keys=self.key_files(settings),
                                  cuda_bf16=settings.cuda_bf16, cache_dir=settings.cache_folder,
+                                 threads=settings.threads,
                                  text_lock=self.text_lock, index_lock=self.store_lock)
         if decode_stored is _decode_stored:  # PACS rows are fetched as the settings say
             decode_stored = partial(decode_stored, pacs=pacs_access(settings))
@@ -186,8 +186,14 @@ class Medsearch:
         if self._image_size is None:
             vision = self.searcher._vision
             self._image_size = (vision.image_size if vision is not None
-                                else self.searcher._checkpoint().vision_shape()[0])
+                                else _config_image_size(self.searcher._checkpoint()))
         return self._image_size
+
+    def precision_auto(self) -> dict:
+        """What ``--precision auto`` picks here and why (no torch once this CPU's is cached)."""
+        from retrieval.model.cpu_choice import precision_auto
+        return precision_auto(self.settings.device, self.settings.cache_folder,
+                              self.settings.threads)
 
     # -- queries ---------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> dict[int, dict]:
@@ -373,7 +379,7 @@ class Medsearch:
     def decode_settings(self):
         """How the store's images became model inputs (indexer.view.DecodeSettings); the
         defaults for a store made before they were recorded."""
-        from indexer.view import DecodeSettings
+        from indexer.decode_settings import DecodeSettings
 
         return DecodeSettings.from_manifest(self.decode)
 
@@ -409,3 +415,11 @@ class Medsearch:
             while len(self._previews) > self._preview_limit:
                 self._previews.popitem(last=False)
         return data
+
+
+def _config_image_size(checkpoint) -> int:
+    """The vision input size from config.json (no transformers import), else transformers'."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+        config = checkpoint.config
+        return int(config.get("vision_config", config)["image_size"])
+    return checkpoint.vision_shape()[0]

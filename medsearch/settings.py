@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from retrieval.errors import InputError
-from retrieval.model import DEFAULT_MODEL
+from retrieval.model.names import DEFAULT_MODEL
 from retrieval.privacy import user_key_files
 from retrieval.store.schema import PhiPolicy
 from retrieval.userdirs import cache_home

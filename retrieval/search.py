@@ -5,14 +5,18 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError, ModelMismatchError, NotFoundError
 from .filters import Filters
-from .model import TextEncoder, VisionEncoder, resolve_checkpoint
+from .model.checkpoint import resolve_checkpoint
 from .privacy import KeyFiles, PathRedactor, text_cache_secret
 from .store import Store
+
+if TYPE_CHECKING:  # the towers import torch: only when a query needs one
+    from .model.encoders import TextEncoder, VisionEncoder
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Searcher:
     def __init__(self, store: Store, model: str | None = None, device: str = "auto",
                  precision: str = "auto", redact_paths: str = "none", *,
                  keys: KeyFiles | None = None, cuda_bf16: str = "weights",
-                 cache_dir: Path | None = None,
+                 cache_dir: Path | None = None, threads: int | None = None,
                  text_lock: AbstractContextManager | None = None,
                  index_lock: AbstractContextManager | None = None) -> None:
         """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor), keyed with the
@@ -66,6 +70,7 @@ class Searcher:
         and the index (the application object owns them; one-shot commands need none)."""
         self.redact = PathRedactor(store, redact_paths, keys)
         self.cuda_bf16, self.cache_dir = cuda_bf16, cache_dir
+        self.threads = threads  # torch intra-op threads, set when a tower loads (None: one per core)
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
@@ -80,6 +85,10 @@ class Searcher:
     @property
     def text_encoder(self) -> TextEncoder:
         if self._text is None:
+            from .model.acceleration import configure_cpu_threads
+            from .model.encoders import TextEncoder
+
+            configure_cpu_threads(self.threads)
             self._text = TextEncoder(self._checkpoint(), self.device, self.precision,
                                      cache_dir=self.cache_dir)
         return self._text
@@ -87,6 +96,10 @@ class Searcher:
     @property
     def vision_encoder(self) -> VisionEncoder:
         if self._vision is None:
+            from .model.acceleration import configure_cpu_threads
+            from .model.encoders import VisionEncoder
+
+            configure_cpu_threads(self.threads)
             self._vision = VisionEncoder(self._checkpoint(), self.device, self.precision,
                                          cuda_bf16=self.cuda_bf16, cache_dir=self.cache_dir)
         return self._vision

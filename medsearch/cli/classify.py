@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import typer
 
 from retrieval.errors import InputError
-from retrieval.model import VisionEncoder, resolve_checkpoint
+from retrieval.model import resolve_checkpoint
 from retrieval.store import Store
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
@@ -20,6 +20,9 @@ from .main import app
 from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
                       searcher, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
+
+if TYPE_CHECKING:  # the tower imports torch: only the commands that embed load it
+    from retrieval.model import VisionEncoder
 
 LabelsOpt = Annotated[Optional[list[str]], typer.Option(
     "--labels", help="Candidate labels, comma-separated and/or repeated (at least two).")]

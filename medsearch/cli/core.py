@@ -10,10 +10,10 @@ import typer
 
 from retrieval.errors import InputError, NotFoundError, storage_error
 from retrieval.model import resolve_checkpoint
-from retrieval.model.acceleration import auto_batch_size, precision_choice
 from retrieval.store import Manifest, Store, manifest_for
 
 from ..app import Medsearch, QuerySpec
+from . import remote
 from .main import app
 from .options import (DbOpt, BodyPartOpt, CallingAetOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt,
                       KOpt, LabelOpt, MinScoreOpt, ModalityOpt, ModelOpt, PacsTimeoutOpt,
@@ -21,6 +21,7 @@ from .options import (DbOpt, BodyPartOpt, CallingAetOpt, DateFromOpt, DateToOpt,
                       TlsKeyOpt, TlsOpt, build_filters, key_files, open_for_writing, pacs_access,
                       resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
+from .remote import LocalOpt
 from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
                             RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
 
@@ -133,6 +134,8 @@ def index_cmd(
             encoder = vision_encoder(cfg, checkpoint, compile=cfg.compile)
         batch = cfg.batch_size
         if batch_size is None and not ray and encoder.device.type == "cuda":  # fill the GPU
+            from retrieval.model.acceleration import auto_batch_size
+
             batch = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
@@ -246,18 +249,23 @@ def search_cmd(
     label: LabelOpt = None, precision: PrecisionOpt = None, distinct: DistinctOpt = None,
     min_prob: MinProbOpt = None, offset: OffsetOpt = 0, dedupe: DedupeOpt = None,
     relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None, json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
-    """Find images by a text description (or weighted text/image terms: query arithmetic)."""
+    """Find images by a text description (or weighted text/image terms: query arithmetic);
+    a running `medsearch serve` for the store answers when there is one (see --local)."""
     from retrieval.query import parse_query
 
     terms = parse_query(text, allow_files=True)
     cfg = resolve(store=store, db=db, device=device, precision=precision, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, min_prob, offset, dedupe, relevant, not_relevant))
-        page = found.page(spec, local_files=True)
-    emit(page.to_json(), json_out, results_table)
+    fields = spec_fields(distinct, min_prob, offset, dedupe, relevant, not_relevant)
+    doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
+                      min_score=min_score, fields=fields)
+    if doc is None:
+        with Medsearch.from_settings(cfg, model=model) as found:
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields)
+            doc = found.page(spec, local_files=True).to_json()
+    emit(doc, json_out, results_table)
 
 
 @app.command("similar")
@@ -270,9 +278,10 @@ def similar_cmd(
     label: LabelOpt = None, distinct: DistinctOpt = None, offset: OffsetOpt = 0,
     dedupe: DedupeOpt = None, relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None,
     region: RegionOpt = None, region_space: RegionSpaceOpt = "image", json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
     """Find similar cases for an image file, or for an indexed image by --id (or a --region
-    of either)."""
+    of either); a running `medsearch serve` for the store answers --id when there is one."""
     from retrieval.query import Term
     from retrieval.region import Region
 
@@ -281,12 +290,16 @@ def similar_cmd(
     cfg = resolve(store=store, db=db, device=device, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     terms = [Term("id", image_id, 1.0) if image_id is not None else Term("file", str(file), 1.0)]
-    with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, None, offset, dedupe, relevant, not_relevant),
-            region=Region.parse(region, region_space))
-        page = found.page(spec, local_files=True)
-    emit(page.to_json(), json_out, results_table)
+    fields = spec_fields(distinct, None, offset, dedupe, relevant, not_relevant)
+    box = Region.parse(region, region_space)
+    doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
+                      min_score=min_score, fields=fields, region=box)
+    if doc is None:
+        with Medsearch.from_settings(cfg, model=model) as found:
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields,
+                             region=box)
+            doc = found.page(spec, local_files=True).to_json()
+    emit(doc, json_out, results_table)
 
 
 @app.command("info")
@@ -294,8 +307,7 @@ def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
     cfg = resolve(store=store, db=db)
     with Medsearch.from_settings(cfg) as found:
-        doc = {**found.info(),
-               "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder)}
+        doc = {**found.info(), "precision_auto": found.precision_auto()}
     if not doc["decode_recorded"]:
         note("decode settings not recorded; defaults assumed")
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))

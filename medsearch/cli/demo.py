@@ -13,12 +13,9 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from PIL import Image
 
-from retrieval.model import VisionEncoder
 from retrieval.search import Searcher
 from retrieval.store import Store, manifest_for
-from retrieval.model.testmodel import make_test_model
 
 from .main import app
 from .options import JsonOpt
@@ -33,6 +30,8 @@ DEMO_QUERY = "left pneumothorax"
 
 def _synthetic_images(folder: Path, n: int = 8) -> None:
     """Radiograph-like 16-bit greys and skin-like RGB photos, distinct from each other."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     for i in range(n):
         yy, xx = np.mgrid[0:384, 0:320] / 64.0
@@ -57,6 +56,8 @@ def demo_cmd(
     """Offline end-to-end demo with a tiny random model (rankings are not meaningful)."""
     import pydicom
     from indexer.pipeline import Indexer
+    from retrieval.model import VisionEncoder
+    from retrieval.model.testmodel import make_test_model
 
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="medsearch-demo-"))
     sample = root / "sample"

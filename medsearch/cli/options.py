@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from retrieval.filters import Filters
-from retrieval.model import Checkpoint, TextEncoder, VisionEncoder
 from retrieval.privacy import KeyFiles
 from retrieval.search import Searcher
 from retrieval.store import Store
 
 from ..settings import Settings
+
+if TYPE_CHECKING:  # the towers import torch: only the commands that embed load them
+    from retrieval.model import Checkpoint, TextEncoder, VisionEncoder
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]
@@ -95,6 +97,7 @@ def key_files(cfg: Settings) -> KeyFiles:
 def vision_encoder(cfg: Settings, checkpoint: Checkpoint, compile: bool = False) -> VisionEncoder:
     """The vision tower as configured (``compile`` only pays off on long runs: `index`)."""
     from retrieval.model.acceleration import configure_cpu_threads
+    from retrieval.model.encoders import VisionEncoder
 
     configure_cpu_threads(cfg.threads)
     return VisionEncoder(checkpoint, cfg.device, cfg.precision, compile,
@@ -103,6 +106,7 @@ def vision_encoder(cfg: Settings, checkpoint: Checkpoint, compile: bool = False)
 
 def text_encoder(cfg: Settings, checkpoint: Checkpoint) -> TextEncoder:
     from retrieval.model.acceleration import configure_cpu_threads
+    from retrieval.model.encoders import TextEncoder
 
     configure_cpu_threads(cfg.threads)
     return TextEncoder(checkpoint, cfg.device, cfg.precision, cache_dir=cfg.cache_folder)

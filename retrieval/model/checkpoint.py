@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelUnavailableError
+from .names import DEFAULT_MODEL, SIGLIP_TYPES
 
-DEFAULT_MODEL = "google/medsiglip-448"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -116,10 +116,6 @@ def quiet_transformers():
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
-
-
-#: Config types whose towers load with SiglipVisionModel / SiglipTextModel.
-SIGLIP_TYPES = {"siglip", "siglip_vision_model", "siglip_text_model"}
 
 
 def load_tower(cls, checkpoint: Checkpoint):

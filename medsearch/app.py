@@ -13,7 +13,6 @@ No path from a request reaches the filesystem: previews decode only paths read f
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -30,6 +29,7 @@ import numpy as np
 from retrieval.errors import (InputError, MedsearchError, NotFoundError, StoreError,
                               UndecodableImageError)
 from retrieval.filters import Filters
+from retrieval.model.checkpoint import config_image_size
 from retrieval.privacy import KeyFiles
 from retrieval.query import Term, rocchio
 from retrieval.ranking import PageOptions
@@ -186,7 +186,7 @@ class Medsearch:
         if self._image_size is None:
             vision = self.searcher._vision
             self._image_size = (vision.image_size if vision is not None
-                                else _config_image_size(self.searcher._checkpoint()))
+                                else config_image_size(self.searcher._checkpoint()))
         return self._image_size
 
     def precision_auto(self) -> dict:
@@ -416,10 +416,3 @@ class Medsearch:
                 self._previews.popitem(last=False)
         return data
 
-
-def _config_image_size(checkpoint) -> int:
-    """The vision input size from config.json (no transformers import), else transformers'."""
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
-        config = checkpoint.config
-        return int(config.get("vision_config", config)["image_size"])
-    return checkpoint.vision_shape()[0]

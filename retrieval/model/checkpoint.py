@@ -131,3 +131,11 @@ def load_tower(cls, checkpoint: Checkpoint):
     except Exception as exc:
         raise ModelUnavailableError(unavailable_message(
             checkpoint.name, f"{cls.__name__} could not load {checkpoint.path}: {exc}")) from None
+
+
+def config_image_size(checkpoint: Checkpoint) -> int:
+    """The vision input size from config.json (no transformers import), else transformers'."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+        config = checkpoint.config
+        return int(config.get("vision_config", config)["image_size"])
+    return checkpoint.vision_shape()[0]

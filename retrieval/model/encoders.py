@@ -15,6 +15,7 @@ from .checkpoint import (DEFAULT_MODEL, Checkpoint, load_tower, quiet_transforme
                          resolve_checkpoint, unavailable_message)
 from .names import TEXT_MAX_LENGTH
 from .preprocess import model_input
+from .text_weights import load_text_tower
 
 
 def _normalise(vectors: torch.Tensor) -> np.ndarray:
@@ -93,7 +94,7 @@ class TextEncoder:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto", *,
                  cache_dir: Path | None = None) -> None:
         """``cache_dir``: where ``precision="auto"`` keeps its CPU measurement (None: in memory)."""
-        from transformers import AutoTokenizer, SiglipTextModel
+        from transformers import AutoTokenizer
 
         self.checkpoint = checkpoint
         self.device = select_device(device)
@@ -104,7 +105,7 @@ class TextEncoder:
         except Exception as exc:
             raise ModelUnavailableError(unavailable_message(
                 checkpoint.name, f"no usable tokenizer in {checkpoint.path}: {exc}")) from None
-        self.model = acceleration.prepare_model(load_tower(SiglipTextModel, checkpoint),
+        self.model = acceleration.prepare_model(load_text_tower(checkpoint),
                                                 self.device, self.precision)
         self.dim: int = int(self.model.config.hidden_size)
         self._cached = lru_cache(maxsize=1024)(self._embed_one)

@@ -90,7 +90,7 @@ class Medsearch:
         self.searcher = Searcher(store, model, settings.device, settings.precision,
                                  settings.redact_paths, keys=self.key_files(settings),
                                  cuda_bf16=settings.cuda_bf16, cache_dir=settings.cache_folder,
-                                 threads=settings.threads,
+                                 threads=settings.threads, text_runtime=settings.text_runtime,
                                  text_lock=self.text_lock, index_lock=self.store_lock)
         if decode_stored is _decode_stored:  # PACS rows are fetched as the settings say
             decode_stored = partial(decode_stored, pacs=pacs_access(settings))

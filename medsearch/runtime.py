@@ -48,6 +48,7 @@ def answer_key(settings: Settings, model_fingerprint: str) -> str:
     settings that change vectors, scores or shown paths."""
     shaping = {"model_fingerprint": model_fingerprint, "device": settings.device,
                "precision": settings.precision, "cuda_bf16": settings.cuda_bf16,
+               "text_runtime": settings.text_runtime,
                "redact_paths": settings.redact_paths, "key_file": str(settings.key_file),
                "key_folder": str(settings.key_folder)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:32]

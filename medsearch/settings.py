@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     ray_address: str = "local"           # engine ray: local (a cluster in this process) | auto | ray://HOST:PORT
     ray_actors: int | None = None        # engine ray: embedding actors; None = one per GPU, else 1 (CPU)
     cache_dir: Path | None = None        # None: $XDG_CACHE_HOME/medsearch
+    text_runtime: Literal["torch", "onnx"] = "torch"  # onnx: the text tower exported to ONNX int8
     db: str | None = None                # postgresql+psycopg://USER@HOST[:PORT]/DB; None: SQLite in the store
     # A PACS (index dicomweb+http(s)://…, index dimse://…, receive): how to reach it
     pacs_calling_aet: str = "MEDSEARCH"  # DIMSE: our AE title (the PACS must know it)

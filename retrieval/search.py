@@ -60,6 +60,7 @@ class Searcher:
                  precision: str = "auto", redact_paths: str = "none", *,
                  keys: KeyFiles | None = None, cuda_bf16: str = "weights",
                  cache_dir: Path | None = None, threads: int | None = None,
+                 text_runtime: str = "torch",
                  text_lock: AbstractContextManager | None = None,
                  index_lock: AbstractContextManager | None = None) -> None:
         """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor), keyed with the
@@ -71,6 +72,8 @@ class Searcher:
         self.redact = PathRedactor(store, redact_paths, keys)
         self.cuda_bf16, self.cache_dir = cuda_bf16, cache_dir
         self.threads = threads  # torch intra-op threads, set when a tower loads (None: one per core)
+        # "onnx": the text tower exported to ONNX int8 (retrieval.model.onnx_text), CPU only
+        self.text_runtime = text_runtime if device in ("auto", "cpu") else "torch"
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
@@ -84,6 +87,12 @@ class Searcher:
 
     @property
     def text_encoder(self) -> TextEncoder:
+        if self._text is None and self.text_runtime == "onnx":
+            from .model.onnx_text import OnnxTextEncoder
+            from .userdirs import cache_home
+
+            self._text = OnnxTextEncoder(self._checkpoint(), Path(self.cache_dir or cache_home()),
+                                         threads=self.threads)
         if self._text is None:
             from .model.acceleration import configure_cpu_threads
             from .model.encoders import TextEncoder
@@ -139,7 +148,8 @@ class Searcher:
             secret = text_cache_secret(self.store, self.keys, Path(self.cache_dir))
             self._text_cache = TextVectorCache(
                 Path(self.cache_dir) / "text-embeddings", secret,
-                self.store.manifest.model_fingerprint, f"{self.device}/{self.precision}")
+                self.store.manifest.model_fingerprint,
+                f"{self.device}/{self.precision}/{self.text_runtime}")
         return self._text_cache
 
     def id_vector(self, image_id: int) -> np.ndarray:

@@ -18,8 +18,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from retrieval.errors import InputError
 from retrieval.model.names import DEFAULT_MODEL
-from retrieval.privacy import user_key_files
-from retrieval.store.schema import PhiPolicy
+from retrieval.phi import PhiPolicy
 from retrieval.userdirs import cache_home
 
 ENV_PREFIX = "MEDSEARCH_"
@@ -103,6 +102,8 @@ class Settings(BaseSettings):
         """Where per-store patient-key files live (outside every store)."""
         if self.phi_key_dir is not None:
             return Path(self.phi_key_dir).expanduser()
+        from retrieval.privacy import user_key_files  # loads the store: only when needed
+
         return user_key_files().folder
 
     @property

@@ -12,7 +12,6 @@ import typer
 
 from retrieval.errors import InputError
 from retrieval.model import resolve_checkpoint
-from retrieval.store import Store
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
 
@@ -21,8 +20,9 @@ from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_wr
                       searcher, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
 
-if TYPE_CHECKING:  # the tower imports torch: only the commands that embed load it
+if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy: loaded when used
     from retrieval.model import VisionEncoder
+    from retrieval.store import Store
 
 LabelsOpt = Annotated[Optional[list[str]], typer.Option(
     "--labels", help="Candidate labels, comma-separated and/or repeated (at least two).")]
@@ -224,6 +224,8 @@ def eval_cmd(
     vectors: dict[str, np.ndarray] = {}
     decode, keys = None, None
     if store is not None:
+        from retrieval.store import Store
+
         st = Store.open(store, readonly=True, db=cfg.db)
         found = searcher(cfg, st, model)
         vectors = _stored_vectors(st, [r.path for r in rows])
@@ -326,6 +328,8 @@ def report_cmd(
     cfg = resolve(model=model, device=device, db=db)
     found, exclude = None, None
     if store is not None:
+        from retrieval.store import Store
+
         found = searcher(cfg, Store.open(store, readonly=True, db=cfg.db), model)
         text, vision = found.text_encoder, found.vision_encoder
         exclude = _indexed_ids(found.store, file)

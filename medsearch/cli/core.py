@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from retrieval.errors import InputError, NotFoundError, storage_error
-from retrieval.model import resolve_checkpoint
-from retrieval.store import Manifest, Store, manifest_for
+from retrieval.model.checkpoint import resolve_checkpoint
 
-from ..app import Medsearch, QuerySpec
 from . import remote
 from .main import app
 from .options import (DbOpt, BodyPartOpt, CallingAetOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt,
@@ -24,6 +22,9 @@ from .output import emit, note, results_table
 from .remote import LocalOpt
 from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
                             RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
+
+if TYPE_CHECKING:  # SQLAlchemy and the store load when a command opens one
+    from retrieval.store import Store
 
 
 @app.command("make-test-model")
@@ -99,6 +100,7 @@ def index_cmd(
     from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
     from indexer.view import settings_for_run
+    from retrieval.store import Store, manifest_for
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
                   workers=workers, frames=frames, phi_policy=phi, index_type=index_type,
@@ -234,6 +236,8 @@ def _remove_human(d: dict) -> str:
 
 def _store_model(root: Path) -> str | None:
     """An existing store remembers its model, so later runs need no --model."""
+    from retrieval.store import Manifest
+
     manifest = root / "manifest.json"
     return Manifest.read(manifest).model if manifest.is_file() else None
 
@@ -262,6 +266,8 @@ def search_cmd(
     doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
                       min_score=min_score, fields=fields)
     if doc is None:
+        from ..app import Medsearch, QuerySpec
+
         with Medsearch.from_settings(cfg, model=model) as found:
             spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields)
             doc = found.page(spec, local_files=True).to_json()
@@ -295,6 +301,8 @@ def similar_cmd(
     doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
                       min_score=min_score, fields=fields, region=box)
     if doc is None:
+        from ..app import Medsearch, QuerySpec
+
         with Medsearch.from_settings(cfg, model=model) as found:
             spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields,
                              region=box)
@@ -305,6 +313,8 @@ def similar_cmd(
 @app.command("info")
 def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False) -> None:
     """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
+    from ..app import Medsearch
+
     cfg = resolve(store=store, db=db)
     with Medsearch.from_settings(cfg) as found:
         doc = {**found.info(), "precision_auto": found.precision_auto()}

@@ -14,8 +14,6 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from retrieval.search import Searcher
-from retrieval.store import Store, manifest_for
 
 from .main import app
 from .options import JsonOpt
@@ -76,6 +74,9 @@ def demo_cmd(
         make_test_model(model_dir)
     encoder = VisionEncoder.load(str(model_dir), device="cpu")
     store_dir = root / "store"
+    from retrieval.search import Searcher
+    from retrieval.store import Store, manifest_for
+
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
     with store.exclusive():
         with Indexer(store, encoder, workers=1, progress=False) as indexer:

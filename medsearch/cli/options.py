@@ -8,15 +8,14 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from retrieval.filters import Filters
-from retrieval.privacy import KeyFiles
-from retrieval.search import Searcher
-from retrieval.store import Store
-
 from ..settings import Settings
 
-if TYPE_CHECKING:  # the towers import torch: only the commands that embed load them
+if TYPE_CHECKING:  # the store (SQLAlchemy) and the towers (torch) load when a command needs them
+    from retrieval.filters import Filters
     from retrieval.model import Checkpoint, TextEncoder, VisionEncoder
+    from retrieval.privacy import KeyFiles
+    from retrieval.search import Searcher
+    from retrieval.store import Store
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]
@@ -65,6 +64,8 @@ def resolve(**flags) -> Settings:
 
 def build_filters(modality=None, body_part=None, date_from=None, date_to=None, path_glob=None,
                   label=None) -> Filters:
+    from retrieval.filters import Filters
+
     return Filters(modality=list(modality or []), body_part=list(body_part or []),
                    date_from=date_from, date_to=date_to, path_glob=path_glob,
                    label=list(label or []))
@@ -78,6 +79,7 @@ def open_for_writing(cfg: Settings) -> Store:
     """The configured store, holding its writer lock; a patient-key secret still kept in its
     database moves out to the configured key files now."""
     from retrieval.privacy import migrate_legacy
+    from retrieval.store import Store
 
     st = Store.open(store_root(cfg), exclusive=True, db=cfg.db)
     try:

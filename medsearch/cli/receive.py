@@ -13,8 +13,8 @@ import typer
 from retrieval.errors import InputError
 
 from .main import app
-from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt, StoreOpt, TlsCaOpt,
-                      TlsCertOpt, TlsKeyOpt, key_files, resolve, store_root, vision_encoder)
+from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, PrecisionOpt, StoreOpt, TlsCertOpt,
+                      TlsKeyOpt, key_files, resolve, store_root, vision_encoder)
 from .output import emit, note
 
 

@@ -140,7 +140,7 @@ def find_server(root: Path, settings: Settings) -> Server | None:
         return None
     server = Server(url, doc.get("token"))
     try:
-        serving = server.request("/stats", timeout=PROBE_TIMEOUT).get("serving") or {}
+        serving = server.request("/health", timeout=PROBE_TIMEOUT).get("serving") or {}
     except urllib.error.HTTPError:
         return None
     except (OSError, ValueError):  # refused or no answer: stale, unless the server is starting

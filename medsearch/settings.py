@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 from retrieval.errors import InputError
 from retrieval.model.names import DEFAULT_MODEL
 from retrieval.phi import PhiPolicy
-from retrieval.userdirs import cache_home
+from retrieval.userdirs import cache_home, key_home
 
 ENV_PREFIX = "MEDSEARCH_"
 
@@ -102,9 +102,7 @@ class Settings(BaseSettings):
         """Where per-store patient-key files live (outside every store)."""
         if self.phi_key_dir is not None:
             return Path(self.phi_key_dir).expanduser()
-        from retrieval.privacy import user_key_files  # loads the store: only when needed
-
-        return user_key_files().folder
+        return key_home()
 
     @property
     def key_file(self) -> Path | None:

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError, StoreError
 from .store import MANIFEST, Store, fsync_dir
-from .userdirs import config_home
+from .userdirs import key_home
 
 KEY_BYTES = 32
 #: Where stores before the key file kept their secret (a row of the settings table).
@@ -66,7 +66,7 @@ class KeyFiles:
 def user_key_files() -> KeyFiles:
     """The per-user default (``$XDG_CONFIG_HOME/medsearch/keys``), for callers that have no
     settings object: the store's open-time migration and library use."""
-    return KeyFiles(config_home() / "keys")
+    return KeyFiles(key_home())
 
 
 def read_key(path: Path) -> bytes:

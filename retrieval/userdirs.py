@@ -13,6 +13,11 @@ def config_home() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "medsearch"
 
 
+def key_home() -> Path:
+    """``$XDG_CONFIG_HOME/medsearch/keys``: one patient-key file per store, by default."""
+    return config_home() / "keys"
+
+
 def cache_home() -> Path:
     """``$XDG_CACHE_HOME/medsearch`` (default ``~/.cache/medsearch``): measured machine facts."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medsearch"

@@ -21,7 +21,10 @@ import pytest
 
 from tests.conftest import write_images
 from tests.serving import free_port, index_store
-from tests.test_lazy_start import WRAPPER
+from tests.test_lazy_start import HEAVY, WRAPPER
+
+#: also SQLAlchemy: a command the server answers never opens the store itself
+SERVED_WRAPPER = WRAPPER.replace(repr(HEAVY), repr((*HEAVY, "sqlalchemy")))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +35,7 @@ def _env(runtime: Path) -> dict:
 
 def run(runtime: Path, *args: str) -> tuple[int, str, str, list[str]]:
     """(exit code, stdout, stderr, heavy modules imported) of one CLI process."""
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", SERVED_WRAPPER, *args], capture_output=True,
                           text=True, env=_env(runtime), timeout=180, cwd=ROOT)
     heavy = [json.loads(line[6:]) for line in done.stderr.splitlines() if line.startswith("HEAVY ")]
     err = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("HEAVY "))
@@ -79,6 +82,16 @@ def _same_both_ways(served, *args: str) -> str:
 def test_search_is_answered_by_the_server_and_equals_the_local_answer(served):
     out = _same_both_ways(served, "search", '"chest x-ray" - "tube"', "-k", "5")
     assert len(json.loads(out)["results"]) == 5
+
+
+def test_info_is_answered_by_the_server_without_opening_the_store(served):
+    store, runtime, _ = served
+    code, out, err, heavy = run(runtime, "info", "--store", str(store), "--json")
+    local = run(runtime, "info", "--store", str(store), "--json", "--local")
+    assert code == 0 == local[0], (err, local[2])
+    assert "sqlalchemy" not in heavy and "sqlalchemy" in local[3]
+    served_doc, local_doc = json.loads(out), json.loads(local[1])
+    assert served_doc == local_doc
 
 
 def test_similar_by_id_and_filters_equal_the_local_answer(served):

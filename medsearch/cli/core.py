@@ -311,13 +311,20 @@ def similar_cmd(
 
 
 @app.command("info")
-def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False) -> None:
-    """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
-    from ..app import Medsearch
+def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False,
+             local: LocalOpt = False) -> None:
+    """Store statistics: model, dimension, counts, index type; what --precision auto picks
+    here (a running `medsearch serve` for the store answers when there is one)."""
+    from retrieval.model.cpu_choice import precision_auto
 
     cfg = resolve(store=store, db=db)
-    with Medsearch.from_settings(cfg) as found:
-        doc = {**found.info(), "precision_auto": found.precision_auto()}
+    doc = remote.info(cfg, store_root(cfg), local=local)
+    if doc is None:
+        from ..app import Medsearch
+
+        with Medsearch.from_settings(cfg) as found:
+            doc = found.info()
+    doc["precision_auto"] = precision_auto(cfg.device, cfg.cache_folder, cfg.threads)
     if not doc["decode_recorded"]:
         note("decode settings not recorded; defaults assumed")
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))

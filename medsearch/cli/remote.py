@@ -25,6 +25,21 @@ REQUEST_TIMEOUT = 600.0
 RESULT_FIELDS = {"results", "offset", "next_offset", "query_expression"}
 
 
+def info(cfg: Settings, root: Path, *, local: bool = False) -> dict | None:
+    """The server's /stats (what `medsearch info` shows), or None: work here."""
+    if local:
+        return None
+    try:
+        server = find_server(root, cfg)
+        doc = server.request("/stats", timeout=REQUEST_TIMEOUT) if server is not None else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or "serving" not in doc or "count" not in doc:
+        return None
+    doc.pop("serving")
+    return doc
+
+
 def page(cfg: Settings, root: Path, terms: list, *, local: bool = False,
          model: str | None = None, filters=None, min_score: float | None = None,
          fields: dict | None = None, region: object | None = None) -> dict | None:

@@ -139,8 +139,6 @@ def export_cmd(
     a running `medsearch serve` for the store runs the query when there is one (see --local)."""
     from retrieval import export as cohort
 
-    from ..app import Medsearch, QuerySpec
-
     if sum(x is not None for x in (query, similar, image_id)) != 1:
         raise InputError("give exactly one of --query TEXT, --similar FILE or --id N")
     if copy_to is not None and link_to is not None:
@@ -164,6 +162,8 @@ def export_cmd(
     if doc is not None:
         results = doc["results"]
     else:
+        from ..app import Medsearch, QuerySpec
+
         with Medsearch.from_settings(cfg, model=model) as found:
             redact = found.searcher.redact
             if placing and redact.active:

@@ -3,8 +3,10 @@
 Each figure is the median of ``--runs`` fresh processes (`python -m medsearch …` from this
 checkout), with the peak resident memory of each (``os.wait4``'s ru_maxrss): `info`,
 `similar --id`, `export --id`, a text `search` (a new query each run), a repeated text search
-(the same query every run, after one warm-up), each again with `medsearch serve` running for
-the store (the command line then asks it), and the import-time breakdown of the CLI
+(the same query every run, after one warm-up: the persistent text cache answers), the two
+searches again with the text tower exported to ONNX int8 (``text_runtime = "onnx"``), each
+command again with `medsearch serve` running for the store (the command line then asks it),
+and the import-time breakdown of the CLI
 (`python -X importtime`). The store holds ``--n`` random unit vectors written through the
 store's writer (no images are embedded), made with the tiny test model; ``--full-size`` adds a
 store made with a full-size random MedSigLIP-448 checkpoint (~3.5 GB written once into
@@ -51,6 +53,12 @@ def environment(runtime: Path) -> dict:
             "XDG_RUNTIME_DIR": str(runtime), "TOKENIZERS_PARALLELISM": "false"}
 
 
+def with_cache(env: dict, cache_dir: Path) -> dict:
+    """The medsearch cache folder (CPU precision probe, text cache, exported text towers)
+    kept across benchmark runs, beside the full-size checkpoint: caches warm, as in use."""
+    return {**env, "MEDSEARCH_CACHE_DIR": str(cache_dir / "medsearch-cache")}
+
+
 def timed(args: list[str], env: dict) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MiB, stdout) of one fresh `medsearch` process."""
     with tempfile.TemporaryFile() as out:
@@ -82,17 +90,22 @@ def measure(name: str, make_args, runs: int, env: dict, warm: bool = False) -> d
     return row
 
 
-def commands(store: Path, out_dir: Path, with_text: bool) -> dict:
-    """name → (args for run i, warm-up first)."""
+def commands(store: Path, out_dir: Path, with_text: bool, only_text: bool = False) -> dict:
+    """name → (args for run i, warm-up first). A first search's query was never asked (a
+    nonce per benchmark run: the persistent text cache cannot answer it); a repeated one was
+    asked in the warm-up."""
     s = ["--store", str(store), "--json"]
+    nonce = os.urandom(4).hex()
     found = {"info": (lambda i: ["info", *s], False),
              "similar_id": (lambda i: ["similar", "--id", str(5 + i), *s], False),
              "export_id": (lambda i: ["export", "--id", str(5 + i), "--out",
                                       str(out_dir / f"cohort-{i}.csv"), *s], False)}
+    if only_text:
+        found = {}
     if with_text:
-        found["search_text"] = (lambda i: ["search", f"{QUERIES[i % len(QUERIES)]} {i}", *s],
-                                False)
-        found["search_repeated"] = (lambda i: ["search", QUERIES[0], *s], True)
+        found["search_text"] = (lambda i: ["search", f"{QUERIES[i % len(QUERIES)]} {nonce}{i}",
+                                           *s], False)
+        found["search_repeated"] = (lambda i: ["search", f"{QUERIES[0]} {nonce}", *s], True)
     return found
 
 
@@ -184,14 +197,20 @@ def import_times(env: dict, top: int = 15) -> dict:
 
 
 def bench_store(label: str, store: Path, runs: int, env: dict, out_dir: Path) -> dict:
-    """Every command without and with a server for the store."""
+    """Every command without and with a server for the store; text searches also with the
+    text tower exported to ONNX int8 (text_runtime = onnx; the export is made by a warm-up
+    search first, once per checkpoint)."""
     section = {}
-    for where in ("local", "server"):
+    for where in ("local", "local_onnx", "server"):
         server = serve(store, env) if where == "server" else None
+        run_env = {**env, "MEDSEARCH_TEXT_RUNTIME": "onnx"} if where == "local_onnx" else env
         try:
             log(f"{label}, {where}:")
-            section[where] = {name: measure(name, make, runs, env, warm)
-                              for name, (make, warm) in commands(store, out_dir, True).items()}
+            if where == "local_onnx":
+                timed(["search", "warm-up export", "--store", str(store), "--json"], run_env)
+            section[where] = {name: measure(name, make, runs, run_env, warm)
+                              for name, (make, warm) in commands(
+                                  store, out_dir, True, only_text=where == "local_onnx").items()}
         finally:
             if server is not None:
                 server.terminate()
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="medsearch-cli-bench-") as tmp:
         tmp_path = Path(tmp)
         runtime = tmp_path / "runtime"
-        env = environment(runtime)
+        env = with_cache(environment(runtime), args.cache_dir)
         doc = {"machine": machine, "n": args.n, "runs": args.runs,
                "import_time": import_times(env), "stores": {}}
         for label in ("tiny", "full_size") if args.full_size else ("tiny",):

@@ -18,6 +18,7 @@ from .dicom import (NoImage, dicom_metadata, frame_count, no_image_reason, patie
                     read_dataset)
 from .dicom_frames import dicom_frames
 from .images import DecodeError, image_frames
+from .pacs import PACS_KINDS, PacsAccess
 from .sources import SourceFile
 
 
@@ -32,6 +33,7 @@ class DecodeOptions:
     window: str = "file"           # file | auto | a CT preset (indexer.pixels.PRESETS)
     frame: int | None = None       # one given frame instead of the policy's (a preview)
     region: Region | None = None   # a box cut from the displayed image before the recipe
+    pacs: PacsAccess = field(default_factory=PacsAccess)  # how PACS sources are fetched
 
 
 @dataclass
@@ -142,17 +144,24 @@ def decode_source(source: SourceFile, options: DecodeOptions,
             if not content:
                 raise DecodeError("empty file (0 bytes)")
             data: str | bytes = content
-        elif source.kind == "dicomweb":  # a PACS instance: fetched here, in the worker
-            from .dicomweb import retrieve_instance
+        elif source.kind in PACS_KINDS:  # a PACS instance: fetched here, in the worker
+            from .pacs import fetch
 
-            data = retrieve_instance(source.path)
+            data = fetch(source, options.pacs)
+            result.content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
+        elif source.kind == "received":  # pushed to `medsearch receive`: its spool file
+            if not getattr(source, "spool", ""):
+                raise DecodeError("a received instance is not kept once indexed (only its "
+                                  "vector and allowed metadata are): no pixels to show")
+            with open(source.spool, "rb") as fh:
+                data = fh.read()
             result.content_hash = hashlib.blake2b(data, digest_size=20).hexdigest()
         elif source.size == 0:
             raise DecodeError("empty file (0 bytes)")
         else:
             result.content_hash = content_hash(source.path)
             data = source.path
-        if source.kind in ("dicom", "dicomweb"):
+        if source.kind in ("dicom", "received", *PACS_KINDS):
             result.frames = _dicom_frames(data, options, result)
         else:
             result.frames = _image_frames(data, options, result)

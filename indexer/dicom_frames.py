@@ -174,7 +174,27 @@ def _is_jpeg_family(ds: Dataset) -> bool:
 
 def _is_encapsulated(ds: Dataset) -> bool:
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    return bool(uid) and UID(str(uid)).is_compressed
+    return bool(uid) and UID(str(uid)).is_transfer_syntax and UID(str(uid)).is_compressed
+
+
+#: Transfer syntaxes newer than the decoders, by name (pydicom knows only their UIDs).
+NEWER_SYNTAXES = {"1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
+                  "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+                  "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+                  "1.2.840.10008.1.2.4.112": "JPEG XL",
+                  "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 Lossless",
+                  "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 RPCL Lossless",
+                  "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000"}
+
+
+def unknown_syntax_reason(ds: Dataset) -> str | None:
+    """Why pixels in a transfer syntax no decoder here knows cannot be read (None: known)."""
+    uid = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or "")
+    if not uid or UID(uid).is_transfer_syntax:
+        return None
+    name = NEWER_SYNTAXES.get(uid, "not a transfer syntax pydicom or GDCM knows")
+    return (f"unsupported transfer syntax {uid} ({name}): no decoder here reads it; convert "
+            "the file to a supported syntax (e.g. with gdcmconv or dcmconv) and index that")
 
 
 def _decode_edge_tile(ds: Dataset, index: int, frames: int) -> np.ndarray:
@@ -208,7 +228,7 @@ def decode_stored(ds: Dataset, path: str | Path | None, index: int) -> np.ndarra
     if not 0 <= index < frames:
         raise DecodeError(f"frame {index} does not exist (the object has {frames})")
     check_pixel_module(ds)  # every caller gets the geometry limits, not only dicom_frames
-    if (reason := codestream_reason(ds, index, frames)) is not None:
+    if (reason := unknown_syntax_reason(ds) or codestream_reason(ds, index, frames)) is not None:
         raise DecodeError(reason)
     complaints = []
     decoders = [("pydicom", lambda: _decode_with_pydicom(ds, path, index, frames)),

@@ -1,95 +1,104 @@
-"""A PACS as a source: find instances with QIDO-RS, fetch each with WADO-RS (dicomweb-client).
+"""A PACS over DICOMweb: find instances with QIDO-RS (dicomweb-client), fetch each with WADO-RS
+as the bytes the server stores.
 
 A source is written ``dicomweb+http://HOST:PORT/dicom-web`` (or ``dicomweb+https://``). Each
-instance becomes a :class:`SourceFile` whose path is its WADO-RS address
-``<source>/studies/<study>/series/<series>/instances/<sop>``; size and mtime are 0, so an
-instance already in the store counts as unchanged and is never fetched again (incremental by
-SOP Instance UID). Fetching happens in the decode workers, in parallel.
+instance's path is its WADO-RS address ``<source>/studies/<study>/series/<series>/instances/<sop>``
+with every UID percent-encoded, so any UID a PACS lists (even one that is not a plain dotted
+number) is usable. Retrieval asks for the stored transfer syntax and hands the part's bytes,
+unparsed, to the decode entry: a file without File Meta, in an odd encoding or truncated reads
+exactly as it would from disk, and fails with the same reason.
 """
 
 from __future__ import annotations
 
-import io
+import email.parser
+import email.policy
 import re
-from dataclasses import dataclass
-from datetime import date
-
-import pydicom
+from functools import lru_cache
+from urllib.parse import quote, unquote
 
 from .images import DecodeError
+from .pacs import DICOMWEB_PREFIXES, PacsAccess, PacsQuery, dicom_date
 from .sources import SourceFile
 
 PREFIX = "dicomweb+"
-_PATH = re.compile(r"^(?P<root>dicomweb\+https?://.+?)/studies/(?P<study>[0-9.]+)"
-                   r"/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)$")
-#: Ask for the stored transfer syntax: no lossy or lossless transcoding by the server.
-MEDIA_TYPES = (("application/dicom", "*"),)
+_PATH = re.compile(r"^(?P<root>dicomweb\+https?://.+?)/studies/(?P<study>[^/]+)"
+                   r"/series/(?P<series>[^/]+)/instances/(?P<sop>[^/]+)$")
+#: The stored transfer syntax, as it is: no lossy or lossless transcoding by the server.
+ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 #: QIDO page size; dicomweb-client follows the pages.
 PAGE = 500
 
 
-@dataclass(frozen=True)
-class DicomWebQuery:
-    """What to take from a PACS: all instances, or those of a study, a modality, since a date."""
-
-    study: str | None = None
-    modality: str | None = None
-    since: str | None = None  # YYYY-MM-DD or YYYYMMDD
-
-    @property
-    def filtered(self) -> bool:
-        return bool(self.study or self.modality or self.since)
-
-    def search_filters(self) -> dict:
-        filters = {}
-        if self.modality:
-            filters["Modality"] = self.modality.upper()
-        if self.since:
-            filters["StudyDate"] = f"{dicom_date(self.since)}-"
-        return filters
-
-
-def dicom_date(text: str) -> str:
-    """YYYY-MM-DD or YYYYMMDD → YYYYMMDD, or a clear error."""
-    raw = text.strip().replace("-", "")
-    try:
-        date(int(raw[:4]), int(raw[4:6]), int(raw[6:8]))
-        if len(raw) != 8:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"the 'since' date must be like 2024-01-31, got {text!r}") from None
-    return raw
-
-
 def is_dicomweb(root: str) -> bool:
-    return str(root).startswith((PREFIX + "http://", PREFIX + "https://"))
+    return str(root).startswith(DICOMWEB_PREFIXES)
 
 
 def base_url(root: str) -> str:
     return root[len(PREFIX):].rstrip("/")
 
 
-def client(root: str):
+@lru_cache(maxsize=8)
+def _session(access: PacsAccess):
+    """One HTTP session per process and access: connection reuse, the PACS's credentials,
+    brief retries of transient 429/502/503/504 answers."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    retry = Retry(total=3, backoff_factor=0.25, status_forcelist=(429, 502, 503, 504),
+                  allowed_methods=("GET",))
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    if access.token:
+        session.headers["Authorization"] = f"Bearer {access.token}"
+    elif access.user:
+        session.auth = (access.user, access.password or "")
+    if access.tls_ca:
+        session.verify = access.tls_ca
+    if access.tls_cert:
+        session.cert = (access.tls_cert, access.tls_key)
+    return session
+
+
+def client(root: str, access: PacsAccess | None = None):
     from dicomweb_client.api import DICOMwebClient
 
-    web = DICOMwebClient(url=base_url(root), timeout=60)
-    # transient 429/503/504 answers are retried briefly; a dead server fails within seconds
-    web.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=250)
-    return web
+    access = access or PacsAccess()
+    return DICOMwebClient(url=base_url(root), session=_session(access),
+                          timeout=access.timeout_s, permissive_uid=True)
 
 
 def _uid(item: dict, tag: str) -> str | None:
     values = item.get(tag, {}).get("Value") or []
-    return str(values[0]) if values else None
+    return str(values[0]).strip() if values else None
 
 
-def list_instances(root: str, query: DicomWebQuery | None = None) -> list[SourceFile]:
+def search_filters(query: PacsQuery) -> dict:
+    filters = {}
+    if query.modality:
+        filters["Modality"] = query.modality.upper()
+    if query.since:
+        filters["StudyDate"] = f"{dicom_date(query.since)}-"
+    return filters
+
+
+def instance_path(root: str, study: str, series: str, sop: str) -> str:
+    """The stored path of an instance: its WADO-RS address, UIDs percent-encoded (a plain
+    dotted UID is unchanged, so stores made before keep their paths)."""
+    return f"{root}/studies/{quote(study, safe='')}/series/{quote(series, safe='')}" \
+           f"/instances/{quote(sop, safe='')}"
+
+
+def list_instances(root: str, query: PacsQuery | None = None,
+                   access: PacsAccess | None = None) -> list[SourceFile]:
     """Every instance the server lists for the query, as sources to index."""
-    query = query or DicomWebQuery()
+    query = query or PacsQuery()
     root = root.rstrip("/")
     try:
-        found = client(root).search_for_instances(
-            study_instance_uid=query.study or None, search_filters=query.search_filters(),
+        found = client(root, access).search_for_instances(
+            study_instance_uid=query.study or None, search_filters=search_filters(query),
             fields=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
             limit=PAGE, get_remaining=True)
     except Exception as exc:  # requests raises many types; all mean "the server did not answer"
@@ -99,26 +108,47 @@ def list_instances(root: str, query: DicomWebQuery | None = None) -> list[Source
         study, series, sop = (_uid(item, "0020000D"), _uid(item, "0020000E"),
                               _uid(item, "00080018"))
         if study and series and sop:
-            sources.append(SourceFile(f"{root}/studies/{study}/series/{series}/instances/{sop}",
-                                      0, 0, "dicomweb"))
+            sources.append(SourceFile(instance_path(root, study, series, sop), 0, 0, "dicomweb"))
     return sorted(sources, key=lambda s: s.path)
 
 
-def retrieve_instance(path: str) -> bytes:
-    """Fetch one instance (WADO-RS, stored transfer syntax) as Part-10 bytes."""
+def split_path(path: str) -> tuple[str, str, str, str]:
+    """(root, study, series, sop) of an instance path, the UIDs decoded."""
     match = _PATH.match(path)
     if not match:
         raise DecodeError(f"not a DICOMweb instance address: {path}")
+    return match["root"], unquote(match["study"]), unquote(match["series"]), unquote(match["sop"])
+
+
+def retrieve_instance(path: str, access: PacsAccess | None = None) -> bytes:
+    """Fetch one instance (WADO-RS, stored transfer syntax) as the bytes the server holds."""
+    match = _PATH.match(path)
+    if not match:
+        raise DecodeError(f"not a DICOMweb instance address: {path}")
+    url = base_url(match["root"]) + path[len(match["root"]):]  # the UIDs stay encoded
+    access = access or PacsAccess()
     try:
-        ds = client(match["root"]).retrieve_instance(match["study"], match["series"], match["sop"],
-                                                     media_types=MEDIA_TYPES)
-    except Exception as exc:
-        raise DecodeError(f"WADO-RS retrieval failed: {exc}") from None
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=False)
-    return buffer.getvalue()
+        reply = _session(access).get(url, headers={"Accept": ACCEPT}, timeout=access.timeout_s)
+    except Exception as exc:  # connection refused, reset, timed out, TLS …
+        raise DecodeError(f"WADO-RS retrieval failed: {type(exc).__name__}: {exc}") from None
+    if reply.status_code != 200:
+        raise DecodeError(f"WADO-RS retrieval failed: HTTP {reply.status_code} {reply.reason} "
+                          f"from {base_url(match['root'])}")
+    return first_part(reply.headers.get("Content-Type", ""), reply.content)
 
 
-def removal_allowed(path: str, query: DicomWebQuery | None) -> bool:
-    """A filtered query lists only part of a server: unlisted instances are not deleted ones."""
-    return not (is_dicomweb(path) and query is not None and query.filtered)
+def first_part(content_type: str, body: bytes) -> bytes:
+    """The first body part of a multipart/related answer (some servers send the one part
+    bare, as application/dicom: accepted too)."""
+    if content_type.lower().startswith("application/dicom"):
+        return body
+    if not content_type.lower().startswith("multipart/"):
+        raise DecodeError(f"WADO-RS retrieval failed: the server answered {content_type or 'no type'}"
+                          ", not multipart/related DICOM")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    for part in message.iter_parts():
+        data = part.get_payload(decode=True)
+        if data:
+            return data
+    raise DecodeError("WADO-RS retrieval failed: the answer held no DICOM part")

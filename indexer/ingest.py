@@ -24,8 +24,8 @@ from retrieval.store import NewFile, NewImage, Store
 
 from .decode import Decoded, DecodeOptions
 from .dicomdir import expand_dicomdirs, is_dicomdir_path
-from .dicomweb import is_dicomweb, list_instances, removal_allowed
-from .sources import SourceFile, Walker, under_any
+from .pacs import PacsAccess, PacsQuery, is_pacs, list_sources, removal_allowed
+from .sources import SourceFile, Walker, WalkProblem, under_any
 
 #: Save the FAISS file at least this often during long runs (the DB is committed per batch).
 SAVE_EVERY_S = 300.0
@@ -72,12 +72,17 @@ class Plan:
 class IndexRun:
     """One indexing run into a store; subclasses supply the decode → embed stages."""
 
+    #: Re-choose the index type and save the index file when the run ends (a caller that
+    #: runs many short batches does it on its own schedule instead).
+    save_at_end = True
+
     def __init__(self, store: Store, *, image_size: int, batch_size: int = 8,
                  frames: str = "middle", phi_policy: str = "hash", progress: bool | None = None,
-                 window: str = "file", series_vectors: bool = False, dicomweb_query=None,
+                 window: str = "file", series_vectors: bool = False,
+                 pacs_query: PacsQuery | None = None, pacs: PacsAccess | None = None,
                  keys: privacy.KeyFiles | None = None) -> None:
         """``keys``: where the patient-key files are (the settings' key folder and shared key
-        file)."""
+        file); ``pacs_query``/``pacs``: what to take from PACS sources and how to reach them."""
         self.store = store
         self.batch_size = max(1, batch_size)
         self.progress = progress
@@ -88,8 +93,8 @@ class IndexRun:
                                    required=phi_policy == "hash" or bool(self.withdrawn))
         self.options = DecodeOptions(image_size=image_size, frames=frames,
                                      phi_policy=phi_policy, phi_secret=secret or b"",
-                                     window=window)
-        self.series_vectors, self.dicomweb_query = series_vectors, dicomweb_query
+                                     window=window, pacs=pacs or PacsAccess())
+        self.series_vectors, self.pacs_query = series_vectors, pacs_query
         self.touched_series: set[str] = set()
         self._last_save = time.monotonic()
 
@@ -116,8 +121,9 @@ class IndexRun:
         finally:
             self._stop()
             bar.close()
-            self.store.maintain_index()
-            self.store.save()
+            if self.save_at_end:
+                self.store.maintain_index()
+                self.store.save()
         report.seconds = round(time.perf_counter() - started, 3)
         return report
 
@@ -132,15 +138,14 @@ class IndexRun:
     def plan(self, roots: Iterable[str | Path], report: IndexReport) -> Plan:
         """Walk the roots (and list PACS instances); only new or changed sources are todo."""
         roots = list(roots)
-        web_roots = [str(r).rstrip("/") for r in roots if is_dicomweb(str(r))]
+        pacs_roots = [str(r).rstrip("/") for r in roots if is_pacs(str(r))]
         roots = [str(Path(r).expanduser().absolute()) for r in roots
-                 if not is_dicomweb(str(r))] + web_roots
+                 if not is_pacs(str(r))] + pacs_roots
         walker = Walker()
-        sources = list(expand_dicomdirs(walker.walk(r for r in roots if r not in web_roots)))
+        sources = list(expand_dicomdirs(walker.walk(r for r in roots if r not in pacs_roots)))
+        sources += self._list_pacs(pacs_roots, walker, has_files=len(roots) > len(pacs_roots))
         report.warnings = [p.to_json() for p in walker.problems]
         report.prune_skipped = [{"root": r, "reason": why} for r, why in walker.unsafe.items()]
-        for web_root in web_roots:  # a PACS: QIDO-RS lists its instances
-            sources += list_instances(web_root, self.dicomweb_query)
         report.total = len(sources)
         known = self.store.known_files(roots)
         todo = [s for s in sources if known.get(s.path, (None, None))[:2] != (s.size, s.mtime_ns)]
@@ -149,13 +154,34 @@ class IndexRun:
         seen = {s.path for s in sources} | set(walker.unreadable_files)
         gone = {path: digest for path, (_, _, digest) in known.items()
                 if path not in seen and not under_any(path, walker.unsafe)
-                and removal_allowed(path, self.dicomweb_query)}
+                and removal_allowed(path, self.pacs_query)}
         gone_by_hash = {digest: path for path, digest in gone.items()}
         # files a DICOMDIR given directly references lie beside it, outside the walked roots
         beside = [str(Path(r).parent) for r in roots if Path(r).is_file() and is_dicomdir_path(r)]
         if beside:
             known.update(self.store.known_files(beside))
         return Plan(todo, known, gone, gone_by_hash)
+
+    def _list_pacs(self, roots: list[str], walker: Walker, has_files: bool) -> list[SourceFile]:
+        """The instances each PACS lists. One that cannot be listed is reported (and nothing
+        of it removed) while the others are indexed; when none of the sources could be
+        listed, the run has nothing to do and says why (``ConnectionError``)."""
+        sources: list[SourceFile] = []
+        failed: list[str] = []
+        for root in roots:
+            try:
+                listed, problems = list_sources(root, self.pacs_query, self.options.pacs)
+                sources += listed
+                for problem in problems:  # listed in part: nothing of it may be removed
+                    walker.unsafe[root] = "the PACS could be listed only in part"
+                    walker.problems.append(WalkProblem(root, root, f"cannot list: {problem}"))
+            except ConnectionError as exc:
+                failed.append(str(exc))
+                walker.unsafe[root] = f"the PACS could not be listed: {exc}"
+                walker.problems.append(WalkProblem(root, root, f"cannot list: {exc}"))
+        if failed and len(failed) == len(roots) and not has_files:
+            raise ConnectionError("; ".join(failed))
+        return sources
 
     def _route(self, decoded: Decoded, plan: Plan, batch: list, ops: list,
                report: IndexReport) -> None:

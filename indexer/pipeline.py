@@ -60,7 +60,7 @@ class Indexer(IndexRun):
     def __init__(self, store: Store, encoder: VisionEncoder, *, workers: int | None = None,
                  batch_size: int = 8, frames: str = "middle", phi_policy: str = "hash",
                  progress: bool | None = None, window: str = "file",
-                 series_vectors: bool = False, dicomweb_query=None,
+                 series_vectors: bool = False, pacs_query=None, pacs=None,
                  decode_timeout_s: float = 300.0, pool: SupervisedPool | None = None,
                  keys: privacy.KeyFiles | None = None) -> None:
         """``pool``: decode workers started earlier (see :func:`decode_pool`), left open for the
@@ -69,7 +69,8 @@ class Indexer(IndexRun):
         files are (the settings' key folder and shared key file)."""
         super().__init__(store, image_size=encoder.image_size, batch_size=batch_size,
                          frames=frames, phi_policy=phi_policy, progress=progress, window=window,
-                         series_vectors=series_vectors, dicomweb_query=dicomweb_query, keys=keys)
+                         series_vectors=series_vectors, pacs_query=pacs_query, pacs=pacs,
+                         keys=keys)
         self.encoder = encoder
         self.workers = pool.workers if pool else default_workers() if workers is None else workers
         self._encoder_thread: ThreadPoolExecutor | None = None

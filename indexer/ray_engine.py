@@ -180,11 +180,12 @@ class RayIndexer(IndexRun):
     def __init__(self, store: Store, shape: ModelShape, spec: EmbedderSpec, *,
                  actors: int | None = None, batch_size: int = 8, frames: str = "middle",
                  phi_policy: str = "hash", progress: bool | None = None, window: str = "file",
-                 series_vectors: bool = False, dicomweb_query=None,
+                 series_vectors: bool = False, pacs_query=None, pacs=None,
                  keys: privacy.KeyFiles | None = None) -> None:
         super().__init__(store, image_size=shape.image_size, batch_size=batch_size,
                          frames=frames, phi_policy=phi_policy, progress=progress, window=window,
-                         series_vectors=series_vectors, dicomweb_query=dicomweb_query, keys=keys)
+                         series_vectors=series_vectors, pacs_query=pacs_query, pacs=pacs,
+                         keys=keys)
         if shape.dim != store.dim:
             raise InputError(f"the model makes {shape.dim}-d vectors, the store holds {store.dim}-d")
         self.spec, self.gpus = spec, cluster_gpus()

@@ -10,7 +10,7 @@ in its manifest (:class:`DecodeSettings`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,63 +21,13 @@ from retrieval.model.preprocess import model_input_to_uint8
 from retrieval.region import Region
 
 from .decode import Decoded, DecodeOptions, decode_source
+from .decode_settings import DecodeSettings, settings_for_run  # noqa: F401 - re-exported
+from .pacs import DIMSE_PREFIX, PacsAccess, is_pacs
 from .sources import SourceFile, classify, content_kind
+from .spool import PREFIX as RECEIVED_PREFIX
 
 #: What errors about in-memory bytes call them.
 UPLOAD_NAME = "upload"
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """How a store's images became model inputs; recorded in its manifest (``decode``)."""
-
-    window: str = "file"          # file | auto | a CT preset (indexer.pixels.PRESETS)
-    frames: str = "middle"        # all | first | middle | N
-    series_vectors: bool = False  # one mean vector per DICOM series as well
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_manifest(cls, recorded: dict | None) -> "DecodeSettings":
-        """The recorded settings; the defaults for a store that has none recorded."""
-        if not recorded:
-            return cls()
-        default = cls()
-        return cls(window=str(recorded.get("window") or default.window),
-                   frames=str(recorded.get("frames") or default.frames),
-                   series_vectors=bool(recorded.get("series_vectors", default.series_vectors)))
-
-    def for_query(self) -> "DecodeSettings":
-        """A query image is one picture whatever the store embedded of each file: the store's
-        window, the middle frame."""
-        return replace(self, frames="middle")
-
-
-def settings_for_run(recorded: dict | None, *, window: str | None = None,
-                     frames: str | None = None, series_vectors: bool = False,
-                     default_frames: str = "middle") -> DecodeSettings:
-    """The settings an index run uses: those given, else those the store recorded.
-
-    A store holds vectors made one way only: mixed windows or frame choices would make its
-    previews and similarities lie, so a choice that differs from the recorded one is refused.
-    ``series_vectors=False`` means "not asked for" (a store that has them keeps them).
-    """
-    if recorded is None:
-        return DecodeSettings(window=window or "file", frames=frames or default_frames,
-                              series_vectors=series_vectors)
-    stored = DecodeSettings.from_manifest(recorded)
-    asked = {"window": window, "frames": frames, "series_vectors": series_vectors or None}
-    differ = {name: value for name, value in asked.items()
-              if value is not None and value != getattr(stored, name)}
-    if differ:
-        was = ", ".join(f"{name} {getattr(stored, name)!r}" for name in differ)
-        now = ", ".join(f"{name} {value!r}" for name, value in differ.items())
-        raise InputError(f"this store was indexed with {was}; this run asks for {now}. One "
-                         "store holds images decoded one way only (mixed settings would make its "
-                         "previews and similarities lie): index into another store, or leave "
-                         "these choices out to use the store's")
-    return stored
 
 
 @dataclass
@@ -116,14 +66,28 @@ def read_images(source: str | Path | bytes, *, image_size: int,
     return [ModelImage(f.index, decoded.frame_count, f.tensor) for f in decoded.frames]
 
 
-def read_stored(path: str, frame: int, *, image_size: int,
-                decode: dict | None = None, region: Region | None = None) -> ModelImage:
+def read_stored(path: str, frame: int, *, image_size: int, decode: dict | None = None,
+                region: Region | None = None, pacs: PacsAccess | None = None) -> ModelImage:
     """An indexed image (its path and frame from the store) decoded again with the settings
-    the store recorded (``manifest.decode``), as it was embedded."""
-    if not Path(path).is_file():
-        raise NotFoundError(f"{path}: the source file is no longer there")
-    return read_image(path, image_size=image_size, settings=DecodeSettings.from_manifest(decode),
-                      frame=frame, region=region)
+    the store recorded (``manifest.decode``), as it was embedded; a PACS instance is fetched
+    again (``pacs``: how to reach it)."""
+    settings = DecodeSettings.from_manifest(decode)
+    kind = remote_kind(path)
+    if kind is None:
+        if not Path(path).is_file():
+            raise NotFoundError(f"{path}: the source file is no longer there")
+        return read_image(path, image_size=image_size, settings=settings, frame=frame,
+                          region=region)
+    options = replace(_options(image_size, settings, frame, region), pacs=pacs or PacsAccess())
+    decoded = _checked(decode_source(SourceFile(path, 0, 0, kind), options), path)
+    return ModelImage(decoded.frames[0].index, decoded.frame_count, decoded.frames[0].tensor)
+
+
+def remote_kind(path: str) -> str | None:
+    """The source kind of a stored path that is not a local file (None: a file)."""
+    if is_pacs(path):
+        return "dimse" if path.startswith(DIMSE_PREFIX) else "dicomweb"
+    return "received" if path.startswith(RECEIVED_PREFIX) else None
 
 
 def _options(image_size: int, settings: DecodeSettings, frame: int | None,
@@ -151,6 +115,10 @@ def _decode(source: str | Path | bytes, options: DecodeOptions, isolated: bool) 
         decoded = decode_isolated(item, options, content=content)
     else:
         decoded = decode_source(item, options, content)
+    return _checked(decoded, name)
+
+
+def _checked(decoded: Decoded, name: str) -> Decoded:
     if decoded.error or decoded.skipped or not decoded.frames:
         raise InputError(f"{name}: {decoded.error or decoded.skipped or 'no frames'}")
     return decoded

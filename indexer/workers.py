@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,6 +26,28 @@ T = TypeVar("T")
 R = TypeVar("R")
 #: How often overrun clocks are checked (and the longest wait for a result between checks).
 CHECK_EVERY_S = 1.0
+
+
+def _start_worker(owner: int, initializer: Callable[[], None] | None) -> None:
+    """Run in each worker first: end the worker when the process that owns the pool is gone.
+
+    A pool's workers are children of the fork server, not of their owner, and wait on a queue
+    whose write end they hold themselves: an owner killed with SIGKILL (a kill -9 during an
+    index run, a receiver killed mid-push) would leave them, and the fork server, for ever.
+    """
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # the pid was reused by another user's process
+                os._exit(0)
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
+    if initializer is not None:
+        initializer()
 
 
 def keep_freed_memory(limit: int = 256 << 20) -> bool:
@@ -98,7 +121,8 @@ class SupervisedPool:
         self.close()
 
     def _pool(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=self.initializer)
+        return ProcessPoolExecutor(workers, mp_context=self.context, initializer=_start_worker,
+                                   initargs=(os.getpid(), self.initializer))
 
     # -- work -------------------------------------------------------------------------------
     def map(self, func: Callable[[T], R], items: Iterable[T], window: int | None = None) -> Iterator[R]:

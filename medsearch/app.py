@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -28,13 +29,16 @@ import numpy as np
 from retrieval.errors import (InputError, MedsearchError, NotFoundError, StoreError,
                               UndecodableImageError)
 from retrieval.filters import Filters
+from retrieval.model.checkpoint import config_image_size
 from retrieval.privacy import KeyFiles
 from retrieval.query import Term, rocchio
 from retrieval.ranking import PageOptions
 from retrieval.search import Page, Result, Searcher
 from retrieval.store import CommitCounter, Store
 
-from .decoders import decode_stored, decode_upload
+from .decoders import decode_stored, decode_upload, pacs_access
+
+_decode_stored = decode_stored
 from .settings import Settings
 
 log = logging.getLogger("medsearch.app")
@@ -76,19 +80,20 @@ class Medsearch:
                  decode_stored: DecodeStored = decode_stored, preview_cache: int = 512) -> None:
         """``model``: a checkpoint other than the one the store was built with (None: the
         store's); device, precision, threads, path redaction and key files come from
-        ``settings`` (None: the defaults)."""
-        from retrieval.model.acceleration import configure_cpu_threads
-
+        ``settings`` (None: the defaults). Nothing here imports torch: a tower (and the thread
+        count) is set up when a query first needs it."""
         self.settings = settings = settings or Settings()
         self.store = store
         self.text_lock = threading.Lock()
         self.vision_lock = threading.Lock()
         self.store_lock = threading.RLock()
-        configure_cpu_threads(settings.threads)
         self.searcher = Searcher(store, model, settings.device, settings.precision,
                                  settings.redact_paths, keys=self.key_files(settings),
                                  cuda_bf16=settings.cuda_bf16, cache_dir=settings.cache_folder,
+                                 threads=settings.threads, text_runtime=settings.text_runtime,
                                  text_lock=self.text_lock, index_lock=self.store_lock)
+        if decode_stored is _decode_stored:  # PACS rows are fetched as the settings say
+            decode_stored = partial(decode_stored, pacs=pacs_access(settings))
         self.decode_upload, self.decode_stored = decode_upload, decode_stored
         self.decode_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._commits: CommitCounter | None = None
@@ -181,8 +186,14 @@ class Medsearch:
         if self._image_size is None:
             vision = self.searcher._vision
             self._image_size = (vision.image_size if vision is not None
-                                else self.searcher._checkpoint().vision_shape()[0])
+                                else config_image_size(self.searcher._checkpoint()))
         return self._image_size
+
+    def precision_auto(self) -> dict:
+        """What ``--precision auto`` picks here and why (no torch once this CPU's is cached)."""
+        from retrieval.model.cpu_choice import precision_auto
+        return precision_auto(self.settings.device, self.settings.cache_folder,
+                              self.settings.threads)
 
     # -- queries ---------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> dict[int, dict]:
@@ -368,7 +379,7 @@ class Medsearch:
     def decode_settings(self):
         """How the store's images became model inputs (indexer.view.DecodeSettings); the
         defaults for a store made before they were recorded."""
-        from indexer.view import DecodeSettings
+        from indexer.decode_settings import DecodeSettings
 
         return DecodeSettings.from_manifest(self.decode)
 
@@ -404,3 +415,4 @@ class Medsearch:
             while len(self._previews) > self._preview_limit:
                 self._previews.popitem(last=False)
         return data
+

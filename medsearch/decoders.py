@@ -25,14 +25,30 @@ def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = No
 
 
 def decode_stored(path: str, frame: int, size: int, decode: dict | None = None,
-                  region=None) -> np.ndarray:
+                  region=None, pacs=None) -> np.ndarray:
     """An indexed source's frame → model input (for previews), decoded with the settings the
-    store recorded (``decode``: its manifest's); the path comes from the store."""
+    store recorded (``decode``: its manifest's); the path comes from the store (a PACS
+    instance is fetched again: ``pacs``, an ``indexer.pacs.PacsAccess``, says how)."""
     from indexer.view import read_stored
 
     try:
-        return read_stored(path, frame, image_size=size, decode=decode, region=region).tensor
+        return read_stored(path, frame, image_size=size, decode=decode, region=region,
+                           pacs=pacs).tensor
     except NotFoundError as exc:  # gone: say so, not "cannot decode"
         raise InputError(str(exc).removeprefix(f"{path}: ")) from None
     except InputError as exc:
         raise InputError(f"cannot decode it again: {str(exc).removeprefix(f'{path}: ')}") from None
+
+
+def pacs_access(settings):
+    """How this process reaches a PACS (``indexer.pacs.PacsAccess``), from the settings."""
+    from indexer.pacs import PacsAccess
+
+    try:
+        return PacsAccess(calling_aet=settings.pacs_calling_aet, timeout_s=settings.pacs_timeout,
+                          token=settings.pacs_token, user=settings.pacs_user,
+                          password=settings.pacs_password, tls=settings.pacs_tls,
+                          tls_ca=settings.pacs_tls_ca, tls_cert=settings.pacs_tls_cert,
+                          tls_key=settings.pacs_tls_key)
+    except ValueError as exc:
+        raise InputError(f"{exc} (PACS settings)") from None

@@ -13,14 +13,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from retrieval.errors import InputError
-from retrieval.model import DEFAULT_MODEL
-from retrieval.privacy import user_key_files
-from retrieval.store.schema import PhiPolicy
-from retrieval.userdirs import cache_home
+from retrieval.model.names import DEFAULT_MODEL
+from retrieval.phi import PhiPolicy
+from retrieval.userdirs import cache_home, key_home
 
 ENV_PREFIX = "MEDSEARCH_"
 
@@ -50,7 +49,18 @@ class Settings(BaseSettings):
     ray_address: str = "local"           # engine ray: local (a cluster in this process) | auto | ray://HOST:PORT
     ray_actors: int | None = None        # engine ray: embedding actors; None = one per GPU, else 1 (CPU)
     cache_dir: Path | None = None        # None: $XDG_CACHE_HOME/medsearch
+    text_runtime: Literal["torch", "onnx"] = "torch"  # onnx: the text tower exported to ONNX int8
     db: str | None = None                # postgresql+psycopg://USER@HOST[:PORT]/DB; None: SQLite in the store
+    # A PACS (index dicomweb+http(s)://…, index dimse://…, receive): how to reach it
+    pacs_calling_aet: str = "MEDSEARCH"  # DIMSE: our AE title (the PACS must know it)
+    pacs_timeout: float = 30.0           # seconds for one network step (connect, an answer)
+    pacs_user: str | None = None         # DICOMweb: HTTP basic user
+    pacs_password: str | None = Field(default=None, repr=False)  # DICOMweb: its password
+    pacs_token: str | None = Field(default=None, repr=False)     # DICOMweb: a bearer token
+    pacs_tls: bool = False               # DIMSE over TLS (index dimse:// and receive)
+    pacs_tls_ca: str | None = None       # CA bundle that signed the PACS's certificate
+    pacs_tls_cert: str | None = None     # our certificate (mutual TLS); receive: the server's
+    pacs_tls_key: str | None = None      # its private key
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
@@ -92,7 +102,7 @@ class Settings(BaseSettings):
         """Where per-store patient-key files live (outside every store)."""
         if self.phi_key_dir is not None:
             return Path(self.phi_key_dir).expanduser()
-        return user_key_files().folder
+        return key_home()
 
     @property
     def key_file(self) -> Path | None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Select, and_, exists, select
-
-from .store.database import glob_match
-from .store.schema import FileRow, ImageRow, LabelRow
+if TYPE_CHECKING:  # the SQL is built only where a store is open: a filter alone needs no SQLAlchemy
+    from sqlalchemy import Select
 
 
 #: Bounds on a path glob: SQLite refuses patterns over 50,000 bytes with an error, and each
@@ -80,6 +79,11 @@ class Filters:
 
     def query(self) -> Select:
         """SELECT images.id for every row the filters admit."""
+        from sqlalchemy import and_, exists, select
+
+        from .store.database import glob_match
+        from .store.schema import FileRow, ImageRow, LabelRow
+
         clauses = []
         if self.modality:
             clauses.append(ImageRow.modality.in_([m.upper() for m in self.modality]))

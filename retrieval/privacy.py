@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 import re
 import secrets
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import InputError, StoreError
 from .store import MANIFEST, Store, fsync_dir
-from .userdirs import config_home
+from .userdirs import key_home
 
 KEY_BYTES = 32
 #: Where stores before the key file kept their secret (a row of the settings table).
@@ -67,7 +66,7 @@ class KeyFiles:
 def user_key_files() -> KeyFiles:
     """The per-user default (``$XDG_CONFIG_HOME/medsearch/keys``), for callers that have no
     settings object: the store's open-time migration and library use."""
-    return KeyFiles(config_home() / "keys")
+    return KeyFiles(key_home())
 
 
 def read_key(path: Path) -> bytes:
@@ -203,26 +202,23 @@ def store_key(store: Store, *, create: bool = False, required: bool = True,
     return key
 
 
-# -- the text-embedding cache's secret -------------------------------------------------------------
-def text_cache_secret(store: Store, keys: KeyFiles | None = None) -> bytes | None:
-    """The secret keying the store's text-embedding cache (retrieval.store.text_cache), or None
-    (no cache). Derived from the patient-key secret where the store has one; otherwise a
-    random per-store secret in an owner-only file beside the key files (never in the store),
-    made on first use. Any failure only turns the cache off."""
-    keys = keys or user_key_files()
+def text_cache_secret(store: Store, keys: KeyFiles | None, cache_folder: Path) -> bytes:
+    """The key of the text-embedding cache (retrieval.store.text_cache): derived from the
+    store's patient-key secret when it has one (never that secret itself), else a per-user
+    key in the cache folder; empty (no cache) when neither can be had."""
     try:
-        key = store_key(store, keys=keys, required=False)
-        if key is None:
-            identity = f"{store.root.resolve()}\0{store.manifest.created_at!r}".encode()
-            name = "text-cache-" + hashlib.sha256(identity).hexdigest()[:16] + ".key"
-            path = keys.folder / name
+        key = store_key(store, required=False, keys=keys)
+    except (KeyFileError, StoreError, OSError):
+        key = None
+    if key is None:
+        path = cache_folder / "text-embeddings" / "cache.key"
+        try:
             if not path.exists():
                 write_key(path, secrets.token_bytes(KEY_BYTES))
             key = read_key(path)
-    except (OSError, StoreError) as exc:
-        logging.getLogger(__name__).info("text-embedding cache of %s off: %s", store.root, exc)
-        return None
-    return hmac.new(key, b"medsearch text-embedding cache secret", hashlib.sha256).digest()
+        except (KeyFileError, OSError):
+            return b""
+    return hmac.new(key, b"medsearch text-embedding cache", hashlib.sha256).digest()
 
 
 # -- consent withdrawal ----------------------------------------------------------------------------

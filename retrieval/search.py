@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError, ModelMismatchError, NotFoundError
 from .filters import Filters
-from .model import TextEncoder, VisionEncoder, resolve_checkpoint
-from .privacy import KeyFiles, PathRedactor
+from .model.checkpoint import resolve_checkpoint
+from .privacy import KeyFiles, PathRedactor, text_cache_secret
 from .store import Store
-from .store.text_cache import TextVectorCache
+
+if TYPE_CHECKING:  # the towers import torch: only when a query needs one
+    from .model.encoders import TextEncoder, VisionEncoder
 
 
 @dataclass
@@ -57,7 +59,8 @@ class Searcher:
     def __init__(self, store: Store, model: str | None = None, device: str = "auto",
                  precision: str = "auto", redact_paths: str = "none", *,
                  keys: KeyFiles | None = None, cuda_bf16: str = "weights",
-                 cache_dir: Path | None = None,
+                 cache_dir: Path | None = None, threads: int | None = None,
+                 text_runtime: str = "torch",
                  text_lock: AbstractContextManager | None = None,
                  index_lock: AbstractContextManager | None = None) -> None:
         """``redact_paths``: none | name | hash (retrieval.privacy.PathRedactor), keyed with the
@@ -68,21 +71,33 @@ class Searcher:
         and the index (the application object owns them; one-shot commands need none)."""
         self.redact = PathRedactor(store, redact_paths, keys)
         self.cuda_bf16, self.cache_dir = cuda_bf16, cache_dir
+        self.threads = threads  # torch intra-op threads, set when a tower loads (None: one per core)
+        # "onnx": the text tower exported to ONNX int8 (retrieval.model.onnx_text), CPU only
+        self.text_runtime = text_runtime if device in ("auto", "cpu") else "torch"
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
         self.precision = precision
         self._text: TextEncoder | None = None
+        self._text_cache = None  # retrieval.store.text_cache.TextVectorCache, when first used
+        self.keys = keys
         self._vision: VisionEncoder | None = None
-        self._keys = keys
-        self._checked = None
-        self._vector_cache: TextVectorCache | None | bool = None
         self.text_lock = text_lock or nullcontext()
         self.index_lock = index_lock or nullcontext()
 
     @property
     def text_encoder(self) -> TextEncoder:
+        if self._text is None and self.text_runtime == "onnx":
+            from .model.onnx_text import OnnxTextEncoder
+            from .userdirs import cache_home
+
+            self._text = OnnxTextEncoder(self._checkpoint(), Path(self.cache_dir or cache_home()),
+                                         threads=self.threads)
         if self._text is None:
+            from .model.acceleration import configure_cpu_threads
+            from .model.encoders import TextEncoder
+
+            configure_cpu_threads(self.threads)
             self._text = TextEncoder(self._checkpoint(), self.device, self.precision,
                                      cache_dir=self.cache_dir)
         return self._text
@@ -90,61 +105,52 @@ class Searcher:
     @property
     def vision_encoder(self) -> VisionEncoder:
         if self._vision is None:
+            from .model.acceleration import configure_cpu_threads
+            from .model.encoders import VisionEncoder
+
+            configure_cpu_threads(self.threads)
             self._vision = VisionEncoder(self._checkpoint(), self.device, self.precision,
                                          cuda_bf16=self.cuda_bf16, cache_dir=self.cache_dir)
         return self._vision
 
     def _checkpoint(self):
-        if self._checked is not None:
-            return self._checked
         checkpoint = resolve_checkpoint(self.model_name)
         if checkpoint.fingerprint != self.store.manifest.model_fingerprint:
             raise ModelMismatchError(
                 f"model {self.model_name!r} is not the one store {self.store.root} was built with "
                 f"({self.store.manifest.model!r}); its vectors would not be comparable. "
                 "Use the store's checkpoint as the model.")
-        self._checked = checkpoint
         return checkpoint
-
-    # -- the persistent text-embedding cache (retrieval.store.text_cache) ----------------------
-    @property
-    def text_cache(self) -> TextVectorCache | None:
-        """The store's text-embedding cache, opened on first use (None: off)."""
-        if self._vector_cache is None:
-            from .privacy import text_cache_secret
-
-            secret = text_cache_secret(self.store, self._keys)
-            cache = TextVectorCache.beside(self.store.root, secret) if secret else None
-            self._vector_cache = cache if cache is not None and cache.enabled else False
-        return self._vector_cache if self._vector_cache is not False else None
-
-    def _model_key(self, kind: str = "text") -> str:
-        """What a cached vector depends on: the store's model and the settings that move it.
-        A checkpoint named other than the store's is checked once before any cache is used
-        (a hit must not hide a mismatch)."""
-        if self.model_name != self.store.manifest.model:
-            self._checkpoint()
-        model = self.store.manifest.model_fingerprint
-        if kind != "text":
-            return f"{kind}|{model}"
-        # "auto" resolves by this machine's hardware: its vectors are this machine's
-        machine = platform.node() if "auto" in (self.device, self.precision) else ""
-        return f"{kind}|{model}|{self.device}|{self.precision}|{machine}"
 
     # -- query vectors ---------------------------------------------------------------------
     def text_vector(self, text: str) -> np.ndarray:
+        """A query text's vector: from the persistent cache when it was asked before (the
+        text tower is then not loaded at all), else from the tower, then remembered."""
         if not text or not text.strip():
             raise InputError("the query text is empty")
         text = text.strip()
         cache = self.text_cache
-        if cache is None:
-            return self.text_encoder.embed_cached(text)
-        key = self._model_key()
-        vector = cache.get(key, text, self.store.manifest.dim)
-        if vector is None:
-            vector = self.text_encoder.embed_cached(text)
-            cache.put(key, text, vector)
+        if cache is not None and (vector := cache.get(text)) is not None:
+            return vector
+        vector = self.text_encoder.embed_cached(text)
+        if cache is not None:
+            cache.put(text, vector)
         return vector
+
+    @property
+    def text_cache(self):
+        """The per-user text-embedding cache for this store's checkpoint (None: a checkpoint
+        other than the store's was named, or no cache folder was given)."""
+        if self._text_cache is None and self.cache_dir is not None \
+                and self.model_name == self.store.manifest.model:
+            from .store.text_cache import TextVectorCache
+
+            secret = text_cache_secret(self.store, self.keys, Path(self.cache_dir))
+            self._text_cache = TextVectorCache(
+                Path(self.cache_dir) / "text-embeddings", secret,
+                self.store.manifest.model_fingerprint,
+                f"{self.device}/{self.precision}/{self.text_runtime}")
+        return self._text_cache
 
     def id_vector(self, image_id: int) -> np.ndarray:
         """An indexed image's stored vector as a unit query vector: stored as float16, its
@@ -202,24 +208,21 @@ class Searcher:
         return query_vector(terms, vector_of)
 
     def logit_scalars(self):
-        """The checkpoint's (logit_scale, logit_bias), or None when its weights lack them."""
+        """The checkpoint's (logit_scale, logit_bias), or None when its weights lack them;
+        remembered in the text cache, so a cached query reads no weights file either."""
         from .errors import ModelUnavailableError
         from .zeroshot import LogitScalars, read_logit_scalars
 
-        cache, key = self.text_cache, self._model_key("logit-scalars")
-        found = cache.get(key, "") if cache is not None else None
-        if found is not None:  # two float32 values, or none where the weights lack them
-            return LogitScalars(float(found[0]), float(found[1])) if found.size == 2 else None
+        cache = self.text_cache
+        known = cache.fact("logit_scalars") if cache is not None else None
+        if isinstance(known, list) and len(known) == 2:
+            return LogitScalars(float(known[0]), float(known[1]))
         try:
-            checkpoint = self._checkpoint()
+            scalars = read_logit_scalars(self._checkpoint())
         except ModelUnavailableError:
-            return None  # nothing known about the weights: remember nothing
-        try:
-            scalars = read_logit_scalars(checkpoint)
-        except ModelUnavailableError:
-            scalars = None
+            return None
         if cache is not None:
-            cache.put(key, "", np.array([] if scalars is None else [scalars.scale, scalars.bias]))
+            cache.remember("logit_scalars", [scalars.scale, scalars.bias])
         return scalars
 
     def page(self, terms: list, opts, filters: Filters | None = None,

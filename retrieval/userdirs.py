@@ -13,6 +13,18 @@ def config_home() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "medsearch"
 
 
+def key_home() -> Path:
+    """``$XDG_CONFIG_HOME/medsearch/keys``: one patient-key file per store, by default."""
+    return config_home() / "keys"
+
+
 def cache_home() -> Path:
     """``$XDG_CACHE_HOME/medsearch`` (default ``~/.cache/medsearch``): measured machine facts."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medsearch"
+
+
+def runtime_home() -> Path:
+    """``$XDG_RUNTIME_DIR/medsearch`` (default ``$XDG_CACHE_HOME/medsearch/run``): where a running
+    server says where it listens, for the command line to find it."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "medsearch" if runtime else cache_home() / "run"

@@ -22,11 +22,16 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError, ModelUnavailableError
-from .model import DEFAULT_MODEL, Checkpoint, TextEncoder, resolve_checkpoint
+from .model.checkpoint import Checkpoint, resolve_checkpoint
+from .model.names import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # the tower imports torch: loaded only when a label is scored
+    from .model.encoders import TextEncoder
 
 RESEARCH_NOTICE = "For research use only; not for diagnosis."
 
@@ -312,6 +317,8 @@ class ZeroShotClassifier:
     @classmethod
     def load(cls, model: str = DEFAULT_MODEL, device: str = "auto",
              thresholds: ReviewThresholds = ReviewThresholds()) -> "ZeroShotClassifier":
+        from .model.encoders import TextEncoder
+
         checkpoint = resolve_checkpoint(model)
         return cls(TextEncoder(checkpoint, device), read_logit_scalars(checkpoint), thresholds)
 

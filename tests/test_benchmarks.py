@@ -85,3 +85,18 @@ def test_embed_benchmark_compares_the_ray_engine(tiny_model):
               "--skip-int8", "--skip-text", "--skip-host")
     assert doc["ray_images_per_s"] > 0 and doc["images_per_s"] > 0
     assert "ray_overhead" in doc and doc["ray_actors"] == 1
+
+
+def test_cli_benchmark_measures_every_command_locally_and_with_a_server(tmp_path):
+    doc = run("cli.py", "--n", "300", "--runs", "1", "--cache-dir", str(tmp_path))
+    assert {"model", "cores", "flags"} <= set(doc["machine"])
+    assert doc["import_time"]["total_s"] > 0 and doc["import_time"]["top"]
+    assert {"torch_s", "transformers_s", "faiss_s"} <= set(doc["import_time"])
+    tiny = doc["stores"]["tiny"]
+    assert tiny["dim"] == 32 and tiny["machine"] == doc["machine"]
+    for where in ("local", "server"):
+        assert set(tiny[where]) == {"info", "similar_id", "export_id", "search_text",
+                                    "search_repeated"}
+        for row in tiny[where].values():
+            assert row["median_s"] > 0 and row["peak_rss_mib"] > 0 and len(row["runs_s"]) == 1
+    assert set(tiny["local_onnx"]) == {"search_text", "search_repeated"}

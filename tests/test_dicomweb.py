@@ -4,89 +4,36 @@ retrieval in the workers, incremental re-runs by SOP Instance UID, query filters
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
-
-import httpx
 import pytest
 
-from indexer.dicomweb import DicomWebQuery, list_instances
+from indexer.dicomweb import list_instances
+from indexer.pacs import PacsQuery
 from indexer.pipeline import Indexer
 from retrieval.model import VisionEncoder
 from retrieval.store import Store
 
 from .conftest import PYDICOM_TEST_FILES
+from .orthanc import running_orthanc
 from .serving import run_cli
 
-PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 #: A mix: CT, MR, 12-bit JPEG and JPEG 2000 NM, colour, an SR (no image), a multi-frame US.
 UPLOAD = ("CT_small.dcm", "MR_small.dcm", "JPGExtended.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
           "test-SR.dcm", "examples_ybr_color.dcm")
 
 
-def _dicomweb_plugin() -> str | None:
-    for folder in PLUGIN_DIRS:
-        candidate = Path(folder) / "libOrthancDicomWeb.so"
-        if candidate.is_file():
-            return str(candidate)
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    """Orthanc on a free loopback port with a temporary configuration and storage."""
-    exe, plugin = shutil.which("Orthanc"), _dicomweb_plugin()
-    if exe is None or plugin is None:
-        pytest.skip("Orthanc or its DICOMweb plugin is not installed "
-                    "(scripts/install-test-services.sh installs orthanc and orthanc-dicomweb)")
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = _free_port()
-    config = {"Name": "medsearch-test", "StorageDirectory": str(folder / "db"),
-              "IndexDirectory": str(folder / "db"), "HttpPort": port,
-              "DicomServerEnabled": False, "DicomPort": _free_port(),
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-              "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")
-    process = subprocess.Popen([exe, str(folder / "orthanc.json")], stdout=log,
-                               stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/system", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:])
-            time.sleep(0.2)
+    """Orthanc on a free loopback port, loaded with UPLOAD through its REST API."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         for name in UPLOAD:
-            reply = httpx.post(f"{base}/instances", content=(PYDICOM_TEST_FILES / name).read_bytes(),
-                               timeout=30)
+            reply = server.upload((PYDICOM_TEST_FILES / name).read_bytes())
             assert reply.status_code == 200, (name, reply.text)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        yield server.base
 
 
-def _index(store_dir: Path, model: Path, source: str, query: DicomWebQuery | None = None,
+def _index(store_dir: Path, model: Path, source: str, query: PacsQuery | None = None,
            workers: int = 1):
     encoder = VisionEncoder.load(str(model), "cpu")
     from retrieval.store import manifest_for
@@ -94,7 +41,7 @@ def _index(store_dir: Path, model: Path, source: str, query: DicomWebQuery | Non
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
     try:
         with Indexer(store, encoder, workers=workers, batch_size=4, progress=False,
-                     dicomweb_query=query) as indexer:
+                     pacs_query=query) as indexer:
             return indexer.run([source]), store.stats()
     finally:
         store.close()
@@ -104,7 +51,7 @@ def test_qido_lists_every_uploaded_instance(orthanc):
     sources = list_instances(f"dicomweb+{orthanc}/dicom-web")
     assert len(sources) == len(UPLOAD)
     assert all(s.kind == "dicomweb" and "/instances/" in s.path for s in sources)
-    ct = list_instances(f"dicomweb+{orthanc}/dicom-web", DicomWebQuery(modality="CT"))
+    ct = list_instances(f"dicomweb+{orthanc}/dicom-web", PacsQuery(modality="CT"))
     assert len(ct) == 1
 
 
@@ -117,6 +64,13 @@ def test_index_over_dicomweb_then_incremental(orthanc, tiny_model, tmp_path):
     assert [s["reason"] for s in doc["skipped"]] == ["no pixel data: Comprehensive SR Storage (SR)"]
     assert stats["images"] == len(UPLOAD) - 1
     assert stats["modalities"] == {"CT": 1, "MR": 1, "NM": 2, "OT": 1, "US": 1}
+    from medsearch.app import Medsearch  # a preview fetches the instance again (WADO-RS)
+
+    app = Medsearch.open(tmp_path / "store")
+    try:
+        assert all(app.preview(int(i)).startswith(b"\x89PNG") for i in app.store.vector_ids())
+    finally:
+        app.store.close()
 
     again, stats2 = _index(tmp_path / "store", tiny_model, source, workers=0)
     assert again.indexed == 0 and again.images == 0 and again.removed == 0
@@ -128,7 +82,7 @@ def test_filtered_query_indexes_part_and_removes_nothing(orthanc, tiny_model, tm
     source = f"dicomweb+{orthanc}/dicom-web"
     report, _ = _index(tmp_path / "store", tiny_model, source, workers=0)
     assert report.indexed == len(UPLOAD) - 1
-    mr, stats = _index(tmp_path / "store", tiny_model, source, DicomWebQuery(modality="MR"),
+    mr, stats = _index(tmp_path / "store", tiny_model, source, PacsQuery(modality="MR"),
                        workers=0)
     assert mr.total == 1 and mr.unchanged == 1 and mr.removed == 0
     assert stats["images"] == len(UPLOAD) - 1

@@ -24,6 +24,10 @@ def test_revisions_build_exactly_the_models(tmp_path):
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == []
     assert migrations.current(engine) == migrations.head()
+    from retrieval.store.revision import HEAD, stored_revision
+
+    assert HEAD == migrations.head()  # a new revision updates the fast check's HEAD too
+    assert stored_revision(engine) == HEAD
 
 
 def _manifest() -> Manifest:

@@ -70,7 +70,8 @@ def _id_of(client, path: Path) -> int:
 
 # -- routes and result shape ---------------------------------------------------------------------
 def test_health_stats_metrics_docs(client, data):
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and set(health["serving"]) == {"store", "answer_key"}
     stats = client.get("/stats").json()
     info = cli("info", *_store_args(data))  # the same figures as `medsearch info`
     assert {k: info[k] for k in stats if k in info} == {k: v for k, v in stats.items() if k in info}

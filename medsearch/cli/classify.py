@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import typer
 
 from retrieval.errors import InputError
-from retrieval.model import VisionEncoder, resolve_checkpoint
-from retrieval.store import Store
+from retrieval.model import resolve_checkpoint
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
 
@@ -20,6 +19,10 @@ from .main import app
 from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
                       searcher, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
+
+if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy: loaded when used
+    from retrieval.model import VisionEncoder
+    from retrieval.store import Store
 
 LabelsOpt = Annotated[Optional[list[str]], typer.Option(
     "--labels", help="Candidate labels, comma-separated and/or repeated (at least two).")]
@@ -221,6 +224,8 @@ def eval_cmd(
     vectors: dict[str, np.ndarray] = {}
     decode, keys = None, None
     if store is not None:
+        from retrieval.store import Store
+
         st = Store.open(store, readonly=True, db=cfg.db)
         found = searcher(cfg, st, model)
         vectors = _stored_vectors(st, [r.path for r in rows])
@@ -323,6 +328,8 @@ def report_cmd(
     cfg = resolve(model=model, device=device, db=db)
     found, exclude = None, None
     if store is not None:
+        from retrieval.store import Store
+
         found = searcher(cfg, Store.open(store, readonly=True, db=cfg.db), model)
         text, vision = found.text_encoder, found.vision_encoder
         exclude = _indexed_ids(found.store, file)

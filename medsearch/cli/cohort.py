@@ -11,7 +11,6 @@ import typer
 
 from retrieval.errors import InputError
 
-from ..app import Medsearch, QuerySpec
 from .main import app
 from .options import (BodyPartOpt, DateFromOpt, DateToOpt, DbOpt, JsonOpt, KOpt, LabelOpt,
                       MinScoreOpt, ModalityOpt, PathGlobOpt, StoreOpt, build_filters, resolve)
@@ -29,6 +28,8 @@ def _cohorts(store, db, *, write: bool = False, k: int | None = None) -> Iterato
     from ..cohorts import Cohorts
 
     cfg = resolve(store=store, db=db, k=k)
+    from ..app import Medsearch
+
     with Medsearch.from_settings(cfg, readonly=not write) as found:
         yield Cohorts(found), cfg
 
@@ -67,6 +68,8 @@ def save_cmd(
             doc = cohorts.save(name, ids=id_list(ids, "ids"), replace=replace)
         else:
             terms = parse_query(query) if query is not None else [Term("id", image_id, 1.0)]
+            from ..app import QuerySpec
+
             spec = QuerySpec(terms, k=cfg.k, min_score=min_score, filters=build_filters(
                 modality, body_part, date_from, date_to, path_glob, label),
                 **spec_fields(distinct, min_prob, 0, dedupe))

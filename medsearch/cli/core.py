@@ -4,23 +4,27 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from retrieval.errors import InputError, NotFoundError, storage_error
-from retrieval.model import resolve_checkpoint
-from retrieval.model.acceleration import auto_batch_size, precision_choice
-from retrieval.store import Manifest, Store, manifest_for
+from retrieval.model.checkpoint import resolve_checkpoint
 
-from ..app import Medsearch, QuerySpec
+from . import remote
 from .main import app
-from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
-                      MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, PrecisionOpt, StoreOpt,
-                      build_filters, key_files, open_for_writing, resolve, store_root, text_encoder, vision_encoder)
+from .options import (DbOpt, BodyPartOpt, CallingAetOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt,
+                      KOpt, LabelOpt, MinScoreOpt, ModalityOpt, ModelOpt, PacsTimeoutOpt,
+                      PacsUserOpt, PathGlobOpt, PrecisionOpt, StoreOpt, TlsCaOpt, TlsCertOpt,
+                      TlsKeyOpt, TlsOpt, build_filters, key_files, open_for_writing, pacs_access,
+                      resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
+from .remote import LocalOpt
 from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, OffsetOpt,
                             RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
+
+if TYPE_CHECKING:  # SQLAlchemy and the store load when a command opens one
+    from retrieval.store import Store
 
 
 @app.command("make-test-model")
@@ -54,7 +58,8 @@ def _index_human(d: dict) -> str:
 @app.command("index")
 def index_cmd(
     paths: Annotated[list[str], typer.Argument(
-        help="Files and folders to index, or a PACS: dicomweb+http://HOST:PORT/dicom-web.")],
+        help="Files and folders to index, or a PACS: dicomweb+http(s)://HOST:PORT/dicom-web "
+             "or dimse://AET@HOST:PORT.")],
     store: StoreOpt = None, db: DbOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -72,10 +77,13 @@ def index_cmd(
              "A store keeps the one it was made with.")] = None,
     series_vectors: Annotated[bool, typer.Option(
         "--series-vectors", help="Also store one vector per DICOM series (mean of its frames).")] = False,
-    study: Annotated[Optional[str], typer.Option(help="DICOMweb: only this StudyInstanceUID.")] = None,
+    study: Annotated[Optional[str], typer.Option(help="PACS: only this StudyInstanceUID.")] = None,
     modality_filter: Annotated[Optional[str], typer.Option(
-        "--modality", help="DICOMweb: only this modality, e.g. CT.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="DICOMweb: studies on or after YYYY-MM-DD.")] = None,
+        "--modality", help="PACS: only this modality, e.g. CT.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="PACS: studies on or after YYYY-MM-DD.")] = None,
+    calling_aet: CallingAetOpt = None, pacs_user: PacsUserOpt = None, tls: TlsOpt = None,
+    tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+    pacs_timeout: PacsTimeoutOpt = None,
     decode_timeout: Annotated[float, typer.Option(
         min=1, help="Seconds one file may take to decode before it is reported as failed.")] = 300.0,
     engine: Annotated[Optional[str], typer.Option(
@@ -88,23 +96,29 @@ def index_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Embed every image under PATHS into the store (incremental and resumable)."""
-    from indexer.dicomweb import DicomWebQuery, dicom_date, is_dicomweb
+    from indexer.pacs import PacsQuery, dicom_date, is_pacs
     from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
     from indexer.view import settings_for_run
+    from retrieval.store import Store, manifest_for
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
                   workers=workers, frames=frames, phi_policy=phi, index_type=index_type,
-                  engine=engine, ray_address=ray_address, ray_actors=ray_actors)
+                  engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+                  pacs_calling_aet=calling_aet, pacs_user=pacs_user, pacs_tls=tls,
+                  pacs_tls_ca=tls_ca, pacs_tls_cert=tls_cert, pacs_tls_key=tls_key,
+                  pacs_timeout=pacs_timeout)
     root = store_root(cfg)
+    access = pacs_access(cfg)
     try:
         window = None if window is None else check_window_choice(window)
-        query = DicomWebQuery(study, modality_filter, dicom_date(since) if since else None)
+        query = PacsQuery(study, modality_filter, dicom_date(since) if since else None)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    if query.filtered and not any(is_dicomweb(p) for p in paths):
-        raise InputError("--study, --modality and --since apply to dicomweb+http:// sources only")
-    missing = [p for p in paths if not is_dicomweb(p) and not Path(p).expanduser().exists()]
+    if query.filtered and not any(is_pacs(p) for p in paths):
+        raise InputError("--study, --modality and --since apply to PACS sources only "
+                         "(dicomweb+http(s):// or dimse://)")
+    missing = [p for p in paths if not is_pacs(p) and not Path(p).expanduser().exists()]
     if missing:
         raise NotFoundError(f"no such file or folder: {', '.join(missing)}")
     ray = cfg.engine == "ray"
@@ -122,6 +136,8 @@ def index_cmd(
             encoder = vision_encoder(cfg, checkpoint, compile=cfg.compile)
         batch = cfg.batch_size
         if batch_size is None and not ray and encoder.device.type == "cuda":  # fill the GPU
+            from retrieval.model.acceleration import auto_batch_size
+
             batch = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
@@ -137,7 +153,7 @@ def index_cmd(
                                           series_vectors=series_vectors)
             common = dict(batch_size=batch, frames=decode.frames, phi_policy=cfg.phi_policy,
                           keys=key_files(cfg), progress=progress, window=decode.window,
-                          series_vectors=decode.series_vectors, dicomweb_query=query)
+                          series_vectors=decode.series_vectors, pacs_query=query, pacs=access)
             if ray:
                 indexer = _ray_indexer(cfg, st, encoder, batch_size, common)
             else:
@@ -220,6 +236,8 @@ def _remove_human(d: dict) -> str:
 
 def _store_model(root: Path) -> str | None:
     """An existing store remembers its model, so later runs need no --model."""
+    from retrieval.store import Manifest
+
     manifest = root / "manifest.json"
     return Manifest.read(manifest).model if manifest.is_file() else None
 
@@ -235,18 +253,25 @@ def search_cmd(
     label: LabelOpt = None, precision: PrecisionOpt = None, distinct: DistinctOpt = None,
     min_prob: MinProbOpt = None, offset: OffsetOpt = 0, dedupe: DedupeOpt = None,
     relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None, json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
-    """Find images by a text description (or weighted text/image terms: query arithmetic)."""
+    """Find images by a text description (or weighted text/image terms: query arithmetic);
+    a running `medsearch serve` for the store answers when there is one (see --local)."""
     from retrieval.query import parse_query
 
     terms = parse_query(text, allow_files=True)
     cfg = resolve(store=store, db=db, device=device, precision=precision, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-    with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, min_prob, offset, dedupe, relevant, not_relevant))
-        page = found.page(spec, local_files=True)
-    emit(page.to_json(), json_out, results_table)
+    fields = spec_fields(distinct, min_prob, offset, dedupe, relevant, not_relevant)
+    doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
+                      min_score=min_score, fields=fields)
+    if doc is None:
+        from ..app import Medsearch, QuerySpec
+
+        with Medsearch.from_settings(cfg, model=model) as found:
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields)
+            doc = found.page(spec, local_files=True).to_json()
+    emit(doc, json_out, results_table)
 
 
 @app.command("similar")
@@ -259,9 +284,10 @@ def similar_cmd(
     label: LabelOpt = None, distinct: DistinctOpt = None, offset: OffsetOpt = 0,
     dedupe: DedupeOpt = None, relevant: RelevantOpt = None, not_relevant: NotRelevantOpt = None,
     region: RegionOpt = None, region_space: RegionSpaceOpt = "image", json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
     """Find similar cases for an image file, or for an indexed image by --id (or a --region
-    of either)."""
+    of either); a running `medsearch serve` for the store answers --id when there is one."""
     from retrieval.query import Term
     from retrieval.region import Region
 
@@ -270,21 +296,35 @@ def similar_cmd(
     cfg = resolve(store=store, db=db, device=device, k=k)
     filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
     terms = [Term("id", image_id, 1.0) if image_id is not None else Term("file", str(file), 1.0)]
-    with Medsearch.from_settings(cfg, model=model) as found:
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **spec_fields(
-            distinct, None, offset, dedupe, relevant, not_relevant),
-            region=Region.parse(region, region_space))
-        page = found.page(spec, local_files=True)
-    emit(page.to_json(), json_out, results_table)
+    fields = spec_fields(distinct, None, offset, dedupe, relevant, not_relevant)
+    box = Region.parse(region, region_space)
+    doc = remote.page(cfg, store_root(cfg), terms, local=local, model=model, filters=filters,
+                      min_score=min_score, fields=fields, region=box)
+    if doc is None:
+        from ..app import Medsearch, QuerySpec
+
+        with Medsearch.from_settings(cfg, model=model) as found:
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields,
+                             region=box)
+            doc = found.page(spec, local_files=True).to_json()
+    emit(doc, json_out, results_table)
 
 
 @app.command("info")
-def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False) -> None:
-    """Store statistics: model, dimension, counts, index type; what --precision auto picks here."""
+def info_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False,
+             local: LocalOpt = False) -> None:
+    """Store statistics: model, dimension, counts, index type; what --precision auto picks
+    here (a running `medsearch serve` for the store answers when there is one)."""
+    from retrieval.model.cpu_choice import precision_auto
+
     cfg = resolve(store=store, db=db)
-    with Medsearch.from_settings(cfg) as found:
-        doc = {**found.info(),
-               "precision_auto": precision_choice(cfg.device, cache_dir=cfg.cache_folder)}
+    doc = remote.info(cfg, store_root(cfg), local=local)
+    if doc is None:
+        from ..app import Medsearch
+
+        with Medsearch.from_settings(cfg) as found:
+            doc = found.info()
+    doc["precision_auto"] = precision_auto(cfg.device, cfg.cache_folder, cfg.threads)
     if not doc["decode_recorded"]:
         note("decode settings not recorded; defaults assumed")
     emit(doc, json_out, lambda d: "\n".join(f"{k:>22}: {v}" for k, v in d.items()))

@@ -13,12 +13,7 @@ from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from PIL import Image
 
-from retrieval.model import VisionEncoder
-from retrieval.search import Searcher
-from retrieval.store import Store, manifest_for
-from retrieval.model.testmodel import make_test_model
 
 from .main import app
 from .options import JsonOpt
@@ -33,6 +28,8 @@ DEMO_QUERY = "left pneumothorax"
 
 def _synthetic_images(folder: Path, n: int = 8) -> None:
     """Radiograph-like 16-bit greys and skin-like RGB photos, distinct from each other."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     for i in range(n):
         yy, xx = np.mgrid[0:384, 0:320] / 64.0
@@ -57,6 +54,8 @@ def demo_cmd(
     """Offline end-to-end demo with a tiny random model (rankings are not meaningful)."""
     import pydicom
     from indexer.pipeline import Indexer
+    from retrieval.model import VisionEncoder
+    from retrieval.model.testmodel import make_test_model
 
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="medsearch-demo-"))
     sample = root / "sample"
@@ -75,6 +74,9 @@ def demo_cmd(
         make_test_model(model_dir)
     encoder = VisionEncoder.load(str(model_dir), device="cpu")
     store_dir = root / "store"
+    from retrieval.search import Searcher
+    from retrieval.store import Store, manifest_for
+
     store = Store.open_or_create(store_dir, manifest_for(encoder, "Flat"))
     with store.exclusive():
         with Indexer(store, encoder, workers=1, progress=False) as indexer:

@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..app import Medsearch
 from .main import app
 from .options import DbOpt, JsonOpt, StoreOpt, resolve
 from .output import emit
@@ -42,6 +41,8 @@ def duplicates_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Near-identical images: from the stored vectors, by batched range searches, not n² pairs."""
+    from ..app import Medsearch
+
     with Medsearch.from_settings(resolve(store=store, db=db)) as found:
         doc = found.duplicates(threshold, slices=slices, limit=limit)
     emit(doc, json_out, _human)

@@ -44,7 +44,8 @@ app = typer.Typer(
 )
 
 # Registration by import: each module adds its commands to `app`.
-from . import classify, cohort, core, demo, duplicates, forget, maintenance, preview, serve  # noqa: E402,F401
+from . import (classify, cohort, core, demo, duplicates, forget, maintenance, preview,  # noqa: E402,F401
+               receive, serve)
 
 
 def main(argv: list[str] | None = None) -> None:

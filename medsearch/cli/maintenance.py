@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from retrieval.errors import InputError
-from retrieval.store import Store, backup
 
 from .main import app
 from .options import DbOpt, JsonOpt, StoreOpt, open_for_writing, resolve, store_root
 from .output import emit
+
+if TYPE_CHECKING:  # SQLAlchemy and the store load when a command opens one
+    from retrieval.store import Store
 
 
 def _model_note(st: Store) -> tuple[list[str], list[str]]:
@@ -58,6 +60,8 @@ def check_cmd(store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = Fals
     """Verify rows against vectors against the index, the checksums and the model fingerprint
     (exit 1 when anything is wrong; nothing is changed)."""
     cfg = resolve(store=store, db=db)
+    from retrieval.store import Store
+
     st = Store.open(store_root(cfg), readonly=True, db=cfg.db)
     doc = st.check()
     problems, notes = _model_note(st)
@@ -92,4 +96,6 @@ def backup_cmd(
     root = store_root(resolve(store=store, db=db))
     if to.resolve() == root.resolve():
         raise InputError("--to must be a different folder from --store")
+    from retrieval.store import backup
+
     _finish(backup(root, to), json_out)

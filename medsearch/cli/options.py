@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from retrieval.filters import Filters
-from retrieval.model import Checkpoint, TextEncoder, VisionEncoder
-from retrieval.privacy import KeyFiles
-from retrieval.search import Searcher
-from retrieval.store import Store
-
 from ..settings import Settings
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) and the towers (torch) load when a command needs them
+    from retrieval.filters import Filters
+    from retrieval.model import Checkpoint, TextEncoder, VisionEncoder
+    from retrieval.privacy import KeyFiles
+    from retrieval.search import Searcher
+    from retrieval.store import Store
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", "-s", help="Store directory.")]
@@ -37,6 +38,21 @@ DateFromOpt = Annotated[Optional[str], typer.Option("--date-from", help="Study d
 DateToOpt = Annotated[Optional[str], typer.Option("--date-to", help="Study date ≤ (YYYY-MM-DD).")]
 PathGlobOpt = Annotated[Optional[str], typer.Option(
     "--path-glob", help="Only paths matching this glob, e.g. '*/derm/*'.")]
+# How a PACS is reached (index dicomweb+…/dimse://, receive); secrets only from the
+# environment or the settings file, never the command line (other users see it in ps)
+CallingAetOpt = Annotated[Optional[str], typer.Option(
+    "--calling-aet", help="DIMSE: our AE title, as the PACS knows us (default MEDSEARCH).")]
+PacsUserOpt = Annotated[Optional[str], typer.Option(
+    "--pacs-user", help="DICOMweb: HTTP basic user (password: MEDSEARCH_PACS_PASSWORD; "
+                        "a bearer token: MEDSEARCH_PACS_TOKEN).")]
+TlsOpt = Annotated[Optional[bool], typer.Option("--tls/--no-tls", help="DIMSE over TLS.")]
+TlsCaOpt = Annotated[Optional[Path], typer.Option(
+    "--tls-ca", help="CA bundle that signed the PACS's certificate (https and DIMSE TLS).")]
+TlsCertOpt = Annotated[Optional[Path], typer.Option(
+    "--tls-cert", help="Our TLS certificate (PEM): mutual TLS, or receive's server certificate.")]
+TlsKeyOpt = Annotated[Optional[Path], typer.Option("--tls-key", help="The key of --tls-cert (PEM).")]
+PacsTimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--pacs-timeout", min=0.1, help="Seconds for one network step with the PACS (default 30).")]
 LabelOpt = Annotated[Optional[list[str]], typer.Option(
     "--label", help="Only images carrying this label (repeatable: any of them).")]
 
@@ -48,6 +64,8 @@ def resolve(**flags) -> Settings:
 
 def build_filters(modality=None, body_part=None, date_from=None, date_to=None, path_glob=None,
                   label=None) -> Filters:
+    from retrieval.filters import Filters
+
     return Filters(modality=list(modality or []), body_part=list(body_part or []),
                    date_from=date_from, date_to=date_to, path_glob=path_glob,
                    label=list(label or []))
@@ -61,6 +79,7 @@ def open_for_writing(cfg: Settings) -> Store:
     """The configured store, holding its writer lock; a patient-key secret still kept in its
     database moves out to the configured key files now."""
     from retrieval.privacy import migrate_legacy
+    from retrieval.store import Store
 
     st = Store.open(store_root(cfg), exclusive=True, db=cfg.db)
     try:
@@ -80,6 +99,7 @@ def key_files(cfg: Settings) -> KeyFiles:
 def vision_encoder(cfg: Settings, checkpoint: Checkpoint, compile: bool = False) -> VisionEncoder:
     """The vision tower as configured (``compile`` only pays off on long runs: `index`)."""
     from retrieval.model.acceleration import configure_cpu_threads
+    from retrieval.model.encoders import VisionEncoder
 
     configure_cpu_threads(cfg.threads)
     return VisionEncoder(checkpoint, cfg.device, cfg.precision, compile,
@@ -88,6 +108,7 @@ def vision_encoder(cfg: Settings, checkpoint: Checkpoint, compile: bool = False)
 
 def text_encoder(cfg: Settings, checkpoint: Checkpoint) -> TextEncoder:
     from retrieval.model.acceleration import configure_cpu_threads
+    from retrieval.model.encoders import TextEncoder
 
     configure_cpu_threads(cfg.threads)
     return TextEncoder(checkpoint, cfg.device, cfg.precision, cache_dir=cfg.cache_folder)
@@ -98,3 +119,10 @@ def searcher(cfg: Settings, store: Store, model: str | None = None) -> Searcher:
     from ..app import Medsearch
 
     return Medsearch(store, cfg, model=model).searcher
+
+
+def pacs_access(cfg: Settings):
+    """How this run reaches a PACS (``indexer.pacs.PacsAccess``), from the settings."""
+    from ..decoders import pacs_access as from_settings
+
+    return from_settings(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,11 +12,14 @@ import typer
 from retrieval.errors import InputError
 from retrieval.query import Term, parse_query
 
+from .. import runtime
+from . import remote
 from .main import app
 from .options import (DbOpt, BodyPartOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt, KOpt, LabelOpt,
                       MinScoreOpt, ModalityOpt, ModelOpt, PathGlobOpt, StoreOpt, build_filters,
                       resolve, store_root)
 from .output import RESEARCH_NOTICE, emit, note
+from .remote import LocalOpt
 from .query_options import DedupeOpt, DistinctOpt, MinProbOpt, OffsetOpt, spec_fields
 
 
@@ -67,8 +71,40 @@ def serve_cmd(
     if json_out:
         emit(doc, True)
     logging.getLogger("uvicorn.access").addFilter(PathOnlyAccessLog())
-    uvicorn.run(web, host=host.strip("[]"), port=port, log_level=log_level,
-                server_header=False, proxy_headers=False)
+    identity = _publish(medsearch, host, port, token)
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which ends the process
+        at once: the runtime file goes while the signal is still held."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    runtime.withdraw(identity)
+
+    try:
+        Server(uvicorn.Config(web, host=host.strip("[]"), port=port, log_level=log_level,
+                              server_header=False, proxy_headers=False)).run()
+    finally:
+        runtime.withdraw(identity)
+
+
+def _publish(medsearch, host: str, port: int, token: str | None) -> str:
+    """Say where this server listens for its store (medsearch.runtime), so `search`,
+    `similar`, `export` and `classify` ask it; a wildcard bind is reached on loopback."""
+    import ipaddress
+
+    bound = host.strip("[]")
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(bound).is_unspecified:
+            bound = "127.0.0.1" if "." in bound else "::1"
+    shown = f"[{bound}]" if ":" in bound else bound
+    doc = runtime.serving(medsearch.store, medsearch.settings)
+    runtime.publish(doc["store"], f"http://{shown}:{port}", token, doc["answer_key"])
+    return doc["store"]
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -97,11 +133,11 @@ def export_cmd(
     date_from: DateFromOpt = None, date_to: DateToOpt = None, path_glob: PathGlobOpt = None,
     label: LabelOpt = None, distinct: DistinctOpt = None, min_prob: MinProbOpt = None,
     offset: OffsetOpt = 0, dedupe: DedupeOpt = None, json_out: JsonOpt = False,
+    local: LocalOpt = False,
 ) -> None:
-    """Write a cohort (one row per result: score and stored metadata) to CSV, JSON or Parquet."""
+    """Write a cohort (one row per result: score and stored metadata) to CSV, JSON or Parquet;
+    a running `medsearch serve` for the store runs the query when there is one (see --local)."""
     from retrieval import export as cohort
-
-    from ..app import Medsearch, QuerySpec
 
     if sum(x is not None for x in (query, similar, image_id)) != 1:
         raise InputError("give exactly one of --query TEXT, --similar FILE or --id N")
@@ -115,17 +151,29 @@ def export_cmd(
     else:
         terms = [Term("id", image_id, 1.0)]
     cfg = resolve(store=store, db=db, device=device, k=k)
-    with Medsearch.from_settings(cfg, model=model) as found:
-        redact = found.searcher.redact
-        if (copy_to is not None or link_to is not None) and redact.active:
-            raise InputError("--copy-to and --link-to need the source paths, which redact_paths "
-                             f"({redact.mode}) hides; export without them, or unset "
-                             "redact_paths / MEDSEARCH_REDACT_PATHS for this export")
-        filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
-        spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score,
-                         **spec_fields(distinct, min_prob, offset, dedupe))
-        results = found.query(spec, local_files=True)
-    rows = cohort.cohort_rows(r.to_json() for r in results)
+    fields = spec_fields(distinct, min_prob, offset, dedupe)
+    placing = copy_to is not None or link_to is not None  # checked against redaction locally
+    try:  # a bad filter is refused by the local path, after the store opened (its order)
+        asked = build_filters(modality, body_part, date_from, date_to, path_glob, label)
+    except InputError:
+        placing = True
+    doc = None if placing else remote.page(cfg, store_root(cfg), terms, local=local, model=model,
+                                           min_score=min_score, filters=asked, fields=fields)
+    if doc is not None:
+        results = doc["results"]
+    else:
+        from ..app import Medsearch, QuerySpec
+
+        with Medsearch.from_settings(cfg, model=model) as found:
+            redact = found.searcher.redact
+            if placing and redact.active:
+                raise InputError("--copy-to and --link-to need the source paths, which "
+                                 f"redact_paths ({redact.mode}) hides; export without them, "
+                                 "or unset redact_paths / MEDSEARCH_REDACT_PATHS for this export")
+            filters = build_filters(modality, body_part, date_from, date_to, path_glob, label)
+            spec = QuerySpec(terms, k=cfg.k, filters=filters, min_score=min_score, **fields)
+            results = [r.to_json() for r in found.query(spec, local_files=True)]
+    rows = cohort.cohort_rows(results)
     written = cohort.write_rows(rows, out)
     doc = {"out": str(written.absolute()), "format": fmt, "rows": len(rows), "files": None}
     folder, mode = (copy_to, "copy") if copy_to is not None else (link_to, "link")

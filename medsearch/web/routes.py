@@ -58,16 +58,22 @@ class DuplicateRuns:
 
 def add_routes(app: FastAPI, medsearch: Medsearch, metrics: Metrics) -> None:
     """Every route of the API and the page, answered from ``medsearch``."""
+    from ..runtime import serving as serving_of
+
+    serving = serving_of(medsearch.store, medsearch.settings)
 
     @app.get("/health", tags=["service"], responses=openapi.responses(403, 421))
     def health() -> dict:
-        """Liveness (no token needed, no data)."""
-        return {"status": "ok"}
+        """Liveness (no token needed, no data), and what this server answers for ("serving":
+        hashes of the store's identity and of the settings that shape answers), which the
+        command line checks before it asks this server instead of working itself."""
+        return {"status": "ok", "serving": serving}
 
     @app.get("/stats", tags=["service"], responses=openapi.responses(*ALWAYS, 503))
     def stats() -> dict:
-        """Model, dimension, counts and index type of the store (as `medsearch info`)."""
-        return medsearch.info()
+        """Model, dimension, counts and index type of the store (as `medsearch info`), and
+        what this server answers for ("serving", as /health)."""
+        return {**medsearch.info(), "serving": serving}
 
     @app.get("/metrics", tags=["service"], response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

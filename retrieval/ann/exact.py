@@ -4,32 +4,37 @@ FAISS's own ``IndexFlatIP.search`` is several times slower on a small shared mac
 bundled OpenMP BLAS spins at barriers when a core is busy, and it updates per-query heaps
 after small database blocks; figures in benchmarks/README.md). So: numpy's BLAS for the
 product (large database blocks against the whole query batch, bounded memory), torch's topk
-for the selection, on zero-copy views. A single query is a matrix-vector product bounded by
-memory bandwidth (n·d·4 bytes per query), where numpy's gemv reads about twice torch's rate.
+for a batch's selection, on zero-copy views. A single query is a matrix-vector product bounded
+by memory bandwidth (n·d·4 bytes per query), where numpy's gemv reads about twice torch's rate;
+its selection is numpy's partition (no torch import: `similar --id` runs without a model), and
+equal scores rank by row position, so the command line and the server order ties alike.
 """
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import numpy as np
-import torch
 
 #: Upper bound on one block's score matrix (queries × rows) in float32 elements (~128 MiB).
 SCORE_BLOCK_ELEMENTS = 32 * 1024 * 1024
 
 
-def _as_array(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+def _as_array(array: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")  # a tensor exists only where torch is imported already
+    if torch is not None and isinstance(array, torch.Tensor):
         array = array.detach().float().cpu().numpy()
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-@torch.inference_mode()
-def exact_topk(queries: np.ndarray | torch.Tensor, vectors: np.ndarray | torch.Tensor,
-               ids: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(queries: Any, vectors: Any, ids: np.ndarray | None,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids) by inner product, best first, padded FAISS-style (-inf, -1).
 
-    ``vectors`` is n×d float32 (a zero-copy view of an index's storage is fine: it is only
-    read); ``ids`` maps row positions to ids (None: the positions themselves).
+    ``queries`` and ``vectors`` are numpy arrays or torch tensors; ``vectors`` is n×d float32
+    (a zero-copy view of an index's storage is fine: it is only read); ``ids`` maps row
+    positions to ids (None: the positions themselves).
     """
     q = np.atleast_2d(_as_array(queries))
     x = _as_array(vectors)
@@ -42,12 +47,45 @@ def exact_topk(queries: np.ndarray | torch.Tensor, vectors: np.ndarray | torch.T
     if x.shape[1] != q.shape[1]:
         raise ValueError(f"queries are {q.shape[1]}-d, vectors {x.shape[1]}-d")
     take = min(k, n)
+    if nq == 1:
+        best_s, positions = _one_query(q[0], x, take)
+        out_scores[0, :take] = best_s
+        out_ids[0, :take] = positions if ids is None else np.asarray(ids, np.int64)[positions]
+        return out_scores, out_ids
+    import torch
+
+    with torch.inference_mode():
+        best_s, positions = _batch(torch, q, x, take)
+    out_scores[:, :take] = best_s
+    out_ids[:, :take] = positions if ids is None else np.asarray(ids, np.int64)[positions]
+    return out_scores, out_ids
+
+
+def _one_query(q: np.ndarray, x: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row positions) of one query's best ``take`` rows, ties by position."""
+    best_s = np.empty(0, np.float32)
+    best_i = np.empty(0, np.int64)
+    for start in range(0, x.shape[0], SCORE_BLOCK_ELEMENTS):
+        scores = x[start:start + SCORE_BLOCK_ELEMENTS] @ q
+        keep = min(take, scores.shape[0])
+        top = np.argpartition(-scores, keep - 1)[:keep] if keep < scores.shape[0] else \
+            np.arange(scores.shape[0])
+        best_s = np.concatenate([best_s, scores[top]])
+        best_i = np.concatenate([best_i, top.astype(np.int64) + start])
+        order = np.lexsort((best_i, -best_s))[:take]
+        best_s, best_i = best_s[order], best_i[order]
+    return best_s, best_i
+
+
+def _batch(torch, q: np.ndarray, x: np.ndarray, take: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row positions) of a batch's best ``take`` rows each, by torch's topk."""
+    nq, n = q.shape[0], x.shape[0]
     block = max(4096, SCORE_BLOCK_ELEMENTS // nq)
-    best_s: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
+    best_s = None
+    best_i = None
     for start in range(0, n, block):
         part = x[start:start + block]
-        scores = torch.from_numpy(q @ part.T if nq > 1 else (part @ q[0])[None])
+        scores = torch.from_numpy(q @ part.T)
         s, i = torch.topk(scores, min(take, part.shape[0]), dim=1)
         i += start
         if best_s is None:
@@ -57,10 +95,7 @@ def exact_topk(queries: np.ndarray | torch.Tensor, vectors: np.ndarray | torch.T
             merged_i = torch.cat([best_i, i], dim=1)
             best_s, pos = torch.topk(merged_s, take, dim=1)
             best_i = torch.gather(merged_i, 1, pos)
-    positions = best_i.numpy()
-    out_scores[:, :take] = best_s.numpy()
-    out_ids[:, :take] = positions if ids is None else np.asarray(ids, np.int64)[positions]
-    return out_scores, out_ids
+    return best_s.numpy(), best_i.numpy()
 
 
 def flat_storage(index) -> np.ndarray | None:

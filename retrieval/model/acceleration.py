@@ -21,11 +21,8 @@ parameters, resolved by the caller's settings.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +31,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .cpu_choice import (BF16_MIN_SPEEDUP, CACHE_VERSION, PROBE_SHAPE,  # noqa: F401 - re-exported
+                         _read_cache, _record, _write_cache, cache_file, choose_cpu_precision,
+                         machine_key)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 #: Activation memory per image for the vision tower in bf16 at 448 px (1024 tokens, width
@@ -43,14 +43,8 @@ MAX_CUDA_BATCH = 256
 #: On CUDA, bf16 as bf16 weights throughout ("weights": half the bytes for every elementwise
 #: op) or as autocast over fp32 weights ("autocast": norms and softmax in fp32).
 CUDA_BF16_MODES = ("weights", "autocast")
-#: ``auto`` takes bf16 on a CPU only when its matrix products measure this much faster than
-#: fp32: the probe times products alone, and the tower's other ops gain less from bf16.
-BF16_MIN_SPEEDUP = 1.25
-#: The probe: tokens × width → MLP width, the vision tower's largest product (a quarter of a
-#: 448-px image's 1024 tokens), alternating fp32 and bf16 for about PROBE_SECONDS in all.
-PROBE_SHAPE = (256, 1152, 4304)
+#: The probe alternates fp32 and bf16 products of PROBE_SHAPE for about this long in all.
 PROBE_SECONDS = 0.25
-CACHE_VERSION = 1
 #: Probes run in this process (tests tell a cached decision from a fresh one by it, not by time).
 measurements = 0
 _choices: dict[str, dict] = {}
@@ -71,31 +65,6 @@ def check_cuda_bf16(mode: str) -> str:
         raise InputError(f"the CUDA bf16 mode must be one of {', '.join(CUDA_BF16_MODES)}, "
                          f"not {mode!r}")
     return mode
-
-
-def cache_file(cache_dir: Path) -> Path:
-    """The per-machine precision decisions inside the cache folder."""
-    return Path(cache_dir) / "precision.json"
-
-
-def machine_key(threads: int) -> str:
-    """What the probe's result depends on: CPU model, its bf16-related flags, torch, threads."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                name, _, value = (part.strip() for part in line.partition(":"))
-                if name == "model name":
-                    model = value
-                elif name in ("flags", "Features"):  # x86, ARM
-                    flags.update(value.split())
-                elif not name and flags:
-                    break  # the first processor's block is enough
-    except OSError:
-        flags.update(["native_bf16"] if cpu_has_native_bf16() else [])
-    relevant = " ".join(sorted(f for f in flags if "bf16" in f or f.startswith("amx")
-                               or f == "avx512f")) or "no bf16 flags"
-    return f"{model} | {relevant} | torch {torch.__version__} | {threads} threads"
 
 
 def _probe_seconds(shape: tuple[int, int, int] = PROBE_SHAPE) -> tuple[float, float | None]:
@@ -123,66 +92,6 @@ def _probe_seconds(shape: tuple[int, int, int] = PROBE_SHAPE) -> tuple[float, fl
                 best[dtype], spent = min(best[dtype], elapsed), spent + elapsed
             rounds += 1
     return best[torch.float32], best.get(torch.bfloat16)
-
-
-def choose_cpu_precision(fp32_seconds: float, bf16_seconds: float | None,
-                         min_speedup: float = BF16_MIN_SPEEDUP) -> tuple[str, str]:
-    """(precision, why) from measured times: bf16 only when ≥ ``min_speedup``× faster than fp32."""
-    if not bf16_seconds or bf16_seconds <= 0:
-        return "fp32", "bf16 matrix products do not run on this CPU"
-    speedup = fp32_seconds / bf16_seconds
-    if speedup >= min_speedup:
-        return "bf16", (f"bf16 matrix products {speedup:.2f}× as fast as fp32 here "
-                        f"(≥ {min_speedup}× needed)")
-    return "fp32", (f"bf16 matrix products only {speedup:.2f}× as fast as fp32 here "
-                    f"(< {min_speedup}× needed)")
-
-
-def _record(fp32_seconds: float, bf16_seconds: float | None) -> dict:
-    """The decision and its evidence, as cached and as ``info`` shows it."""
-    precision, reason = choose_cpu_precision(fp32_seconds, bf16_seconds)
-    flops = 2 * PROBE_SHAPE[0] * PROBE_SHAPE[1] * PROBE_SHAPE[2]
-    return {"precision": precision, "reason": reason,
-            "fp32_gflops": round(flops / fp32_seconds / 1e9, 1),
-            "bf16_gflops": round(flops / bf16_seconds / 1e9, 1) if bf16_seconds else None,
-            "fp32_seconds": fp32_seconds, "bf16_seconds": bf16_seconds,
-            "probe_shape": list(PROBE_SHAPE)}
-
-
-def _read_cache(path: Path, key: str) -> dict | None:
-    """The cached record for this machine, its decision re-derived from its own timings."""
-    try:
-        entry = json.loads(path.read_text())["machines"][key]
-        fp32, bf16 = float(entry["fp32_seconds"]), entry["bf16_seconds"]
-        if list(entry["probe_shape"]) != list(PROBE_SHAPE) or not fp32 > 0:
-            raise ValueError("another probe or a non-positive time")
-        return _record(fp32, None if bf16 is None else float(bf16))
-    except FileNotFoundError:
-        return None
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-        log.debug("precision cache %s not usable for this machine (%r); measuring", path, exc)
-        return None
-
-
-def _write_cache(path: Path, key: str, record: dict) -> None:
-    """Add this machine's record (others kept), atomically; any failure only costs a re-measure."""
-    try:
-        try:
-            doc = json.loads(path.read_text())
-            machines = doc["machines"] if isinstance(doc.get("machines"), dict) else {}
-        except (OSError, ValueError, AttributeError):
-            machines = {}
-        machines[key] = {k: record[k] for k in ("precision", "reason", "fp32_gflops", "bf16_gflops",
-                                                 "fp32_seconds", "bf16_seconds", "probe_shape")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".precision-", suffix=".tmp",
-                                         delete=False) as tmp:
-            json.dump({"version": CACHE_VERSION, "machines": machines}, tmp, indent=1)
-        os.replace(tmp.name, path)
-    except (OSError, RuntimeError, ValueError, TypeError) as exc:
-        log.debug("precision cache %s not written (%r)", path, exc)
-        with contextlib.suppress(OSError, NameError):
-            os.unlink(tmp.name)
 
 
 def precision_choice(device: torch.device | str = "cpu", cache_dir: Path | None = None) -> dict:

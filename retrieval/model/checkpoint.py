@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelUnavailableError
+from .names import DEFAULT_MODEL, SIGLIP_TYPES
 
-DEFAULT_MODEL = "google/medsiglip-448"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -118,10 +118,6 @@ def quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-#: Config types whose towers load with SiglipVisionModel / SiglipTextModel.
-SIGLIP_TYPES = {"siglip", "siglip_vision_model", "siglip_text_model"}
-
-
 def load_tower(cls, checkpoint: Checkpoint):
     """One tower class (SiglipVisionModel / SiglipTextModel) from the checkpoint, in eval mode."""
     model_type = checkpoint.config.get("model_type")
@@ -135,3 +131,11 @@ def load_tower(cls, checkpoint: Checkpoint):
     except Exception as exc:
         raise ModelUnavailableError(unavailable_message(
             checkpoint.name, f"{cls.__name__} could not load {checkpoint.path}: {exc}")) from None
+
+
+def config_image_size(checkpoint: Checkpoint) -> int:
+    """The vision input size from config.json (no transformers import), else transformers'."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, KeyError):
+        config = checkpoint.config
+        return int(config.get("vision_config", config)["image_size"])
+    return checkpoint.vision_shape()[0]

@@ -13,9 +13,8 @@ from ..errors import InputError, ModelUnavailableError
 from . import acceleration
 from .checkpoint import (DEFAULT_MODEL, Checkpoint, load_tower, quiet_transformers,
                          resolve_checkpoint, unavailable_message)
+from .names import TEXT_MAX_LENGTH
 from .preprocess import model_input
-
-TEXT_MAX_LENGTH = 64
 
 
 def _normalise(vectors: torch.Tensor) -> np.ndarray:
@@ -98,7 +97,7 @@ class TextEncoder:
         says how the tower came: ``int8-cache``, ``int8-quantised`` or ``loaded``."""
         from transformers import AutoTokenizer
 
-        from .texttower import load_text_tower
+        from .text_int8 import load_text_tower
 
         self.checkpoint = checkpoint
         self.device = select_device(device)

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Bumped whenever the recipe changes; stores refuse vectors made with another version.
-PREPROCESSING_VERSION = "medsiglip-pad-bilinear-noaa-v1"
+from .names import PREPROCESSING_VERSION  # noqa: F401 - re-exported: stores record it
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:

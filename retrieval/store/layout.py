@@ -98,7 +98,7 @@ class Manifest:
 
 def manifest_for(encoder, index_type: str) -> Manifest:
     """The manifest for vectors made by a VisionEncoder (local folders by absolute path)."""
-    from ..model.preprocess import PREPROCESSING_VERSION
+    from ..model.names import PREPROCESSING_VERSION
 
     ckpt = encoder.checkpoint
     name = str(ckpt.path) if ckpt.revision == "local" else ckpt.name

@@ -71,6 +71,10 @@ class Rows:
 
     def _migrate(self) -> None:
         """Create or upgrade the schema with Alembic; a read-only open never writes it."""
+        from .revision import HEAD, stored_revision
+
+        if stored_revision(self.engine) == HEAD:  # up to date: Alembic is not even imported
+            return
         from . import migrations
 
         if self.readonly and migrations.current(self.engine) == migrations.head():

@@ -3,17 +3,13 @@ vectors, labels, failures, settings, and the commit counter readers poll."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from sqlalchemy import (BigInteger, Float, ForeignKey, Integer, LargeBinary, String, Text,
                         UniqueConstraint, Index)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+from ..phi import PHI_POLICIES, PhiPolicy  # noqa: F401 - re-exported
 
-#: What a store keeps of PatientID: a keyed hash, the ID itself, or nothing.
-PhiPolicy = Literal["hash", "keep", "drop"]
-PHI_POLICIES: tuple[str, ...] = PhiPolicy.__args__
+SCHEMA_VERSION = 1
 
 #: DICOM attributes kept per image (PS3.15 direct identifiers are never among them).
 DICOM_FIELDS = {

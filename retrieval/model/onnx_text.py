@@ -1,0 +1,139 @@
+"""The text tower exported to ONNX and quantised to int8, run with ONNX Runtime.
+
+A text query needs the text tower for one forward pass; with torch and transformers' model
+code that costs seconds of imports and loading before it starts. Exported once per checkpoint
+(``text_runtime = "onnx"``), the tower is a file in the cache folder, keyed by the checkpoint
+fingerprint, that ONNX Runtime loads without torch. The export is checked before it is kept:
+on a fixed set of queries each vector must be within ``MIN_COSINE`` of the transformers tower's
+(the int8 weights move a vector by about that much; rankings barely change). Tokenisation is
+transformers' own SigLIP tokenizer, which needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, quiet_transformers
+from .names import TEXT_MAX_LENGTH
+
+#: Raised when the recipe below changes, so old exports are not reused.
+EXPORT_VERSION = 1
+MIN_COSINE = 0.999
+PROBES = ("chest x-ray", "left pneumothorax", "right lower lobe consolidation with effusion",
+          "melanoma on the back", "normal brain MRI", "fracture of the distal radius",
+          "a CT of the abdomen with contrast", "diabetic retinopathy, severe", "")
+
+
+def tower_path(cache_folder: Path, checkpoint: Checkpoint) -> Path:
+    return Path(cache_folder) / "text-towers" / f"{checkpoint.fingerprint}-v{EXPORT_VERSION}-int8.onnx"
+
+
+def _tokenizer(checkpoint: Checkpoint):
+    """The checkpoint's tokenizer class itself (AutoTokenizer would import torch)."""
+    import transformers
+
+    try:
+        config = json.loads((checkpoint.path / "tokenizer_config.json").read_text())
+        cls = getattr(transformers, str(config.get("tokenizer_class")))
+    except (OSError, ValueError, AttributeError):
+        cls = transformers.AutoTokenizer
+    with quiet_transformers():
+        return cls.from_pretrained(checkpoint.path, local_files_only=True)
+
+
+def _token_ids(tokenizer, texts) -> np.ndarray:
+    """MedSigLIP's text recipe (as TextEncoder.token_ids): padded to 64, ids only."""
+    return np.asarray(tokenizer(list(texts), padding="max_length", max_length=TEXT_MAX_LENGTH,
+                                truncation=True)["input_ids"], dtype=np.int64)
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def export(checkpoint: Checkpoint, cache_folder: Path) -> tuple[Path, float]:
+    """Export, quantise and check the text tower once; (the file, the worst probe cosine).
+    Needs torch, transformers and onnx; raises ``RuntimeError`` if the check fails."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .text_weights import load_text_tower
+
+    final = tower_path(cache_folder, checkpoint)
+    final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    print(f"medsearch: exporting the text tower of {checkpoint.name} to ONNX int8 (once; "
+          f"kept in {final.parent})", file=sys.stderr)
+    model = load_text_tower(checkpoint)
+    ids = _token_ids(_tokenizer(checkpoint), PROBES)
+    with torch.inference_mode():
+        expected = _unit(model(input_ids=torch.from_numpy(ids)).pooler_output.numpy())
+    stem = final.with_name(f".{final.stem}.{os.getpid()}")
+    plain, quantised = stem.with_suffix(".fp32.onnx"), stem.with_suffix(".int8.onnx")
+    try:
+        torch.onnx.export(model, (torch.from_numpy(ids),), str(plain), input_names=["input_ids"],
+                          output_names=["last_hidden_state", "pooler_output"],
+                          dynamic_axes={"input_ids": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+        quantize_dynamic(str(plain), str(quantised), weight_type=QuantType.QInt8)
+        got = _unit(_session(quantised, None).run(["pooler_output"], {"input_ids": ids})[0])
+        worst = float(np.min(np.sum(got * expected, axis=1)))
+        if worst < MIN_COSINE:
+            raise RuntimeError(f"the int8 ONNX text tower moved a probe query's vector to cosine "
+                               f"{worst:.5f} (< {MIN_COSINE}); use text_runtime = \"torch\"")
+        os.chmod(quantised, 0o600)
+        os.replace(quantised, final)  # whole or absent: a kill mid-export leaves no half file
+        final.with_suffix(".json").write_text(json.dumps(
+            {"checkpoint": checkpoint.name, "fingerprint": checkpoint.fingerprint,
+             "worst_probe_cosine": worst, "export_version": EXPORT_VERSION}))
+    finally:
+        for temp in (plain, quantised, plain.with_suffix(".onnx.data")):
+            temp.unlink(missing_ok=True)
+    return final, worst
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxTextEncoder:
+    """The text tower on ONNX Runtime; the same calls as ``TextEncoder``."""
+
+    device = "cpu"
+    precision = "int8"
+
+    def __init__(self, checkpoint: Checkpoint, cache_folder: Path, *,
+                 threads: int | None = None) -> None:
+        path = tower_path(cache_folder, checkpoint)
+        if not path.is_file():
+            path, _ = export(checkpoint, cache_folder)
+        self.checkpoint = checkpoint
+        self.session = _session(path, threads)
+        self.tokenizer = _tokenizer(checkpoint)
+        self.dim = int(self.session.get_outputs()[1].shape[-1])
+        self._cache: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        ids = _token_ids(self.tokenizer, texts)
+        return _unit(self.session.run(["pooler_output"], {"input_ids": ids})[0])
+
+    def embed_cached(self, text: str) -> np.ndarray:
+        """One query, remembered for this process (the persistent cache is the store's)."""
+        if text not in self._cache:
+            if len(self._cache) >= 1024:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[text] = self.embed([text])[0]
+        return self._cache[text].copy()

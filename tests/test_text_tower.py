@@ -1,0 +1,86 @@
+"""The text tower's fast paths: only the text weights read (the same tower as transformers'
+loader), and the ONNX int8 export (``text_runtime = "onnx"``): checked, cached by checkpoint
+fingerprint, within cosine 0.999 of the transformers tower, and run without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+QUERIES = ["pleural effusion", "a tiny nodule in the left upper lobe", "KNEE X-RAY, lateral view",
+           "Hämatom", "no acute findings"]
+
+
+def test_text_weights_only_give_the_same_tower(tiny_model):
+    import torch
+    from transformers import SiglipTextModel
+
+    from retrieval.model import resolve_checkpoint
+    from retrieval.model.checkpoint import load_tower
+    from retrieval.model.encoders import TextEncoder
+    from retrieval.model.text_weights import _from_text_weights
+
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    fast = _from_text_weights(checkpoint, sorted(checkpoint.path.glob("*.safetensors")))
+    assert fast is not None  # the fast path was taken, not the fallback
+    ordinary = load_tower(SiglipTextModel, checkpoint)
+    ids = TextEncoder(checkpoint, "cpu", "fp32").token_ids(QUERIES)
+    with torch.inference_mode():
+        a, b = fast(input_ids=ids).pooler_output, ordinary(input_ids=ids).pooler_output
+    assert torch.equal(a, b)
+
+
+def test_onnx_tower_is_exported_once_checked_and_close(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from retrieval.model import resolve_checkpoint
+    from retrieval.model.encoders import TextEncoder
+    from retrieval.model.onnx_text import OnnxTextEncoder, tower_path
+
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    onnx = OnnxTextEncoder(checkpoint, tmp_path)
+    path = tower_path(tmp_path, checkpoint)
+    assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    reference = TextEncoder(checkpoint, "cpu", "fp32").embed(QUERIES)
+    got = onnx.embed(QUERIES)
+    assert got.shape == reference.shape
+    assert np.min(np.sum(got * reference, axis=1)) >= 0.999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    modified = path.stat().st_mtime_ns
+    again = OnnxTextEncoder(checkpoint, tmp_path)  # from the cache: not exported again
+    assert path.stat().st_mtime_ns == modified
+    assert np.array_equal(again.embed(QUERIES), got)
+
+
+def test_onnx_search_imports_no_torch(tiny_model, tmp_path, image_folder):
+    pytest.importorskip("onnxruntime")
+    from .serving import index_store
+
+    store = tmp_path / "store"
+    index_store(store, image_folder, tiny_model)
+    env = {**os.environ, "MEDSEARCH_TEXT_RUNTIME": "onnx", "MEDSEARCH_CACHE_DIR": str(tmp_path)}
+    code = ("import sys, json\nfrom medsearch.cli import main\n"
+            "try:\n    main(['search', sys.argv[2], '--store', sys.argv[1], '--json', '-k', '5'])\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules}), file=sys.stderr)\n")
+
+    def search(query: str, runtime: str) -> tuple[list[int], bool]:
+        done = subprocess.run([sys.executable, "-c", code, str(store), query],
+                              capture_output=True, text=True, timeout=300,
+                              env={**env, "MEDSEARCH_TEXT_RUNTIME": runtime})
+        assert done.returncode == 0, done.stderr
+        used_torch = json.loads(done.stderr.strip().splitlines()[-1])["torch"]
+        return [r["id"] for r in json.loads(done.stdout)["results"]], used_torch
+
+    search("pleural effusion", "onnx")  # exports the tower once (that step needs torch)
+    onnx_ids, used_torch = search("a small left pleural effusion", "onnx")  # not cached
+    assert used_torch is False
+    torch_ids, _ = search("a small left pleural effusion", "torch")
+    assert len(set(onnx_ids) & set(torch_ids)) >= 3  # int8 moves scores by ~0.001

@@ -8,6 +8,7 @@ import os
 import stat
 
 import numpy as np
+import pytest
 
 from retrieval.store.text_cache import TextVectorCache
 
@@ -65,3 +66,30 @@ def test_repeated_search_does_not_load_the_model(tmp_path, tiny_model, image_fol
         assert code != 0  # a new query needs the tower
     finally:
         os.rename(hidden, tiny_model)
+
+
+@pytest.mark.parametrize("damage", [b"not a database" * 100,
+                                    b"SQLite format 3\0" + b"\xff" * 4000])
+def test_a_damaged_cache_file_is_made_again(tmp_path, damage):
+    cache = TextVectorCache(tmp_path, b"k" * 32, "fp")
+    cache.put(QUERY, np.ones(4, np.float32))
+    cache.close()
+    cache.path.write_bytes(damage)
+    for suffix in ("-wal", "-shm"):
+        cache.path.with_name(cache.path.name + suffix).unlink(missing_ok=True)
+    remade = TextVectorCache(tmp_path, b"k" * 32, "fp")
+    assert remade.get(QUERY) is None  # the damaged entries are gone, not an exception
+    remade.put(QUERY, np.full(4, 2, np.float32))
+    assert np.array_equal(remade.get(QUERY), np.full(4, 2, np.float32))
+    remade.close()
+    assert np.array_equal(TextVectorCache(tmp_path, b"k" * 32, "fp").get(QUERY),
+                          np.full(4, 2, np.float32))  # and the next process uses it again
+
+
+def test_a_cache_that_cannot_be_written_is_off(tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    cache = TextVectorCache(blocked, b"k" * 32, "fp")
+    assert cache.get(QUERY) is None
+    cache.put(QUERY, np.ones(4, np.float32))
+    assert cache.get(QUERY) is None

@@ -5,13 +5,15 @@ search never takes the store's writer lock, a read-only or shared store still ge
 one user's queries are not left where others can read them). An entry's key is an HMAC of the
 query text under the store's secret (with the checkpoint fingerprint and the tower's device and
 precision settings), so the file holds no query text, and a text cannot be tested against it
-without that secret. Values are float32 vectors. The newest ``limit`` entries are kept. Any
-fault (a corrupt file, a full disk, a lock held too long) turns the cache off for the process;
-a query is then embedded as if there were no cache.
+without that secret. Values are float32 vectors. The newest ``limit`` entries are kept. A
+damaged file is removed and made again (once per process); any other fault (a full disk, a
+lock held too long, a folder it cannot write) turns the cache off for the process; a query is
+then embedded as if there were no cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -42,6 +44,7 @@ class TextVectorCache:
         self.hits = self.misses = 0
         self._db: sqlite3.Connection | None = None
         self._off = not secret
+        self._remade = False
 
     def key(self, text: str) -> bytes:
         return hmac.new(self.secret, self.context + text.encode("utf-8", "surrogatepass"),
@@ -52,19 +55,43 @@ class TextVectorCache:
             return None
         if self._db is None:
             try:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
-                db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None,
-                                     check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")  # a lost entry is only a miss
-                for statement in _SCHEMA:
-                    db.execute(statement)
-                self._db = db
-            except (sqlite3.Error, OSError):
-                self._off = True
-                return None
+                self._db = self._open()
+            except (sqlite3.Error, OSError) as exc:
+                self._fault(exc)
         return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
+        db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a lost entry is only a miss
+            for statement in _SCHEMA:
+                db.execute(statement)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _fault(self, exc: BaseException) -> None:
+        """A damaged file (not a database, malformed) is only a cache: it is removed and made
+        again, once per process. Any other fault turns the cache off for the process."""
+        damaged = isinstance(exc, sqlite3.DatabaseError) and any(
+            word in str(exc).lower() for word in ("not a database", "malformed", "corrupt"))
+        self.close()
+        if damaged and not self._remade:
+            self._remade = True
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{self.path}{suffix}")
+            try:
+                self._db = self._open()
+                return
+            except (sqlite3.Error, OSError):
+                pass
+        self._off = True
 
     def get(self, text: str) -> np.ndarray | None:
         """The cached vector, or None (not cached, or the cache is off)."""
@@ -74,8 +101,8 @@ class TextVectorCache:
         try:
             row = db.execute("SELECT dim, vector FROM vectors WHERE key = ?",
                              (self.key(text),)).fetchone()
-        except sqlite3.Error:
-            self._off = True
+        except sqlite3.Error as exc:
+            self._fault(exc)
             return None
         if row is None or len(row[1]) != 4 * int(row[0]):
             self.misses += 1
@@ -98,8 +125,8 @@ class TextVectorCache:
                        (self.key(text), int(vector.size), vector.tobytes(), time.time()))
             db.execute("DELETE FROM vectors WHERE key IN (SELECT key FROM vectors "
                        "ORDER BY used DESC LIMIT -1 OFFSET ?)", (self.limit,))
-        except sqlite3.Error:
-            self._off = True
+        except sqlite3.Error as exc:
+            self._fault(exc)
 
     def fact(self, name: str):
         """A JSON value remembered about this checkpoint (None: not known)."""
@@ -117,8 +144,8 @@ class TextVectorCache:
         if db is not None:
             try:
                 db.execute("INSERT OR REPLACE INTO facts VALUES (?, ?)", (name, json.dumps(value)))
-            except sqlite3.Error:
-                self._off = True
+            except sqlite3.Error as exc:
+                self._fault(exc)
 
     def close(self) -> None:
         if self._db is not None:

@@ -110,16 +110,17 @@ def run_child(way: str, checkpoint_dir: Path, cache_dir: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(checkpoint_dir: Path, cache_dir: Path, runs: int) -> dict:
+def measure(checkpoint_dir: Path, cache_dir: Path, runs: int,
+            only: list[str] | None = None) -> dict:
     """Every way on one checkpoint: medians over ``runs`` processes, and cosines to the
     ``from_pretrained`` tower's vectors."""
     import numpy as np
 
-    ways = list(WAYS)
+    ways = [w for w in WAYS if not only or w in only or w == "from_pretrained"]
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        ways.remove("onnx_cached")
+        ways = [w for w in ways if w != "onnx_cached"]
     # warm-ups: the page cache, and the int8 / ONNX cache entries the cached ways load
     run_child("text_weights", checkpoint_dir, cache_dir)
     from retrieval.model import resolve_checkpoint
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per way (median)")
     parser.add_argument("--full-size", action="store_true",
                         help="also the full-size random MedSigLIP-448 (~3.5 GB, written once)")
+    parser.add_argument("--ways", nargs="+", choices=WAYS,
+                        help="only these ways (from_pretrained, the reference, always runs)")
+    parser.add_argument("--skip-tiny", action="store_true")
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
@@ -169,13 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     doc: dict = {"machine": cpu(), "runs": args.runs, "queries": len(QUERIES)}
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = make_test_model(Path(tmp) / "tiny")
-        doc["tiny"] = measure(tiny, Path(tmp) / "cache", args.runs)
+        if not args.skip_tiny:
+            tiny = make_test_model(Path(tmp) / "tiny")
+            doc["tiny"] = measure(tiny, Path(tmp) / "cache", args.runs, args.ways)
     if args.full_size:
         from benchmarks.embed import full_size_checkpoint
 
         full = full_size_checkpoint(args.cache_dir)
-        doc["full_size"] = measure(full, args.cache_dir / "text-tower-cache", args.runs)
+        doc["full_size"] = measure(full, args.cache_dir / "text-tower-cache", args.runs,
+                                   args.ways)
     print(json.dumps(doc, indent=None if args.json else 1))
     return doc
 

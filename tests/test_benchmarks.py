@@ -100,3 +100,14 @@ def test_cli_benchmark_measures_every_command_locally_and_with_a_server(tmp_path
         for row in tiny[where].values():
             assert row["median_s"] > 0 and row["peak_rss_mib"] > 0 and len(row["runs_s"]) == 1
     assert set(tiny["local_onnx"]) == {"search_text", "search_repeated"}
+
+
+def test_text_tower_benchmark_prints_the_contract():
+    doc = run("text_tower.py", "--runs", "1", "--ways", "int8_cached")
+    ways = doc["tiny"]
+    assert set(ways) == {"from_pretrained", "int8_cached"}
+    for way in ways.values():
+        assert {"imports_s", "load_s", "first_query_s", "total_s", "peak_rss_mb"} <= set(way)
+    assert ways["from_pretrained"]["min_cosine_to_from_pretrained"] == 1.0
+    assert ways["int8_cached"]["min_cosine_to_from_pretrained"] >= 0.99
+    assert doc["machine"]["cores"] >= 1

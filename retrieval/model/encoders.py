@@ -15,7 +15,6 @@ from .checkpoint import (DEFAULT_MODEL, Checkpoint, load_tower, quiet_transforme
                          resolve_checkpoint, unavailable_message)
 from .names import TEXT_MAX_LENGTH
 from .preprocess import model_input
-from .text_weights import load_text_tower
 
 
 def _normalise(vectors: torch.Tensor) -> np.ndarray:
@@ -93,8 +92,12 @@ class TextEncoder:
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto", *,
                  cache_dir: Path | None = None) -> None:
-        """``cache_dir``: where ``precision="auto"`` keeps its CPU measurement (None: in memory)."""
+        """``cache_dir``: where ``precision="auto"`` keeps its CPU measurement and the int8
+        tower its quantised weights (None: in memory, quantised every time). ``loaded_from``
+        says how the tower came: ``int8-cache``, ``int8-quantised`` or ``loaded``."""
         from transformers import AutoTokenizer
+
+        from .texttower import load_text_tower
 
         self.checkpoint = checkpoint
         self.device = select_device(device)
@@ -105,8 +108,8 @@ class TextEncoder:
         except Exception as exc:
             raise ModelUnavailableError(unavailable_message(
                 checkpoint.name, f"no usable tokenizer in {checkpoint.path}: {exc}")) from None
-        self.model = acceleration.prepare_model(load_text_tower(checkpoint),
-                                                self.device, self.precision)
+        self.model, self.loaded_from = load_text_tower(checkpoint, self.device, self.precision,
+                                                       cache_dir)
         self.dim: int = int(self.model.config.hidden_size)
         self._cached = lru_cache(maxsize=1024)(self._embed_one)
 

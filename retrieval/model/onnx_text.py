@@ -63,13 +63,13 @@ def export(checkpoint: Checkpoint, cache_folder: Path) -> tuple[Path, float]:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .text_weights import load_text_tower
+    from .texttower import load_text_model
 
     final = tower_path(cache_folder, checkpoint)
     final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     print(f"medsearch: exporting the text tower of {checkpoint.name} to ONNX int8 (once; "
           f"kept in {final.parent})", file=sys.stderr)
-    model = load_text_tower(checkpoint)
+    model = load_text_model(checkpoint)
     ids = _token_ids(_tokenizer(checkpoint), PROBES)
     with torch.inference_mode():
         expected = _unit(model(input_ids=torch.from_numpy(ids)).pooler_output.numpy())

@@ -38,6 +38,28 @@ def test_onnx_tower_is_exported_once_checked_and_close(tiny_model, tmp_path):
     again = OnnxTextEncoder(checkpoint, tmp_path)  # from the cache: not exported again
     assert path.stat().st_mtime_ns == modified
     assert np.array_equal(again.embed(QUERIES), got)
+    # the export found sentencepiece alone to agree with transformers' tokenizer
+    assert again.tokens is not None
+    reference = TextEncoder(checkpoint, "cpu", "fp32")
+    for texts in (QUERIES, ["a <unk> token", "</s> written out"]):  # the latter: transformers'
+        assert again.token_ids(texts).tolist() == reference.token_ids(texts).tolist()
+
+
+def test_sentencepiece_tokens_agree_with_transformers(tiny_model):
+    import random
+
+    from retrieval.model import resolve_checkpoint
+    from retrieval.model.encoders import TextEncoder
+    from retrieval.model.siglip_tokens import SentencepieceTokens
+
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    reference, tokens = TextEncoder(checkpoint, "cpu", "fp32"), SentencepieceTokens(tiny_model)
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmXYZ0189 .,;:!?'\"-()[]/\\@#%&*_+=`|\t\néüßçØ日本—°µ>"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90)))
+             for _ in range(300)] + ["x " * 100, "", "   "]
+    texts = [t for t in texts if tokens.handles(t)]
+    assert [tokens.ids(t) for t in texts] == reference.token_ids(texts).tolist()
 
 
 def test_onnx_search_imports_no_torch(tiny_model, tmp_path, image_folder):

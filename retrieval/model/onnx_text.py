@@ -14,9 +14,12 @@ tokenizer (which needs no torch, but a second of imports).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +83,14 @@ def export(checkpoint: Checkpoint, cache_folder: Path) -> tuple[Path, float]:
     plain, quantised = stem.with_suffix(".fp32.onnx"), stem.with_suffix(".int8.onnx")
     optimised = stem.with_suffix(".opt.onnx")
     try:
-        torch.onnx.export(model, (torch.from_numpy(ids),), str(plain), input_names=["input_ids"],
-                          output_names=["last_hidden_state", "pooler_output"],
-                          dynamic_axes={"input_ids": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-        quantize_dynamic(str(plain), str(quantised), weight_type=QuantType.QInt8)
+        with warnings.catch_warnings(), _quiet_root_log():  # tracer and quantiser notes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.from_numpy(ids),), str(plain),
+                              input_names=["input_ids"],
+                              output_names=["last_hidden_state", "pooler_output"],
+                              dynamic_axes={"input_ids": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+            quantize_dynamic(str(plain), str(quantised), weight_type=QuantType.QInt8)
         _session(quantised, None, save_optimised=optimised)
         got = _unit(_session(optimised, None).run(["pooler_output"], {"input_ids": ids})[0])
         worst = float(np.min(np.sum(got * expected, axis=1)))
@@ -101,6 +107,17 @@ def export(checkpoint: Checkpoint, cache_folder: Path) -> tuple[Path, float]:
         for temp in (plain, quantised, optimised, plain.with_suffix(".onnx.data")):
             temp.unlink(missing_ok=True)
     return final, worst
+
+
+@contextlib.contextmanager
+def _quiet_root_log():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _tokens_agree(checkpoint: Checkpoint) -> bool:

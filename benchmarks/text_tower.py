@@ -7,9 +7,9 @@ the process's peak resident memory:
 - ``from_pretrained``: ``SiglipTextModel.from_pretrained`` on the whole checkpoint (the loader
   before the text-weights path), fp32;
 - ``text_weights``: only the ``text_model.*`` tensors, memory-mapped into a meta-device tower
-  (retrieval.model.text_weights), fp32;
+  (retrieval.model.texttower), fp32;
 - ``int8_quantise``: the text-weights tower quantised to int8 now (no cache folder);
-- ``int8_cached``: the int8 tower from its cache entry (retrieval.model.text_int8);
+- ``int8_cached``: the int8 tower from its cache entry (retrieval.model.texttower);
 - ``onnx_cached``: the ONNX int8 export from its cache (retrieval.model.onnx_text), when ONNX
   Runtime is installed.
 
@@ -68,7 +68,7 @@ def child(way: str, checkpoint_dir: Path, cache_dir: Path) -> dict:
         from retrieval.model import acceleration
         from retrieval.model.checkpoint import load_tower
         from retrieval.model.encoders import TextEncoder, _normalise
-        from retrieval.model.text_int8 import load_text_tower
+        from retrieval.model.texttower import load_text_tower
     checkpoint = resolve_checkpoint(str(checkpoint_dir))
     imported = time.perf_counter()
     if way == "onnx_cached":
@@ -106,7 +106,7 @@ def warm(checkpoint_dir: Path, cache_dir: Path) -> dict:
     import torch
 
     from retrieval.model import resolve_checkpoint
-    from retrieval.model.text_int8 import load_text_tower
+    from retrieval.model.texttower import load_text_tower
 
     checkpoint = resolve_checkpoint(str(checkpoint_dir))
     _, how = load_text_tower(checkpoint, torch.device("cpu"), "int8", cache_dir)

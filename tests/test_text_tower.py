@@ -1,6 +1,6 @@
-"""The text tower's fast paths: only the text weights read (the same tower as transformers'
-loader), and the ONNX int8 export (``text_runtime = "onnx"``): checked, cached by checkpoint
-fingerprint, within cosine 0.999 of the transformers tower, and run without torch."""
+"""The text tower exported to ONNX int8 (``text_runtime = "onnx"``): checked, cached by
+checkpoint fingerprint, within cosine 0.999 of the transformers tower, and run without torch.
+(Loading only the text weights and the int8 cache of the torch tower: tests/test_texttower.py.)"""
 
 from __future__ import annotations
 
@@ -15,25 +15,6 @@ import pytest
 
 QUERIES = ["pleural effusion", "a tiny nodule in the left upper lobe", "KNEE X-RAY, lateral view",
            "Hämatom", "no acute findings"]
-
-
-def test_text_weights_only_give_the_same_tower(tiny_model):
-    import torch
-    from transformers import SiglipTextModel
-
-    from retrieval.model import resolve_checkpoint
-    from retrieval.model.checkpoint import load_tower
-    from retrieval.model.encoders import TextEncoder
-    from retrieval.model.text_weights import _from_text_weights
-
-    checkpoint = resolve_checkpoint(str(tiny_model))
-    fast = _from_text_weights(checkpoint, sorted(checkpoint.path.glob("*.safetensors")))
-    assert fast is not None  # the fast path was taken, not the fallback
-    ordinary = load_tower(SiglipTextModel, checkpoint)
-    ids = TextEncoder(checkpoint, "cpu", "fp32").token_ids(QUERIES)
-    with torch.inference_mode():
-        a, b = fast(input_ids=ids).pooler_output, ordinary(input_ids=ids).pooler_output
-    assert torch.equal(a, b)
 
 
 def test_onnx_tower_is_exported_once_checked_and_close(tiny_model, tmp_path):
@@ -57,6 +38,28 @@ def test_onnx_tower_is_exported_once_checked_and_close(tiny_model, tmp_path):
     again = OnnxTextEncoder(checkpoint, tmp_path)  # from the cache: not exported again
     assert path.stat().st_mtime_ns == modified
     assert np.array_equal(again.embed(QUERIES), got)
+    # the export found sentencepiece alone to agree with transformers' tokenizer
+    assert again.tokens is not None
+    reference = TextEncoder(checkpoint, "cpu", "fp32")
+    for texts in (QUERIES, ["a <unk> token", "</s> written out"]):  # the latter: transformers'
+        assert again.token_ids(texts).tolist() == reference.token_ids(texts).tolist()
+
+
+def test_sentencepiece_tokens_agree_with_transformers(tiny_model):
+    import random
+
+    from retrieval.model import resolve_checkpoint
+    from retrieval.model.encoders import TextEncoder
+    from retrieval.model.siglip_tokens import SentencepieceTokens
+
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    reference, tokens = TextEncoder(checkpoint, "cpu", "fp32"), SentencepieceTokens(tiny_model)
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmXYZ0189 .,;:!?'\"-()[]/\\@#%&*_+=`|\t\néüßçØ日本—°µ>"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90)))
+             for _ in range(300)] + ["x " * 100, "", "   "]
+    texts = [t for t in texts if tokens.handles(t)]
+    assert [tokens.ids(t) for t in texts] == reference.token_ids(texts).tolist()
 
 
 def test_onnx_search_imports_no_torch(tiny_model, tmp_path, image_folder):

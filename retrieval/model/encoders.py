@@ -97,7 +97,7 @@ class TextEncoder:
         says how the tower came: ``int8-cache``, ``int8-quantised`` or ``loaded``."""
         from transformers import AutoTokenizer
 
-        from .text_int8 import load_text_tower
+        from .texttower import load_text_tower
 
         self.checkpoint = checkpoint
         self.device = select_device(device)

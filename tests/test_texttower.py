@@ -1,5 +1,5 @@
-"""The int8 text tower cached by checkpoint fingerprint (identical vectors, corrupt or foreign
-entries ignored and rewritten); a ``.bin`` checkpoint still loads the ordinary way."""
+"""The fast text tower: text weights alone, memory-mapped, equal to ``from_pretrained``'s; the
+int8 tower cached by checkpoint fingerprint, corrupt or foreign entries ignored."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from transformers import SiglipTextModel
 
 from retrieval.model import TextEncoder, resolve_checkpoint
-from retrieval.model import text_int8
-from retrieval.model.text_weights import load_text_tower
+from retrieval.model import texttower
+from retrieval.model.checkpoint import load_tower
 
 TEXTS = ["a chest x-ray showing pneumothorax", "nodule", "glaucoma of the retina",
          "no evidence of fracture on the knee"]
@@ -22,6 +22,35 @@ TEXTS = ["a chest x-ray showing pneumothorax", "nodule", "glaucoma of the retina
 def _vectors(model, ids) -> torch.Tensor:
     with torch.inference_mode():
         return torch.nn.functional.normalize(model(input_ids=ids).pooler_output, dim=-1)
+
+
+def test_fast_loader_gives_the_full_loaders_vectors(tiny_model):
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    fast = texttower.load_text_fast(checkpoint)
+    assert fast is not None
+    assert not any(t.is_meta for t in [*fast.parameters(), *fast.buffers()])
+    full = load_tower(SiglipTextModel, checkpoint)
+    ids = TextEncoder(checkpoint, "cpu", "fp32").token_ids(TEXTS)
+    cos = (_vectors(fast, ids) * _vectors(full, ids)).sum(-1)
+    assert float(cos.min()) >= 0.99999
+
+
+def test_fast_loader_reads_only_text_weights(tiny_model):
+    checkpoint = resolve_checkpoint(str(tiny_model))
+    model = texttower.load_text_fast(checkpoint)
+    names = set(model.state_dict())
+    assert not any(n.startswith("vision_model") for n in names)
+    state = texttower.text_state(checkpoint, names)
+    assert state is not None and set(state) == names
+    assert texttower.text_state(checkpoint, names | {"not.a.text.weight"}) is None
+
+
+def test_encoder_uses_the_fast_path_for_safetensors(tiny_model):
+    before = dict(texttower.loads)
+    encoder = TextEncoder.load(str(tiny_model), device="cpu", precision="fp32")
+    assert encoder.loaded_from == "loaded"
+    assert texttower.loads.get("safetensors", 0) == before.get("safetensors", 0) + 1
+    assert texttower.loads.get("from_pretrained", 0) == before.get("from_pretrained", 0)
 
 
 def test_bin_checkpoint_falls_back_to_from_pretrained(tiny_model, tmp_path):
@@ -34,8 +63,10 @@ def test_bin_checkpoint_falls_back_to_from_pretrained(tiny_model, tmp_path):
     (folder / "model.safetensors").unlink()
     torch.save(full.state_dict(), folder / "pytorch_model.bin")
     checkpoint = resolve_checkpoint(str(folder))
-    assert type(load_text_tower(checkpoint)) is SiglipTextModel
+    assert texttower.load_text_fast(checkpoint) is None
+    before = texttower.loads.get("from_pretrained", 0)
     encoder = TextEncoder(checkpoint, "cpu", "fp32")
+    assert texttower.loads["from_pretrained"] == before + 1
     ids = encoder.token_ids(TEXTS)
     cos = (_vectors(encoder.model, ids) * _vectors(model.eval(), ids)).sum(-1)
     assert float(cos.min()) >= 0.99999
@@ -44,7 +75,7 @@ def test_bin_checkpoint_falls_back_to_from_pretrained(tiny_model, tmp_path):
 def test_int8_tower_is_cached_and_gives_identical_vectors(tiny_model, tmp_path):
     checkpoint = resolve_checkpoint(str(tiny_model))
     first = TextEncoder(checkpoint, "cpu", "int8", cache_dir=tmp_path)
-    entry = text_int8.int8_entry(tmp_path, checkpoint)
+    entry = texttower.int8_entry(tmp_path, checkpoint)
     assert first.loaded_from == "int8-quantised" and entry.is_file()
     assert entry.stat().st_mode & 0o077 == 0
     second = TextEncoder(checkpoint, "cpu", "int8", cache_dir=tmp_path)
@@ -64,7 +95,7 @@ def test_no_cache_folder_quantises_every_time(tiny_model):
 def test_a_damaged_or_foreign_int8_entry_is_ignored_and_rewritten(tiny_model, tmp_path, damage):
     checkpoint = resolve_checkpoint(str(tiny_model))
     reference = TextEncoder(checkpoint, "cpu", "int8", cache_dir=tmp_path).embed(TEXTS)
-    entry = text_int8.int8_entry(tmp_path, checkpoint)
+    entry = texttower.int8_entry(tmp_path, checkpoint)
     sidecar = entry.with_suffix(".json")
     data = bytearray(entry.read_bytes())
     if damage == "flip":

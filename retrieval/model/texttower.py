@@ -1,14 +1,18 @@
-"""The int8 text tower, quantised once per checkpoint and kept in the cache folder.
+"""The text tower, loaded fast: only its own weights, memory-mapped, and its int8 form cached.
 
-``precision="int8"`` quantises every Linear of the tower dynamically (``quantize_dynamic``):
-for MedSigLIP-448's text tower that is seconds of work on every start. Here the quantised tower
-is kept in the cache folder, keyed by the checkpoint's fingerprint, the torch version and the
-quantisation engine; later loads build an int8 skeleton on the meta device (no fp32 weights
-read at all) and load the packed int8 weights into it. An entry is written atomically
-(temporary file, then rename), owner-only, with a sidecar recording its size and SHA-256; an
-entry without its sidecar, unlike it, or not loading into the skeleton exactly is ignored and
-the tower quantised again (and the entry rewritten): a cache can only cost time, never change
-a vector.
+``from_pretrained`` on the full checkpoint builds the tower with random initial weights, reads
+the file and copies every tensor in. Here the tower is built on the ``meta`` device (no memory,
+no initialisation) and its parameters are *assigned* the tensors of the text weights, which
+``safe_open`` hands out memory-mapped: nothing is copied and the vision weights are never
+touched. A ``.bin`` checkpoint, or anything this path does not recognise, falls back to
+``from_pretrained`` (:func:`checkpoint.load_tower`).
+
+The int8 tower (``precision="int8"``: dynamic quantisation of every Linear) is quantised once
+per checkpoint and kept in the cache folder, keyed by the checkpoint's fingerprint, the torch
+version and the quantisation engine; later loads build an int8 skeleton and load the packed
+weights. An entry is written atomically (temporary file, then rename) with a sidecar recording
+its SHA-256; an entry that is missing its sidecar, does not match it, or does not load into the
+skeleton is ignored and the tower quantised again (and the entry rewritten).
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelUnavailableError
-from .checkpoint import Checkpoint
-from .text_weights import _text_config, load_text_tower as load_text_model
+from .checkpoint import SIGLIP_TYPES, Checkpoint, load_tower, quiet_transformers
 
 log = logging.getLogger(__name__)
+#: Prefix of the text tower's keys in a full SigLIP checkpoint (absent in a text-only one).
+TEXT_PREFIX = "text_model."
 INT8_CACHE_VERSION = 1
 INT8_FOLDER = "text-int8"
-#: Towers made in this process by how ("int8-cache", "int8-quantised", "loaded"): tests tell
-#: a cached load from a fresh one by it, not by time.
+#: Loads in this process by path taken ("safetensors", "from_pretrained", "int8-cache"):
+#: tests tell a cached load from a fresh one by it, not by time.
 loads: dict[str, int] = {}
 
 
@@ -40,21 +45,27 @@ def _count(kind: str) -> None:
     loads[kind] = loads.get(kind, 0) + 1
 
 
+def _text_config(checkpoint: Checkpoint):
+    """The text tower's config, as ``SiglipTextModel.from_pretrained`` would derive it."""
+    from transformers import SiglipTextConfig
+
+    with quiet_transformers():
+        return SiglipTextConfig.from_pretrained(checkpoint.path, local_files_only=True)
+
+
 def _skeleton(checkpoint: Checkpoint):
     """The text tower on the meta device: its structure, no storage, no initialisation."""
     from transformers import SiglipTextModel
 
-    from .checkpoint import quiet_transformers
-
     config = _text_config(checkpoint)
     with quiet_transformers(), torch.device("meta"):
-        model = SiglipTextModel(config)
+        model = SiglipTextModel._from_config(config, attn_implementation="sdpa")
     return model.eval()
 
 
 def _fill_buffers(model: torch.nn.Module) -> bool:
-    """Give the non-persistent buffers (in no checkpoint) their values; False where a meta
-    tensor is left that this does not know how to fill."""
+    """Give the non-persistent buffers (not in any checkpoint) their values; False where a
+    meta tensor is left that this does not know how to fill."""
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is None or not buffer.is_meta:
@@ -64,6 +75,63 @@ def _fill_buffers(model: torch.nn.Module) -> bool:
             module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape),
                                    persistent=False)
     return not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files (a sharded one lists several in its index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def text_state(checkpoint: Checkpoint, wanted: set[str]) -> dict[str, torch.Tensor] | None:
+    """The text tower's tensors named as ``wanted`` (the tower's own state-dict keys),
+    memory-mapped from the safetensors files; None where they are not all there."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(checkpoint.path)
+    if not files:
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                name = key[len(TEXT_PREFIX):] if key.startswith(TEXT_PREFIX) else key
+                if name in wanted and name not in state:
+                    state[name] = handle.get_tensor(key)
+    return state if set(state) == wanted else None
+
+
+def load_text_fast(checkpoint: Checkpoint):
+    """The text tower from the safetensors weights alone (None: not possible here)."""
+    if checkpoint.config.get("model_type") not in SIGLIP_TYPES:
+        return None
+    try:
+        model = _skeleton(checkpoint)
+        state = text_state(checkpoint, set(model.state_dict()))
+        if state is None:
+            return None
+        model.load_state_dict(state, strict=True, assign=True)
+        if not _fill_buffers(model):
+            return None
+    except Exception as exc:  # an unfamiliar layout: the general loader decides
+        log.debug("fast text-tower load of %s not possible (%r)", checkpoint.path, exc)
+        return None
+    return model.eval()
+
+
+def load_text_model(checkpoint: Checkpoint):
+    """The fp32 text tower: memory-mapped safetensors where possible, else ``from_pretrained``."""
+    from transformers import SiglipTextModel
+
+    model = load_text_fast(checkpoint)
+    if model is not None:
+        _count("safetensors")
+        return model
+    _count("from_pretrained")
+    return load_tower(SiglipTextModel, checkpoint)
 
 
 # -- the int8 tower's cache ------------------------------------------------------------------------
@@ -149,6 +217,7 @@ def load_int8_cached(cache_dir: Path, checkpoint: Checkpoint):
     except Exception as exc:  # corrupt, truncated, another layout: quantise again
         log.info("int8 text-tower cache entry %s not used (%s); quantising again", path, exc)
         return None
+    _count("int8-cache")
     return model.eval()
 
 
@@ -196,7 +265,7 @@ def save_int8(cache_dir: Path, checkpoint: Checkpoint, model: torch.nn.Module) -
 
 def load_text_tower(checkpoint: Checkpoint, device: torch.device, precision: str,
                     cache_dir: Path | None = None) -> tuple[torch.nn.Module, str]:
-    """The text tower ready to run (``acceleration.prepare_model``), and how it was made:
+    """The text tower ready to run (``acceleration.prepare_model``), and how it was obtained:
     ``int8-cache`` (the cached quantised tower), ``int8-quantised`` (quantised now, and kept
     when ``cache_dir`` is given), ``loaded`` (fp32 / bf16)."""
     from . import acceleration
@@ -205,7 +274,6 @@ def load_text_tower(checkpoint: Checkpoint, device: torch.device, precision: str
         if precision == "int8" and cache_dir is not None:
             cached = load_int8_cached(cache_dir, checkpoint)
             if cached is not None:
-                _count("int8-cache")
                 return acceleration.prepare_model(cached, device, "fp32"), "int8-cache"
         model = acceleration.prepare_model(load_text_model(checkpoint), device, precision)
     except ModelUnavailableError:
@@ -214,8 +282,8 @@ def load_text_tower(checkpoint: Checkpoint, device: torch.device, precision: str
         raise ModelUnavailableError(
             f"cannot load the text tower of {checkpoint.name!r} ({checkpoint.path}): {exc}"
         ) from None
-    how = "int8-quantised" if precision == "int8" else "loaded"
-    if how == "int8-quantised" and cache_dir is not None:
-        save_int8(cache_dir, checkpoint, model)
-    _count(how)
-    return model, how
+    if precision == "int8":
+        if cache_dir is not None:
+            save_int8(cache_dir, checkpoint, model)
+        return model, "int8-quantised"
+    return model, "loaded"

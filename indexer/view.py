@@ -10,7 +10,7 @@ in its manifest (:class:`DecodeSettings`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

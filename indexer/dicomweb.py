@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import re
 from functools import lru_cache
-from urllib.parse import quote, unquote
 
 from .images import DecodeError
-from .pacs import DICOMWEB_PREFIXES, PacsAccess, PacsQuery, dicom_date
+from .pacs import PacsAccess, PacsQuery, dicom_date, instance_path, split_instance_path
 from .sources import SourceFile
 
 PREFIX = "dicomweb+"
-_PATH = re.compile(r"^(?P<root>dicomweb\+https?://.+?)/studies/(?P<study>[^/]+)"
-                   r"/series/(?P<series>[^/]+)/instances/(?P<sop>[^/]+)$")
 #: The stored transfer syntax, as it is: no lossy or lossless transcoding by the server.
 ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 #: QIDO page size; dicomweb-client follows the pages.
 PAGE = 500
-
-
-def is_dicomweb(root: str) -> bool:
-    return str(root).startswith(DICOMWEB_PREFIXES)
 
 
 def base_url(root: str) -> str:
@@ -84,13 +76,6 @@ def search_filters(query: PacsQuery) -> dict:
     return filters
 
 
-def instance_path(root: str, study: str, series: str, sop: str) -> str:
-    """The stored path of an instance: its WADO-RS address, UIDs percent-encoded (a plain
-    dotted UID is unchanged, so stores made before keep their paths)."""
-    return f"{root}/studies/{quote(study, safe='')}/series/{quote(series, safe='')}" \
-           f"/instances/{quote(sop, safe='')}"
-
-
 def list_instances(root: str, query: PacsQuery | None = None,
                    access: PacsAccess | None = None) -> list[SourceFile]:
     """Every instance the server lists for the query, as sources to index."""
@@ -112,20 +97,13 @@ def list_instances(root: str, query: PacsQuery | None = None,
     return sorted(sources, key=lambda s: s.path)
 
 
-def split_path(path: str) -> tuple[str, str, str, str]:
-    """(root, study, series, sop) of an instance path, the UIDs decoded."""
-    match = _PATH.match(path)
-    if not match:
-        raise DecodeError(f"not a DICOMweb instance address: {path}")
-    return match["root"], unquote(match["study"]), unquote(match["series"]), unquote(match["sop"])
-
-
 def retrieve_instance(path: str, access: PacsAccess | None = None) -> bytes:
     """Fetch one instance (WADO-RS, stored transfer syntax) as the bytes the server holds."""
-    match = _PATH.match(path)
-    if not match:
-        raise DecodeError(f"not a DICOMweb instance address: {path}")
-    url = base_url(match["root"]) + path[len(match["root"]):]  # the UIDs stay encoded
+    try:
+        root = split_instance_path(path)[0]
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from None
+    url = base_url(root) + path[len(root):]  # the UIDs stay encoded
     access = access or PacsAccess()
     try:
         reply = _session(access).get(url, headers={"Accept": ACCEPT}, timeout=access.timeout_s)
@@ -133,7 +111,7 @@ def retrieve_instance(path: str, access: PacsAccess | None = None) -> bytes:
         raise DecodeError(f"WADO-RS retrieval failed: {type(exc).__name__}: {exc}") from None
     if reply.status_code != 200:
         raise DecodeError(f"WADO-RS retrieval failed: HTTP {reply.status_code} {reply.reason} "
-                          f"from {base_url(match['root'])}")
+                          f"from {base_url(root)}")
     return first_part(reply.headers.get("Content-Type", ""), reply.content)
 
 

@@ -20,21 +20,15 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass
-from urllib.parse import quote, unquote
 
 from .images import DecodeError
-from .pacs import DIMSE_PREFIX, PacsAccess, PacsQuery, dicom_date
+from .pacs import PacsAccess, PacsQuery, dicom_date, instance_path, split_instance_path
 from .sources import SourceFile
 
 _ROOT = re.compile(r"^dimse://(?P<aet>[^@/]{1,16})@(?P<host>\[[0-9a-fA-F:.]+\]|[^:/@\[\]]+)"
                    r":(?P<port>[0-9]{1,5})$")
-_PATH = re.compile(r"^(?P<root>dimse://[^/]+)/studies/(?P<study>[^/]+)"
-                   r"/series/(?P<series>[^/]+)/instances/(?P<sop>[^/]+)$")
 #: DIMSE statuses a C-FIND or C-GET reports while it is still sending results
 PENDING = (0xFF00, 0xFF01)
-#: Newer syntaxes than pydicom lists, offered too: the PACS then sends such files as stored
-EXTRA_SYNTAXES = ("1.2.840.10008.1.2.8.1", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
-                  "1.2.840.10008.1.2.4.203")
 
 logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # failures are reported as reasons
 
@@ -65,10 +59,6 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.aet}@{self.host}:{self.port}"
-
-
-def is_dimse(root: str) -> bool:
-    return str(root).startswith(DIMSE_PREFIX)
 
 
 def _tls(access: PacsAccess, host: str) -> tuple[ssl.SSLContext, str] | None:
@@ -142,11 +132,6 @@ def _text(ds, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
 
 
-def instance_path(root: str, study: str, series: str, sop: str) -> str:
-    return (f"{root}/studies/{quote(study, safe='')}/series/{quote(series, safe='')}"
-            f"/instances/{quote(sop, safe='')}")
-
-
 def list_instances(root: str, query: PacsQuery | None = None,
                    access: PacsAccess | None = None) -> tuple[list[SourceFile], list[str]]:
     """(every instance the PACS lists for the query, the problems of the listing)."""
@@ -194,21 +179,15 @@ def list_instances(root: str, query: PacsQuery | None = None,
     return sorted(unique.values(), key=lambda s: s.path), problems
 
 
-def split_path(path: str) -> tuple[str, str, str, str]:
-    """(root, study, series, sop) of an instance path, the UIDs decoded."""
-    match = _PATH.match(path)
-    if not match:
-        raise DecodeError(f"not a DIMSE instance address: {path}")
-    return match["root"], unquote(match["study"]), unquote(match["series"]), unquote(match["sop"])
-
-
 def _storage_contexts(sop_class: str):
     """One context per transfer syntax: the PACS accepts those it can send and picks the
     one the instance is stored in."""
     from pydicom.uid import AllTransferSyntaxes
     from pynetdicom import build_context, build_role
 
-    syntaxes = list(dict.fromkeys([*AllTransferSyntaxes, *EXTRA_SYNTAXES]))
+    from .dicom_frames import NEWER_SYNTAXES  # offered too: the PACS sends such files as stored
+
+    syntaxes = list(dict.fromkeys([*AllTransferSyntaxes, *NEWER_SYNTAXES]))
     contexts = [build_context(sop_class, [syntax]) for syntax in syntaxes[:126]]
     return contexts, [build_role(sop_class, scp_role=True)]
 
@@ -240,7 +219,10 @@ def retrieve_instance(path: str, access: PacsAccess | None = None,
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
     access = access or PacsAccess()
-    root, study, series, sop = split_path(path)
+    try:
+        root, study, series, sop = split_instance_path(path)
+    except ValueError as exc:
+        raise DecodeError(str(exc)) from None
     try:
         peer = Peer.of(root)
         if not sop_class:

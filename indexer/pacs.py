@@ -11,9 +11,11 @@ Instance UID). The bytes fetched go through the same decode entry as a file on d
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from .sources import SourceFile
 
@@ -21,6 +23,8 @@ DICOMWEB_PREFIXES = ("dicomweb+http://", "dicomweb+https://")
 DIMSE_PREFIX = "dimse://"
 #: source kinds whose bytes are fetched from a PACS in the decode worker
 PACS_KINDS = ("dicomweb", "dimse")
+_INSTANCE = re.compile(r"^(?P<root>.+?)/studies/(?P<study>[^/]+)"
+                       r"/series/(?P<series>[^/]+)/instances/(?P<sop>[^/]+)$")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,30 @@ def dicom_date(text: str) -> str:
 
 def is_pacs(root: str) -> bool:
     return str(root).startswith((*DICOMWEB_PREFIXES, DIMSE_PREFIX))
+
+
+def pacs_kind(path: str) -> str | None:
+    """The source kind of a PACS address ("dicomweb" or "dimse"; None: not a PACS)."""
+    if str(path).startswith(DIMSE_PREFIX):
+        return "dimse"
+    return "dicomweb" if str(path).startswith(DICOMWEB_PREFIXES) else None
+
+
+def instance_path(root: str, study: str, series: str, sop: str) -> str:
+    """An instance's stored path, ``<source>/studies/…/series/…/instances/…``, every UID
+    percent-encoded (a plain dotted UID is unchanged, so stores made before keep their paths;
+    any UID a PACS lists is usable in an address)."""
+    return (f"{root}/studies/{quote(study, safe='')}/series/{quote(series, safe='')}"
+            f"/instances/{quote(sop, safe='')}")
+
+
+def split_instance_path(path: str) -> tuple[str, str, str, str]:
+    """(root, study, series, sop) of an instance path, the UIDs decoded (``ValueError``: not
+    one)."""
+    match = _INSTANCE.match(path)
+    if not match or pacs_kind(match["root"]) is None:
+        raise ValueError(f"not a PACS instance address: {path}")
+    return match["root"], unquote(match["study"]), unquote(match["series"]), unquote(match["sop"])
 
 
 def list_sources(root: str, query: PacsQuery | None,

@@ -22,7 +22,7 @@ from retrieval.region import Region
 
 from .decode import Decoded, DecodeOptions, decode_source
 from .decode_settings import DecodeSettings, settings_for_run  # noqa: F401 - re-exported
-from .pacs import DIMSE_PREFIX, PacsAccess, is_pacs
+from .pacs import PacsAccess, pacs_kind
 from .sources import SourceFile, classify, content_kind
 from .spool import PREFIX as RECEIVED_PREFIX
 
@@ -85,9 +85,9 @@ def read_stored(path: str, frame: int, *, image_size: int, decode: dict | None =
 
 def remote_kind(path: str) -> str | None:
     """The source kind of a stored path that is not a local file (None: a file)."""
-    if is_pacs(path):
-        return "dimse" if path.startswith(DIMSE_PREFIX) else "dicomweb"
-    return "received" if path.startswith(RECEIVED_PREFIX) else None
+    if path.startswith(RECEIVED_PREFIX):
+        return "received"
+    return pacs_kind(path)
 
 
 def _options(image_size: int, settings: DecodeSettings, frame: int | None,

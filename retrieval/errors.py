@@ -37,6 +37,10 @@ class StoreError(MedsearchError):
     """The store is missing, damaged, busy or cannot be written."""
 
 
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock (a caller may wait and try again)."""
+
+
 class ModelMismatchError(StoreError):
     """The store's vectors come from another model than the one asked for."""
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.functions import FunctionElement
 
-from ..errors import StoreError
+from ..errors import StoreBusyError, StoreError
 
 #: A database holds one store, so one constant key names its writer (advisory locks are
 #: scoped to the database they are taken in).
@@ -244,7 +244,7 @@ class WriterLock:
         if not got:
             conn.close()
             engine.dispose()
-            raise StoreError(f"another process is writing to the store in {public_url(url)} "
+            raise StoreBusyError(f"another process is writing to the store in {public_url(url)} "
                              "(it holds the database's writer lock); wait for it to finish and "
                              "run the command again")
         self._engine, self._conn = engine, conn

@@ -18,7 +18,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ModelMismatchError, StoreError
+from ..errors import ModelMismatchError, StoreBusyError, StoreError
 from .schema import SCHEMA_VERSION
 
 FORMAT_VERSION = 1
@@ -224,7 +224,7 @@ def acquire_lock(root: Path, *, wait: bool = False) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(f"another process is writing to {root} (it holds {path}); wait for "
+        raise StoreBusyError(f"another process is writing to {root} (it holds {path}); wait for "
                          "it to finish and run the command again") from None
     except BaseException:
         os.close(fd)

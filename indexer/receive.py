@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from retrieval.errors import StoreError
+from retrieval.errors import StoreBusyError, StoreError
 from retrieval.store import Store
 
 from .ingest import IndexReport, Plan
@@ -104,8 +104,9 @@ class Receiver:
             ae.require_calling_aet = list(self.config.allow)
         ae.maximum_associations = 16
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        syntaxes = accepted_syntaxes()
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, accepted_syntaxes())
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
         self.server = ae.start_server(
             (self.config.host, self.config.port), block=False, ssl_context=self.config.tls,
@@ -124,7 +125,7 @@ class Receiver:
             return CANNOT_UNDERSTAND
         try:
             self.spool.put(data)
-        except OSError:
+        except StoreError:  # the disk is full or failing: the sender keeps it and retries
             self.refused += 1
             return OUT_OF_RESOURCES
         self.received += 1
@@ -194,9 +195,7 @@ class Receiver:
                     result = work()
                 self._busy_logged = False
                 return result
-            except StoreError as exc:
-                if "another process" not in str(exc):
-                    raise
+            except StoreBusyError as exc:
                 if time.monotonic() >= deadline:
                     if not self._busy_logged:
                         self.log(f"the store is busy ({exc}); {waiting}")

@@ -2,7 +2,7 @@
 
 An instance is acknowledged only once :meth:`Spool.put` returned: its bytes are in an
 owner-only file, fsync'd, renamed into place and the rename fsync'd. A kill before that leaves
-at most a ``.part`` file (never acknowledged, removed at the next start); a kill after it
+at most a temp file (never acknowledged, removed at the next start); a kill after it
 leaves the file, which the next start indexes. Files are named by arrival time, so two
 versions of one instance are indexed in the order they came; the indexer removes a file only
 after the batch holding it is committed (a file indexed but not yet removed is seen again as
@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from retrieval.store.layout import DIR_MODE, atomic_write_bytes, fsync_dir
+
 from .sources import SourceFile
 
 #: The store path of a received instance: it is identified by its SOP Instance UID alone, so
 #: the same instance sent twice (by two modalities, or again after a kill) is one source.
 PREFIX = "received://"
-PART = ".part"
+PART = ".tmp"  # retrieval.store.layout.temp_name's suffix
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ class Spool:
     def __init__(self, folder: str | Path, *, min_free_bytes: int = 256 << 20) -> None:
         self.folder = Path(folder)
         self.min_free_bytes = min_free_bytes
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.folder, 0o700)  # an existing folder too: received data is PHI
-        for partial in self.folder.glob(f"*{PART}"):  # never acknowledged
+        self.folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(self.folder, DIR_MODE)  # an existing folder too: received data is PHI
+        for partial in self.folder.glob(f"*.dcm.*{PART}"):  # never acknowledged
             partial.unlink(missing_ok=True)
 
     def has_room(self) -> bool:
@@ -56,24 +58,9 @@ class Spool:
 
     def put(self, data: bytes) -> Path:
         """Store one instance (Part-10 bytes) durably; only after this returns may it be
-        acknowledged.
-        Raises OSError (e.g. ENOSPC) with nothing left behind."""
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
-        part, final = self.folder / (name + PART), self.folder / (name + ".dcm")
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                     0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            part.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.rename(part, final)
-        self._sync_folder()
+        acknowledged. Raises StoreError (e.g. a full disk) with nothing left behind."""
+        final = self.folder / f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.dcm"
+        atomic_write_bytes(final, data)  # owner-only temp, fsync, rename, folder fsync
         return final
 
     def pending(self, limit: int | None = None) -> list[Path]:
@@ -86,14 +73,7 @@ class Spool:
         for path in files:
             path.unlink(missing_ok=True)
         if files:
-            self._sync_folder()
-
-    def _sync_folder(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsync_dir(self.folder)
 
 
 def spooled_source(path: Path) -> SpooledInstance:

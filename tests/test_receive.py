@@ -223,7 +223,7 @@ def test_kill_during_a_push_loses_nothing_acknowledged(tiny_model, tmp_path):
     assert set(received.values()) == {1}
     with Store.open(store, readonly=True) as st:
         assert st.count == 40
-    assert not list((store / "spool").glob("*.part"))
+    assert not list((store / "spool").glob("*.tmp"))
 
 
 def test_shares_the_store_with_index_and_series_vectors_after_quiet(tiny_model, tmp_path,

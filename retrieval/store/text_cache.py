@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import DIR_MODE, create_private_file
+
 #: Entries kept per file (about 4.6 kB each for 1152-d vectors: ~46 MB at most).
 LIMIT = 10_000
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER NOT NULL, "
@@ -61,8 +63,8 @@ class TextVectorCache:
         return self._db
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
+        self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        create_private_file(self.path)
         db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None,
                              check_same_thread=False)
         try:
@@ -98,9 +100,9 @@ class TextVectorCache:
         db = self._connection()
         if db is None:
             return None
+        key = self.key(text)
         try:
-            row = db.execute("SELECT dim, vector FROM vectors WHERE key = ?",
-                             (self.key(text),)).fetchone()
+            row = db.execute("SELECT dim, vector FROM vectors WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             self._fault(exc)
             return None
@@ -109,7 +111,7 @@ class TextVectorCache:
             return None
         self.hits += 1
         try:  # recently used entries are the ones kept
-            db.execute("UPDATE vectors SET used = ? WHERE key = ?", (time.time(), self.key(text)))
+            db.execute("UPDATE vectors SET used = ? WHERE key = ?", (time.time(), key))
         except sqlite3.Error:
             pass
         return np.frombuffer(row[1], dtype=np.float32).copy()

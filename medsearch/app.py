@@ -36,9 +36,8 @@ from retrieval.ranking import PageOptions
 from retrieval.search import Page, Result, Searcher
 from retrieval.store import CommitCounter, Store
 
-from .decoders import decode_stored, decode_upload, pacs_access
-
-_decode_stored = decode_stored
+from .decoders import decode_stored as _decode_stored_row
+from .decoders import decode_upload, pacs_access
 from .settings import Settings
 
 log = logging.getLogger("medsearch.app")
@@ -77,11 +76,12 @@ class Medsearch:
 
     def __init__(self, store: Store, settings: Settings | None = None, *,
                  model: str | None = None, decode_upload: DecodeUpload = decode_upload,
-                 decode_stored: DecodeStored = decode_stored, preview_cache: int = 512) -> None:
+                 decode_stored: DecodeStored | None = None, preview_cache: int = 512) -> None:
         """``model``: a checkpoint other than the one the store was built with (None: the
         store's); device, precision, threads, path redaction and key files come from
         ``settings`` (None: the defaults). Nothing here imports torch: a tower (and the thread
-        count) is set up when a query first needs it."""
+        count) is set up when a query first needs it. ``decode_stored`` None: the indexer's
+        decode entry, fetching PACS rows as the settings say."""
         self.settings = settings = settings or Settings()
         self.store = store
         self.text_lock = threading.Lock()
@@ -92,9 +92,9 @@ class Medsearch:
                                  cuda_bf16=settings.cuda_bf16, cache_dir=settings.cache_folder,
                                  threads=settings.threads, text_runtime=settings.text_runtime,
                                  text_lock=self.text_lock, index_lock=self.store_lock)
-        if decode_stored is _decode_stored:  # PACS rows are fetched as the settings say
-            decode_stored = partial(decode_stored, pacs=pacs_access(settings))
-        self.decode_upload, self.decode_stored = decode_upload, decode_stored
+        self.decode_upload = decode_upload
+        self.decode_stored = decode_stored or partial(_decode_stored_row,
+                                                      pacs=pacs_access(settings))
         self.decode_slots = threading.BoundedSemaphore(max(1, min(4, os.cpu_count() or 1)))
         self._commits: CommitCounter | None = None
         self._version = 0
@@ -188,12 +188,6 @@ class Medsearch:
             self._image_size = (vision.image_size if vision is not None
                                 else config_image_size(self.searcher._checkpoint()))
         return self._image_size
-
-    def precision_auto(self) -> dict:
-        """What ``--precision auto`` picks here and why (no torch once this CPU's is cached)."""
-        from retrieval.model.cpu_choice import precision_auto
-        return precision_auto(self.settings.device, self.settings.cache_folder,
-                              self.settings.threads)
 
     # -- queries ---------------------------------------------------------------------------
     def _check_ids(self, ids: list[int]) -> dict[int, dict]:

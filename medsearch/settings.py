@@ -51,15 +51,15 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None        # None: $XDG_CACHE_HOME/medsearch
     text_runtime: Literal["torch", "onnx"] = "torch"  # onnx: the text tower exported to ONNX int8
     db: str | None = None                # postgresql+psycopg://USER@HOST[:PORT]/DB; None: SQLite in the store
-    # A PACS (index dicomweb+http(s)://…, index dimse://…, receive): how to reach it
+    # A PACS to pull from (index dicomweb+http(s)://…, index dimse://…): how to reach it
     pacs_calling_aet: str = "MEDSEARCH"  # DIMSE: our AE title (the PACS must know it)
     pacs_timeout: float = 30.0           # seconds for one network step (connect, an answer)
     pacs_user: str | None = None         # DICOMweb: HTTP basic user
     pacs_password: str | None = Field(default=None, repr=False)  # DICOMweb: its password
     pacs_token: str | None = Field(default=None, repr=False)     # DICOMweb: a bearer token
-    pacs_tls: bool = False               # DIMSE over TLS (index dimse:// and receive)
+    pacs_tls: bool = False               # DIMSE over TLS (index dimse://; receive: --tls-cert)
     pacs_tls_ca: str | None = None       # CA bundle that signed the PACS's certificate
-    pacs_tls_cert: str | None = None     # our certificate (mutual TLS); receive: the server's
+    pacs_tls_cert: str | None = None     # our certificate for pulls (mutual TLS)
     pacs_tls_key: str | None = None      # its private key
 
     @classmethod

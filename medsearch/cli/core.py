@@ -16,7 +16,7 @@ from .main import app
 from .options import (DbOpt, BodyPartOpt, CallingAetOpt, DateFromOpt, DateToOpt, DeviceOpt, JsonOpt,
                       KOpt, LabelOpt, MinScoreOpt, ModalityOpt, ModelOpt, PacsTimeoutOpt,
                       PacsUserOpt, PathGlobOpt, PrecisionOpt, StoreOpt, TlsCaOpt, TlsCertOpt,
-                      TlsKeyOpt, TlsOpt, build_filters, key_files, open_for_writing, pacs_access,
+                      TlsKeyOpt, TlsOpt, build_filters, key_files, open_for_writing,
                       resolve, store_root, text_encoder, vision_encoder)
 from .output import emit, note, results_table
 from .remote import LocalOpt
@@ -101,6 +101,8 @@ def index_cmd(
     from indexer.pixels import check_window_choice
     from indexer.view import settings_for_run
     from retrieval.store import Store, manifest_for
+
+    from ..decoders import pacs_access
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
                   workers=workers, frames=frames, phi_policy=phi, index_type=index_type,

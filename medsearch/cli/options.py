@@ -120,9 +120,3 @@ def searcher(cfg: Settings, store: Store, model: str | None = None) -> Searcher:
 
     return Medsearch(store, cfg, model=model).searcher
 
-
-def pacs_access(cfg: Settings):
-    """How this run reaches a PACS (``indexer.pacs.PacsAccess``), from the settings."""
-    from ..decoders import pacs_access as from_settings
-
-    return from_settings(cfg)

@@ -25,16 +25,21 @@ REQUEST_TIMEOUT = 600.0
 RESULT_FIELDS = {"results", "offset", "next_offset", "query_expression"}
 
 
-def info(cfg: Settings, root: Path, *, local: bool = False) -> dict | None:
-    """The server's /stats (what `medsearch info` shows), or None: work here."""
-    if local:
-        return None
+def _ask(cfg: Settings, root: Path, path: str, body: dict | None = None) -> dict | None:
+    """The JSON answer of the server for this store and these settings, or None (none
+    running, another model or settings, or any failure)."""
     try:
         server = find_server(root, cfg)
-        doc = server.request("/stats", timeout=REQUEST_TIMEOUT) if server is not None else None
+        doc = server.request(path, body, timeout=REQUEST_TIMEOUT) if server is not None else None
     except (OSError, ValueError):
         return None
-    if not isinstance(doc, dict) or "serving" not in doc or "count" not in doc:
+    return doc if isinstance(doc, dict) else None
+
+
+def info(cfg: Settings, root: Path, *, local: bool = False) -> dict | None:
+    """The server's /stats (what `medsearch info` shows), or None: work here."""
+    doc = None if local else _ask(cfg, root, "/stats")
+    if doc is None or "serving" not in doc or "count" not in doc:
         return None
     doc.pop("serving")
     return doc
@@ -60,11 +65,5 @@ def page(cfg: Settings, root: Path, terms: list, *, local: bool = False,
     for name, value in (fields or {}).items():
         if value is not None and value != [] and not (name == "offset" and value == 0):
             body[name] = value
-    try:
-        server = find_server(root, cfg)
-        if server is None:
-            return None
-        doc = server.request("/search", body, timeout=REQUEST_TIMEOUT)
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and set(doc) == RESULT_FIELDS else None
+    doc = _ask(cfg, root, "/search", body)
+    return doc if doc is not None and set(doc) == RESULT_FIELDS else None

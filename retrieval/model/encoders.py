@@ -13,7 +13,6 @@ from ..errors import InputError, ModelUnavailableError
 from . import acceleration
 from .checkpoint import (DEFAULT_MODEL, Checkpoint, load_tower, quiet_transformers,
                          resolve_checkpoint, unavailable_message)
-from .names import TEXT_MAX_LENGTH
 from .preprocess import model_input
 
 
@@ -122,9 +121,9 @@ class TextEncoder:
 
     def token_ids(self, texts: list[str]) -> torch.Tensor:
         """MedSigLIP's text recipe: pad to 64 with max_length padding; ids only, no mask."""
-        encoded = self.tokenizer(list(texts), padding="max_length", max_length=TEXT_MAX_LENGTH,
-                                 truncation=True, return_tensors="pt")
-        return encoded["input_ids"]
+        from .siglip_tokens import recipe_ids
+
+        return recipe_ids(self.tokenizer, texts, "pt")
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> np.ndarray:

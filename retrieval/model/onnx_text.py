@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint, quiet_transformers
-from .names import TEXT_MAX_LENGTH
+from .siglip_tokens import recipe_ids
 
 #: Raised when the recipe below changes, so old exports are not reused.
 EXPORT_VERSION = 2
@@ -53,9 +53,7 @@ def _tokenizer(checkpoint: Checkpoint):
 
 
 def _token_ids(tokenizer, texts) -> np.ndarray:
-    """MedSigLIP's text recipe (as TextEncoder.token_ids): padded to 64, ids only."""
-    return np.asarray(tokenizer(list(texts), padding="max_length", max_length=TEXT_MAX_LENGTH,
-                                truncation=True)["input_ids"], dtype=np.int64)
+    return np.asarray(recipe_ids(tokenizer, texts), dtype=np.int64)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

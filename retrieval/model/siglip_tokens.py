@@ -25,6 +25,13 @@ BATTERY = ("", " ", "a", "A Chest X-Ray!!", "left   pneumothorax, small.", "Mela
            "trailing spaces   ", "MRI: T2-weighted, FLAIR", "n° 5 — fracture", "100% occluded")
 
 
+def recipe_ids(tokenizer, texts, tensors: str = "np"):
+    """MedSigLIP's text recipe with transformers' tokenizer: padded to 64 with max_length
+    padding, truncated; ids only, no mask (``tensors``: "np" or "pt")."""
+    return tokenizer(list(texts), padding="max_length", max_length=TEXT_MAX_LENGTH,
+                     truncation=True, return_tensors=tensors)["input_ids"]
+
+
 class SentencepieceTokens:
     """Token ids of texts, as SiglipTokenizer with padding to 64 and truncation gives them."""
 

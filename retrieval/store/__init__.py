@@ -8,8 +8,11 @@ FAISS index's life) and ``integrity`` (check, repair, backup).
 
 The database is the source of truth: rows and raw vectors are written in one transaction. The
 index is a derived cache written atomically and reconciled with the rows by id at every open,
-so a process killed at any moment leaves a store that opens with index and rows agreeing. Ids
-are never handed out twice, even when the last commit was lost (see :meth:`Store._guard_ids`).
+so a process killed at any moment leaves a store that opens with index and rows agreeing. An
+open skips comparing the ids when the index file was saved from rows that still carry the same
+vectors token (a random token that triggers replace at every change of the vectors table; see
+:meth:`Store.save`). Ids are never handed out twice, even when the last commit was lost
+(see :meth:`Store._guard_ids`).
 Saving only persists: retraining or re-choosing the index type is :meth:`maintain_index`.
 """
 
@@ -64,15 +67,18 @@ class Store:
         self.db = Rows(db or root / DATABASE, manifest.dim, readonly=readonly)
         self._lock: WriterLock | None = lock  # the writer lock, when this store holds it
         self.vector_index = VectorIndex(root, manifest, readonly=readonly,
-                                        all_vectors=self.db.all_vectors)
+                                        all_vectors=self.db.vectors_at_token)
         self.vector_index.load(full_check)
         self._high_water = max(manifest.id_high_water, self.vector_index.max_id(),
                                self.db.db_max_id())
-        self.reconcile()
+        if not self.vector_index.trust_saved(self.db.vectors_token()):
+            self.reconcile()
         if self.index_problem:
             self.vector_index.dirty = True
             if not readonly:
                 self._save_if_unlocked()
+        elif not readonly and self.vector_index.token_unrecorded:
+            self.vector_index.dirty = True  # saved at close: later opens then skip the ids
 
     @property
     def engine(self):
@@ -208,16 +214,12 @@ class Store:
     def reconcile(self) -> None:
         """Make the in-memory index hold exactly the ids that have vectors in the database.
 
-        The ids and the vectors to add are read in one read transaction: a reader sees the
-        rows of a whole committed batch or none of it, never a write half-way."""
+        The ids, the vectors to add and the vectors token are read in one read transaction: a
+        reader sees the rows of a whole committed batch or none of it, never a write half-way.
+        The index then matches the rows of that token (:attr:`VectorIndex.synced`)."""
         vi = self.vector_index
-        extra, missing, vectors = self.db.diff(vi.ids(), read_missing=vi.index.is_trained)
-        if extra.size:
-            vi.remove(extra)
-        if missing.size and vectors is None:
-            vi.rebuild(self.manifest.index_type)  # trains on, and adds, every vector read once
-        elif missing.size:
-            vi.add(missing, vectors)
+        extra, missing, vectors, token = self.db.diff(vi.ids(), read_missing=vi.index.is_trained)
+        vi.follow(extra, missing, vectors, token)
 
     def rebuild(self, index_type: str, shards: int | None = None) -> None:
         """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the stored
@@ -244,10 +246,22 @@ class Store:
 
     def save(self) -> None:
         """Write the index atomically if it changed; a kill mid-save keeps the old file.
-        Only persists: the index is never retrained or re-chosen here."""
-        if self.readonly or not self.vector_index.dirty:
+        Only persists: the index is never retrained or re-chosen here.
+
+        The file records the rows' vectors token when its ids are those rows' (known since an
+        open or rebuild, or checked now against the rows, in one snapshot with the token), so
+        a later open whose rows still have that token need not compare them."""
+        vi = self.vector_index
+        if self.readonly or not vi.dirty:
             return
-        self._high_water = self.vector_index.write(self._high_water)
+        token = self.db.vectors_token()
+        if token is not None and token != vi.synced:
+            extra, missing, _, token = self.db.diff(vi.ids(), read_missing=False)
+            if missing.size:
+                token = None  # rows this index lacks (another writer's): the next open adds them
+            else:
+                vi.hide(extra, token)
+        self._high_water = vi.write(self._high_water, token)
 
     def _save_if_unlocked(self) -> None:
         """Save a repaired index now unless another process holds the writer lock (that
@@ -280,11 +294,11 @@ class Store:
             yield writer
         if writer.added:
             self._high_water = max(self._high_water, max(i for i, _ in writer.added))
-        if writer.removed:
-            self.vector_index.remove(np.asarray(writer.removed, np.int64))
-        if writer.added:
-            ids = np.fromiter((i for i, _ in writer.added), dtype=np.int64)
-            self.vector_index.add(ids, np.stack([v for _, v in writer.added]))
+        if writer.added or writer.removed:  # the rows' token is not known now: see save()
+            ids = np.fromiter((i for i, _ in writer.added), np.int64, count=len(writer.added))
+            self.vector_index.follow(np.asarray(writer.removed, np.int64), ids,
+                                     np.stack([v for _, v in writer.added])
+                                     if writer.added else None, None)
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -163,6 +163,12 @@ def bump_commits(session: Session) -> None:
         session.execute(text("UPDATE store_state SET commits = commits + 1 WHERE id = 1"))
 
 
+def vectors_token(conn: Connection | Session) -> str | None:
+    """The random token that every change to the vectors table replaces, by a trigger, so
+    any writer (an older medsearch, a hand-run SQL statement) changes it (migration 0005)."""
+    return conn.execute(text("SELECT vectors_token FROM store_state WHERE id = 1")).scalar()
+
+
 class glob_match(FunctionElement):
     """``column GLOB pattern`` (SQLite's case-sensitive shell glob); PostgreSQL runs the
     same pattern as an anchored regular expression."""

@@ -50,7 +50,7 @@ def check(store: "Store") -> dict:
     if orphans:
         problems.append(f"{orphans} vector(s) belong to no image; run `medsearch repair`")
     path = describe(store.root, store.manifest)  # "index file X" or "index files X.0 … X.N"
-    index, problem = read_index_files(store.root, store.manifest, full=True)
+    index, problem, _ = read_index_files(store.root, store.manifest, full=True)
     counts["index"] = None if index is None else int(index.ntotal)
     if problem:
         problems.append(f"{path}: {problem}; run `medsearch repair` to rebuild it")
@@ -152,7 +152,7 @@ def backup(root: str | Path, dest: str | Path) -> dict:
             continue  # a save landed meanwhile: copy the pair again
         manifest = Manifest(**json.loads(first))
         if index_copy.exists():
-            index, problem = read_index_file(index_copy, manifest, full=True)
+            index, problem, _ = read_index_file(index_copy, manifest, full=True)
             if problem or index is None:
                 index_copy.unlink()
                 continue

@@ -58,6 +58,10 @@ class Manifest:
     index_crc32: int | None = None
     index_sha256: str | None = None
     index_previous: dict | None = None  # the record before the last save (vectors.index_records)
+    #: The rows the file was saved from (their vectors' token; None: not known) and the removed
+    #: ids it still holds: an open whose rows have that token trusts the file's ids as they are.
+    index_token: str | None = None
+    index_hidden: list[int] | None = None
     #: The index's layout as last saved: 1 = the one file index.faiss (records above); N > 1 =
     #: shard files index.faiss.0 … N-1 holding the ids with id % N == shard, one record each
     #: ({size, count, crc32, sha256, previous}) in ``index_shard_files`` (store/shards.py).

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from sqlalchemy import Engine, inspect, text
 
-HEAD = "0004_cohorts"
+HEAD = "0005_vectors_token"
+#: Older revisions a read-only open reads as they are (it cannot upgrade them): all they lack
+#: is the vectors token, so such an open compares every id of the index with the rows.
+READABLE_WITHOUT_TOKEN = frozenset({"0004_cohorts"})
 
 
 def stored_revision(engine: Engine) -> str | None:

@@ -59,6 +59,8 @@ class Rows:
         """``location``: the SQLite file, or a PostgreSQL URL."""
         self.location, self.dim, self.readonly = location, dim, readonly
         self.postgres = is_postgres(str(location))
+        #: Whether the schema has the vectors token (a read-only open of an older one has not).
+        self.has_token = True
         self.engine = database.make_engine(location)
         try:
             self._migrate()
@@ -71,9 +73,13 @@ class Rows:
 
     def _migrate(self) -> None:
         """Create or upgrade the schema with Alembic; a read-only open never writes it."""
-        from .revision import HEAD, stored_revision
+        from .revision import HEAD, READABLE_WITHOUT_TOKEN, stored_revision
 
-        if stored_revision(self.engine) == HEAD:  # up to date: Alembic is not even imported
+        stored = stored_revision(self.engine)
+        if stored == HEAD:  # up to date: Alembic is not even imported
+            return
+        if self.readonly and stored in READABLE_WITHOUT_TOKEN:
+            self.has_token = False
             return
         from . import migrations
 
@@ -94,6 +100,14 @@ class Rows:
         with self.sessions() as session, session.begin():
             yield session
             database.bump_commits(session)  # in the same transaction: readers see it with the rows
+
+    def vectors_token(self) -> str | None:
+        """The vectors' token now: another one means the vectors changed (database.vectors_token)."""
+        with self.engine.connect() as conn:
+            return self._token(conn)
+
+    def _token(self, conn) -> str | None:
+        return database.vectors_token(conn) if self.has_token else None
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -130,18 +144,19 @@ class Rows:
         blob is never indexed: `repair` lists it)."""
         return func.length(table.c.vector).in_(vector_blobs.valid_sizes(self.dim))
 
-    def diff(self, index_ids: np.ndarray, *,
-             read_missing: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def diff(self, index_ids: np.ndarray, *, read_missing: bool
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str | None]:
         """(ids the index holds without a row, row ids it lacks, their vectors if
-        ``read_missing``), all read in one snapshot."""
+        ``read_missing``, the vectors' token), all read in one snapshot."""
         table = VectorRow.__table__
-        with snapshot(self.engine) as conn:  # one snapshot for both reads; writers go on
+        with snapshot(self.engine) as conn:  # one snapshot for every read; writers go on
+            token = self._token(conn)
             db_ids = np.fromiter(conn.scalars(select(table.c.image_id)
                                               .where(self.whole_vector(table))), dtype=np.int64)
             extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
             missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
             vectors = self._read_vectors(conn, missing) if missing.size and read_missing else None
-        return extra, missing, vectors
+        return extra, missing, vectors, token
 
     # -- vectors ---------------------------------------------------------------------------------
     def vectors(self, ids: np.ndarray | list[int]) -> np.ndarray:
@@ -165,10 +180,16 @@ class Rows:
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (id, float32 vector), ascending; read in blocks kept as float16 until the
         float32 result is filled (peak ~1.5× the result, not 2× as with float32 blobs)."""
+        ids, vectors, _ = self.vectors_at_token()
+        return ids, vectors
+
+    def vectors_at_token(self) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """:meth:`all_vectors` and the vectors' token, read in one snapshot."""
         table = VectorRow.__table__
         ids: list[np.ndarray] = []
         parts: list[np.ndarray] = []
-        with self.engine.connect() as conn:
+        with snapshot(self.engine) as conn:
+            token = self._token(conn)
             result = conn.execution_options(stream_results=True, yield_per=READ_BLOCK).execute(
                 select(table.c.image_id, table.c.vector).where(self.whole_vector(table))
                 .order_by(table.c.image_id))
@@ -180,7 +201,7 @@ class Rows:
         for part in parts:  # float16 blocks widened into place: no second full-size copy
             out[at:at + len(part)] = part
             at += len(part)
-        return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), out
+        return (np.concatenate(ids) if ids else np.zeros(0, np.int64)), out, token
 
     def vector_ids(self) -> np.ndarray:
         """Ids of every stored vector, ascending."""

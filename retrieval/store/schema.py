@@ -131,12 +131,15 @@ class SettingRow(Base):
 
 class StoreStateRow(Base):
     """One row: a counter every write transaction bumps on PostgreSQL, so readers on other
-    machines learn cheaply that rows changed (SQLite readers use PRAGMA data_version)."""
+    machines learn cheaply that rows changed (SQLite readers use PRAGMA data_version), and a
+    random token every write of vectors replaces (the saved index records the one it
+    matches, so an open can trust the index without comparing every id)."""
 
     __tablename__ = "store_state"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     commits: Mapped[int] = mapped_column(BigInteger, default=0)
+    vectors_token: Mapped[str | None] = mapped_column(String(32))
 
 
 class CohortRow(Base):

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import faiss
+import numpy as np
 
 from .. import ann
 from .indexfile import read_checked, read_index_file
@@ -51,38 +52,45 @@ def recorded(manifest: Manifest) -> bool:
     return manifest.index_size is not None
 
 
-def read_index_files(root: Path, manifest: Manifest, *,
-                     full: bool = False) -> tuple[faiss.Index | None, str | None]:
+def read_index_files(root: Path, manifest: Manifest, *, full: bool = False
+                     ) -> tuple[faiss.Index | None, str | None, dict[str, np.ndarray]]:
     """The saved index in the manifest's layout, every file checked against its record:
-    (index, None), (None, None) when never saved, or (None, why) naming the bad shard."""
+    (index, None, saved states), (None, None, {}) when never saved, or (None, why, {}) naming
+    the bad shard. Saved states (indexfile.saved_states) of shards count only where every
+    shard file was saved from the same rows (a kill mid-renames mixes two saves)."""
     if manifest.index_shards <= 1:
         return read_index_file(root / INDEX_FILE, manifest, full=full)
     records = manifest.index_shard_files or []
     if not records:
-        return None, None  # never saved in this layout (a backup's copy builds it from rows)
+        return None, None, {}  # never saved in this layout (a backup's copy builds it from rows)
     if len(records) != manifest.index_shards:
         return None, (f"the manifest records {len(records)} shard file(s) for "
-                      f"{manifest.index_shards} shards")
-    parts = []
+                      f"{manifest.index_shards} shards"), {}
+    parts, states = [], []
     for number, record in enumerate(records):
         path = shard_path(root, number)
         vouched = [r for r in (record, record.get("previous")) if r]
-        index, problem = read_checked(path, vouched, full=full)
+        index, problem, saved = read_checked(path, vouched, full=full)
         if index is None:
-            return None, f"shard {path.name}: {problem or 'the file is missing'}"
+            return None, f"shard {path.name}: {problem or 'the file is missing'}", {}
         parts.append(ann.enable_lookup(index))
+        states.append(saved)
     kinds = {type(ann.inner_index(part)).__name__ for part in parts}
     if len(kinds) > 1:  # a kill mid-rename of a re-typed save: old and new files side by side
-        return None, f"its shards hold different index types ({', '.join(sorted(kinds))})"
-    return ann.sharded(parts), None
+        return None, f"its shards hold different index types ({', '.join(sorted(kinds))})", {}
+    common = set.intersection(*(set(saved) for saved in states))
+    return ann.sharded(parts), None, {token: np.concatenate([saved[token] for saved in states])
+                                      for token in common}
 
 
-def write_shard_files(index: faiss.Index, root: Path, manifest: Manifest,
-                      high_water: int) -> int:
+def write_shard_files(index: faiss.Index, root: Path, manifest: Manifest, high_water: int,
+                      token: str | None = None, hidden: np.ndarray | None = None) -> int:
     """Save a sharded index: every shard to its own verified temp file, then the manifest
     (new records; each keeps its file's previous record when the layout is unchanged), then
     the renames. Returns the id high-water mark the manifest now records. On any error the
-    temp files are removed, the in-memory manifest restored, and the old files stay."""
+    temp files are removed, the in-memory manifest restored, and the old files stay.
+    ``token``/``hidden``: the rows' token the index matches and the removed ids it holds,
+    recorded per shard (see indexfile)."""
     parts = ann.shard_list(index)
     before = asdict(manifest)
     outs: list[AtomicFile] = []
@@ -96,11 +104,14 @@ def write_shard_files(index: faiss.Index, root: Path, manifest: Manifest,
         m = manifest
         same_layout = m.index_shards == len(parts) and len(m.index_shard_files or []) == len(parts)
         old = m.index_shard_files if same_layout else [None] * len(parts)
+        hidden = np.zeros(0, np.int64) if hidden is None else hidden
+        where = ann.shard_of(hidden, len(parts))
         m.index_shard_files = [
             {"size": out.size, "count": int(part.ntotal), "crc32": out.crc,
-             "sha256": out.sha.hexdigest(),
+             "sha256": out.sha.hexdigest(), "token": token,
+             "hidden": hidden[where == number].tolist() if token else None,
              "previous": {k: v for k, v in prev.items() if k != "previous"} if prev else None}
-            for out, part, prev in zip(outs, parts, old)]
+            for number, (out, part, prev) in enumerate(zip(outs, parts, old))]
         m.index_shards = len(parts)
         m.index_size = m.index_count = m.index_crc32 = m.index_sha256 = None
         m.index_previous = None

@@ -25,6 +25,9 @@ from .shards import read_index_files, remove_stale_files, shard_sizes, write_sha
 #: A graph index hides removed ids until they exceed this many, or this share of it.
 TOMBSTONE_MIN = 256
 TOMBSTONE_FRACTION = 0.02
+#: A save records the rows' token (see load) only while it hides at most this many ids (they
+#: are listed in the manifest); beyond it the next open compares every id with the rows.
+HIDDEN_RECORDED_MAX = 4096
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +80,17 @@ def supports_removal(index: faiss.Index) -> bool:
 class VectorIndex:
     """The store's FAISS index in memory and its file: what the store searches and saves.
 
-    ``all_vectors`` reads every stored (ids, vectors) pair: the index is rebuilt from it
-    whenever it cannot be used or must be trained. Removed ids that a graph index cannot drop
-    are hidden (``tombstones``) until enough pile up to be worth a rebuild."""
+    ``all_vectors`` reads every stored (ids, vectors) pair and the rows' vectors token: the
+    index is rebuilt from it whenever it cannot be used or must be trained. Removed ids that a
+    graph index cannot drop are hidden (``tombstones``) until enough pile up to be worth a
+    rebuild.
+
+    ``synced`` is the vectors token (database.vectors_token) of the rows whose ids the index
+    holds, when known; a save records it with the file (and the hidden ids), so a later open
+    whose rows still have that token uses the file as it is, with no id-by-id comparison."""
 
     def __init__(self, root: Path, manifest: Manifest, *, readonly: bool,
-                 all_vectors: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+                 all_vectors: Callable[[], tuple[np.ndarray, np.ndarray, str | None]]) -> None:
         self.root, self.manifest, self.readonly = root, manifest, readonly
         self.path = root / INDEX_FILE
         self._all_vectors = all_vectors
@@ -91,6 +99,10 @@ class VectorIndex:
         self.problem: str | None = None
         #: Changed since the last save.
         self.dirty = False
+        #: The rows' vectors token the live ids match (None: not known; see the class).
+        self.synced: str | None = None
+        #: token → hidden ids, of the saves the loaded file matched (see indexfile).
+        self.saved: dict[str, np.ndarray] = {}
         self.index = new_layout(manifest.index_type, manifest.dim, manifest.index_shards)
 
     @property
@@ -125,7 +137,8 @@ class VectorIndex:
     # -- loading and checking ---------------------------------------------------------------
     def load(self, full_check: bool = False) -> None:
         """The saved index if it passes the manifest's checks; never a damaged one."""
-        index, problem = read_index_files(self.root, self.manifest, full=full_check)
+        index, problem, self.saved = read_index_files(self.root, self.manifest, full=full_check)
+        self.synced = None
         if problem:
             self.damaged(problem)
         if index is not None and not self._type_matches(index):
@@ -133,8 +146,21 @@ class VectorIndex:
             # that type being saved leaves the old file: rebuilt, as the manifest says
             self.damaged(f"it holds another index type than {self.manifest.index_type}")
             index = None
+        if index is None:
+            self.saved = {}
         self.index = ann.enable_lookup(index) if index is not None else self._empty()
         self.tombstones = np.zeros(0, np.int64)
+
+    def trust_saved(self, token: str | None) -> bool:
+        """Take the loaded file as matching the rows, without comparing ids, when it was saved
+        from rows that still have ``token`` (their vectors token now): any write of vectors
+        since would have replaced it. Returns whether it did."""
+        hidden = self.saved.get(token) if token else None
+        if hidden is None or self.problem:
+            return False
+        self.tombstones = np.unique(hidden)
+        self.synced = token
+        return True
 
     def _type_matches(self, index: faiss.Index) -> bool:
         """The file holds the manifest's index type (or exact Flat while that type waits for
@@ -157,34 +183,54 @@ class VectorIndex:
     def verify_file(self) -> str | None:
         """Check the file on disk in full (size, crc32, sha256, id count); on a new problem the
         loaded index is dropped (the caller reconciles it from the rows). Returns the problem."""
-        index, problem = read_index_files(self.root, self.manifest, full=True)
+        index, problem, _ = read_index_files(self.root, self.manifest, full=True)
         del index
         if problem and self.problem is None:
             self.damaged(problem)
             self.index = self._empty()
             self.tombstones = np.zeros(0, np.int64)
+            self.synced, self.saved = None, {}
             self.dirty = True
         return problem
 
     # -- changes ----------------------------------------------------------------------------
-    def remove(self, ids: np.ndarray) -> None:
+    def follow(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray | None,
+               token: str | None) -> None:
+        """Follow committed rows: drop ``removed`` ids, add ``added`` with their ``vectors``
+        (None: not read, as for an untrained index, which is rebuilt from the rows); ``token``
+        is the rows' vectors token after these changes (None: not known).
+
+        A rebuild on the way reads every row, the added ones included, so nothing is added
+        after it (that would hold those ids twice)."""
+        if removed.size and self._remove(removed):
+            return
+        if added.size:
+            self.dirty = True
+            if vectors is None or not self.index.is_trained:
+                self.rebuild(self.manifest.index_type)
+                return
+            ann.add_by_shard(self.index, added, vectors)
+        self.synced = token
+
+    def hide(self, extra: np.ndarray, token: str | None) -> None:
+        """The index was checked against the rows of ``token``: it holds every id they have,
+        and ``extra`` (removed ids) besides, which are hidden from now on."""
+        self.tombstones = np.union1d(self.tombstones, extra)
+        self.synced = token
+
+    def _remove(self, ids: np.ndarray) -> bool:
         """Remove ids; a graph index that cannot remove hides them, rebuilding only when
-        they exceed ~2% of it (rebuilding an HNSW graph per changed file would cost minutes)."""
+        they exceed ~2% of it (rebuilding an HNSW graph per changed file would cost minutes).
+        Returns whether it rebuilt."""
         self.dirty = True
         if supports_removal(self.index):
             ann.remove_by_shard(self.index, ids)
-            return
+            return False
         self.tombstones = np.union1d(self.tombstones, ids)
         if self.tombstones.size > max(TOMBSTONE_MIN, TOMBSTONE_FRACTION * self.index.ntotal):
             self.rebuild(self.manifest.index_type)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add committed rows' vectors (an untrained index is rebuilt from all of them)."""
-        self.dirty = True
-        if not self.index.is_trained:
-            self.rebuild(self.manifest.index_type)
-            return
-        ann.add_by_shard(self.index, ids, vectors)
+            return True
+        return False
 
     def rebuild(self, index_type: str, shards: int | None = None) -> None:
         """Build a fresh index of ``index_type`` ("auto": chosen for the count) from the
@@ -194,7 +240,7 @@ class VectorIndex:
         shards = self.shards if shards is None else int(shards)
         if shards < 1:
             raise StoreError(f"a sharded index needs at least 1 shard, not {shards}")
-        ids, vectors = self._all_vectors()
+        ids, vectors, token = self._all_vectors()
         m = self.manifest
         auto = index_type == ann.AUTO or (m.index_auto and index_type == m.index_type)
         if index_type == ann.AUTO:
@@ -221,6 +267,7 @@ class VectorIndex:
             ann.add_by_shard(index, ids, vectors)
         self.index = index
         self.tombstones = np.zeros(0, np.int64)
+        self.synced = token
         new = (index_type, auto, reason, trained_on)
         if new != (m.index_type, m.index_auto, m.index_reason, m.index_trained_on):
             m.index_type, m.index_auto, m.index_reason, m.index_trained_on = new
@@ -277,18 +324,21 @@ class VectorIndex:
         return {"action": action, "index_type": m.index_type, **self.status()}
 
     # -- saving -------------------------------------------------------------------------------
-    def write(self, high_water: int) -> int:
+    def write(self, high_water: int, token: str | None = None) -> int:
         """Write the index so that every error raises and a bad file never replaces a good one;
-        returns the id high-water mark the manifest now records.
+        returns the id high-water mark the manifest now records. ``token``: the rows' vectors
+        token now; recorded with the file when the index is known to match those rows.
 
         The bytes go through os.write to a unique owner-only temp file (faiss.write_index
         reports a failed close only on stderr), are read back and compared, fsynced; then the
         manifest records the new file (keeping the previous record, see index_records), and
         only then is the file renamed into place and the folder fsynced."""
+        token = token if token is not None and token == self.synced \
+            and self.tombstones.size <= HIDDEN_RECORDED_MAX else None
         if self.shards > 1:
-            self.manifest.id_high_water = write_shard_files(self.index, self.root,
-                                                            self.manifest, high_water)
-            self.dirty = False
+            self.manifest.id_high_water = write_shard_files(
+                self.index, self.root, self.manifest, high_water, token, self.tombstones)
+            self._saved_as(token)
             return self.manifest.id_high_water
         path = self.path
         try:
@@ -304,6 +354,8 @@ class VectorIndex:
             m.index_previous = records[0] if records else None
             m.index_size, m.index_count = out.size, int(self.index.ntotal)
             m.index_crc32, m.index_sha256 = out.crc, out.sha.hexdigest()
+            m.index_token = token
+            m.index_hidden = self.tombstones.tolist() if token else None
             m.id_high_water = int(max(high_water, max_id(self.index)))
             m.index_shards, m.index_shard_files = 1, None
             m.write(self.root / MANIFEST)
@@ -317,8 +369,18 @@ class VectorIndex:
             self.manifest.__dict__.update(before)
             raise
         remove_stale_files(self.root, 1)
-        self.dirty = False
+        self._saved_as(token)
         return self.manifest.id_high_water
+
+    def _saved_as(self, token: str | None) -> None:
+        self.dirty = False
+        self.saved = {token: self.tombstones.copy()} if token else {}
+
+    @property
+    def token_unrecorded(self) -> bool:
+        """The index matches known rows that no saved file records (a save would let later
+        opens skip comparing ids)."""
+        return self.synced is not None and self.synced not in self.saved
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
                fetch_vectors: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

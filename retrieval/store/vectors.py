@@ -26,8 +26,9 @@ from .shards import read_index_files, remove_stale_files, shard_sizes, write_sha
 TOMBSTONE_MIN = 256
 TOMBSTONE_FRACTION = 0.02
 #: A save records the rows' token (see load) only while it hides at most this many ids (they
-#: are listed in the manifest); beyond it the next open compares every id with the rows.
-HIDDEN_RECORDED_MAX = 4096
+#: are listed in the manifest, ~7 bytes each); beyond it the next open compares every id with
+#: the rows. The tombstone rule above rebuilds long before this below ~3M vectors.
+HIDDEN_RECORDED_MAX = 65_536
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,16 @@ def index_records(manifest: Manifest) -> list[dict]:
 
 
 def saved_states(records: list[dict]) -> dict[str, np.ndarray]:
-    """token → hidden ids, of the records that name the rows they were saved from."""
-    return {r["token"]: np.asarray(r.get("hidden") or [], np.int64)
-            for r in records if r.get("token")}
+    """token → hidden ids, of the records that name the rows they were saved from (a record
+    whose ids do not read as integers names none: the open then compares every id)."""
+    states = {}
+    for record in records:
+        if isinstance(record.get("token"), str):
+            try:
+                states[record["token"]] = np.asarray(record.get("hidden") or [], np.int64)
+            except (TypeError, ValueError, OverflowError):
+                continue
+    return states
 
 
 def read_index_file(path: Path, manifest: Manifest, *, full: bool = False

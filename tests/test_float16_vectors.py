@@ -215,6 +215,7 @@ def test_a_migration_killed_part_way_resumes_on_the_next_open(tmp_path, moment):
 def test_downgrade_restores_float32_blobs(tmp_path):
     x = unit(np.random.default_rng(8), 20, 16)
     store, ids = make_store(tmp_path / "s", x)
+    store.save()  # before the schema goes back under it: an open store needs its own schema
     engine = store.engine
     with engine.connect() as connection:
         command.downgrade(migrations.config(connection, dim=16), "0001")

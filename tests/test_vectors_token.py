@@ -75,8 +75,7 @@ def test_an_open_trusts_the_saved_index_only_while_the_rows_keep_its_token(tmp_p
     reader.db.dispose()
 
     # a hand-run SQL statement deletes a vector: the trigger moves the token too
-    store = Store.open(root)
-    store.close()  # saves with the rows' token
+    Store.open(root, exclusive=True).close()  # a writer saves with the rows' token
     with Store.open(root, readonly=True).engine.begin() as conn:
         conn.execute(text("DELETE FROM vectors WHERE image_id = :id"), {"id": first[0]})
     reader = Store.open(root, readonly=True)
@@ -178,7 +177,7 @@ def test_a_read_only_open_of_the_previous_schema_compares_then_a_writer_upgrades
     reader = Store.open(root, readonly=True)  # cannot upgrade: reads without the token
     assert reader.count == 19 and reader.vector_index.synced is None
     reader.db.dispose()
-    Store.open(root).close()  # upgraded, and the index saved with the rows' token
+    Store.open(root, exclusive=True).close()  # upgraded; the writer saves with the token
     reader = Store.open(root, readonly=True)
     assert trusted(reader) and reader.count == 19
     reader.db.dispose()

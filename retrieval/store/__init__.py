@@ -8,12 +8,11 @@ FAISS index's life) and ``integrity`` (check, repair, backup).
 
 The database is the source of truth: rows and raw vectors are written in one transaction. The
 index is a derived cache written atomically and reconciled with the rows by id at every open,
-so a process killed at any moment leaves a store that opens with index and rows agreeing. An
-open skips comparing the ids when the index file was saved from rows that still carry the same
-vectors token (a random token that triggers replace at every change of the vectors table; see
-:meth:`Store.save`). Ids are never handed out twice, even when the last commit was lost
-(see :meth:`Store._guard_ids`).
-Saving only persists: retraining or re-choosing the index type is :meth:`maintain_index`.
+so a process killed at any moment leaves a store that opens with index and rows agreeing; an
+open skips comparing ids when the file was saved from rows that still carry its vectors token
+(random, replaced by triggers at every change of the vectors table). Ids are never handed out
+twice, even when the last commit was lost (see :meth:`Store._guard_ids`). Saving only
+persists: retraining or re-choosing the index type is :meth:`maintain_index`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import faiss
 import numpy as np
 from sqlalchemy.orm import Session
 
@@ -67,7 +65,7 @@ class Store:
         self.db = Rows(db or root / DATABASE, manifest.dim, readonly=readonly)
         self._lock: WriterLock | None = lock  # the writer lock, when this store holds it
         self.vector_index = VectorIndex(root, manifest, readonly=readonly,
-                                        all_vectors=self.db.vectors_at_token)
+                                        all_vectors=self.db.all_vectors)
         self.vector_index.load(full_check)
         self._high_water = max(manifest.id_high_water, self.vector_index.max_id(),
                                self.db.db_max_id())
@@ -77,19 +75,13 @@ class Store:
             self.vector_index.dirty = True
             if not readonly:
                 self._save_if_unlocked()
-        elif not readonly and self.vector_index.token_unrecorded:
-            self.vector_index.dirty = True  # saved at close: later opens then skip the ids
+        elif self._lock is not None and self.vector_index.token_unrecorded:
+            self.vector_index.dirty = True  # saved by this writer: later opens skip the ids
 
-    @property
-    def engine(self):
-        """The SQLAlchemy engine (for tests and Alembic; code goes through :attr:`db`)."""
-        return self.db.engine
-
-    sessions = property(lambda self: self.db.sessions)  # for tests, like engine
-
-    @property
-    def index(self) -> faiss.Index:
-        return self.vector_index.index
+    #: The SQLAlchemy engine and sessions (for tests and Alembic; code goes through :attr:`db`).
+    engine = property(lambda self: self.db.engine)
+    sessions = property(lambda self: self.db.sessions)
+    index = property(lambda self: self.vector_index.index)  # the faiss.Index in memory
 
     @property
     def index_problem(self) -> str | None:
@@ -246,22 +238,15 @@ class Store:
 
     def save(self) -> None:
         """Write the index atomically if it changed; a kill mid-save keeps the old file.
-        Only persists: the index is never retrained or re-chosen here.
-
-        The file records the rows' vectors token when its ids are those rows' (known since an
-        open or rebuild, or checked now against the rows, in one snapshot with the token), so
-        a later open whose rows still have that token need not compare them."""
+        Only persists: the index is never retrained or re-chosen here. The file records the
+        rows' vectors token when its ids are known, or now checked, to be those rows'."""
         vi = self.vector_index
         if self.readonly or not vi.dirty:
             return
-        token = self.db.vectors_token()
-        if token is not None and token != vi.synced:
+        if vi.synced is None or vi.synced != self.db.vectors_token():
             extra, missing, _, token = self.db.diff(vi.ids(), read_missing=False)
-            if missing.size:
-                token = None  # rows this index lacks (another writer's): the next open adds them
-            else:
-                vi.hide(extra, token)
-        self._high_water = vi.write(self._high_water, token)
+            vi.hide(extra, None if missing.size else token)  # missing: another writer's rows
+        self._high_water = vi.write(self._high_water)
 
     def _save_if_unlocked(self) -> None:
         """Save a repaired index now unless another process holds the writer lock (that
@@ -348,7 +333,7 @@ class Store:
         return self.db.vectors(ids)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.db.all_vectors()
+        return self.db.all_vectors()[:2]
 
     def vectors_for_paths(self, paths: list[str]) -> dict[str, np.ndarray]:
         """path → the stored vector of its middle frame, for the paths that are indexed."""

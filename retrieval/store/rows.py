@@ -42,7 +42,6 @@ def chunks(values: list, size: int = IN_CHUNK):
 READ_BLOCK = 16_384
 
 
-
 def image_dict(row: RowMapping, labels: list[dict]) -> dict:
     """A result row (images joined with its file's path and kind) as the dict results carry."""
     meta = {c: row[c] for c in ("width", "height", *DICOM_FIELDS, "patient_key")}
@@ -59,8 +58,6 @@ class Rows:
         """``location``: the SQLite file, or a PostgreSQL URL."""
         self.location, self.dim, self.readonly = location, dim, readonly
         self.postgres = is_postgres(str(location))
-        #: Whether the schema has the vectors token (a read-only open of an older one has not).
-        self.has_token = True
         self.engine = database.make_engine(location)
         try:
             self._migrate()
@@ -76,10 +73,9 @@ class Rows:
         from .revision import HEAD, READABLE_WITHOUT_TOKEN, stored_revision
 
         stored = stored_revision(self.engine)
-        if stored == HEAD:  # up to date: Alembic is not even imported
-            return
-        if self.readonly and stored in READABLE_WITHOUT_TOKEN:
-            self.has_token = False
+        #: Whether the schema has the vectors token (read-only, an older one is read as it is).
+        self.has_token = not (self.readonly and stored in READABLE_WITHOUT_TOKEN)
+        if stored == HEAD or not self.has_token:  # up to date: Alembic is not even imported
             return
         from . import migrations
 
@@ -101,12 +97,11 @@ class Rows:
             yield session
             database.bump_commits(session)  # in the same transaction: readers see it with the rows
 
-    def vectors_token(self) -> str | None:
-        """The vectors' token now: another one means the vectors changed (database.vectors_token)."""
-        with self.engine.connect() as conn:
-            return self._token(conn)
-
-    def _token(self, conn) -> str | None:
+    def vectors_token(self, conn=None) -> str | None:
+        """The vectors' token (database.vectors_token) now, or in ``conn``'s snapshot."""
+        if conn is None:
+            with self.engine.connect() as conn:
+                return self.vectors_token(conn)
         return database.vectors_token(conn) if self.has_token else None
 
     def dispose(self) -> None:
@@ -150,7 +145,7 @@ class Rows:
         ``read_missing``, the vectors' token), all read in one snapshot."""
         table = VectorRow.__table__
         with snapshot(self.engine) as conn:  # one snapshot for every read; writers go on
-            token = self._token(conn)
+            token = self.vectors_token(conn)
             db_ids = np.fromiter(conn.scalars(select(table.c.image_id)
                                               .where(self.whole_vector(table))), dtype=np.int64)
             extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
@@ -177,19 +172,15 @@ class Rows:
             raise StoreError(f"no stored vector for id(s) {missing[:10]}")
         return vector_blobs.decode([found[i] for i in ids], self.dim)
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every (id, float32 vector), ascending; read in blocks kept as float16 until the
-        float32 result is filled (peak ~1.5× the result, not 2× as with float32 blobs)."""
-        ids, vectors, _ = self.vectors_at_token()
-        return ids, vectors
-
-    def vectors_at_token(self) -> tuple[np.ndarray, np.ndarray, str | None]:
-        """:meth:`all_vectors` and the vectors' token, read in one snapshot."""
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """Every (id, float32 vector), ascending, and the vectors' token, in one snapshot; read
+        in blocks kept as float16 until the float32 result is filled (peak ~1.5× the result,
+        not 2× as with float32 blobs)."""
         table = VectorRow.__table__
         ids: list[np.ndarray] = []
         parts: list[np.ndarray] = []
         with snapshot(self.engine) as conn:
-            token = self._token(conn)
+            token = self.vectors_token(conn)
             result = conn.execution_options(stream_results=True, yield_per=READ_BLOCK).execute(
                 select(table.c.image_id, table.c.vector).where(self.whole_vector(table))
                 .order_by(table.c.image_id))

@@ -325,17 +325,16 @@ class VectorIndex:
         return {"action": action, "index_type": m.index_type, **self.status()}
 
     # -- saving -------------------------------------------------------------------------------
-    def write(self, high_water: int, token: str | None = None) -> int:
+    def write(self, high_water: int) -> int:
         """Write the index so that every error raises and a bad file never replaces a good one;
-        returns the id high-water mark the manifest now records. ``token``: the rows' vectors
-        token now; recorded with the file when the index is known to match those rows.
+        returns the id high-water mark the manifest now records. The rows' token the index
+        matches (``synced``) is recorded with the file, and the ids it hides.
 
         The bytes go through os.write to a unique owner-only temp file (faiss.write_index
         reports a failed close only on stderr), are read back and compared, fsynced; then the
         manifest records the new file (keeping the previous record, see index_records), and
         only then is the file renamed into place and the folder fsynced."""
-        token = token if token is not None and token == self.synced \
-            and self.tombstones.size <= HIDDEN_RECORDED_MAX else None
+        token = self.synced if self.tombstones.size <= HIDDEN_RECORDED_MAX else None
         if self.shards > 1:
             self.manifest.id_high_water = write_shard_files(
                 self.index, self.root, self.manifest, high_water, token, self.tombstones)

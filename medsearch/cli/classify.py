@@ -1,4 +1,7 @@
-"""Zero-shot commands: classify, tag, eval, report (research use only; never a diagnosis)."""
+"""Zero-shot commands: classify, tag, eval, report (research use only; never a diagnosis).
+
+`classify FILE --store S` asks a running `medsearch serve` for that store when it scores as this
+process would (medsearch.cli.remote.classify), so neither tower loads here."""
 
 from __future__ import annotations
 
@@ -15,10 +18,12 @@ from retrieval.model import resolve_checkpoint
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
 
+from . import remote
 from .main import app
 from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
-                      searcher, text_encoder, vision_encoder)
+                      searcher, store_root, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
+from .remote import LocalOpt
 
 if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy: loaded when used
     from retrieval.model import VisionEncoder
@@ -72,11 +77,20 @@ def classify_cmd(
     model: ModelOpt = None, device: DeviceOpt = None,
     max_entropy: MaxEntropyOpt = ReviewThresholds.max_entropy,
     min_margin: MinMarginOpt = ReviewThresholds.min_margin,
-    json_out: JsonOpt = False,
+    store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False, local: LocalOpt = False,
 ) -> None:
-    """Zero-shot scores of one image: softmax across the labels and a sigmoid per label."""
+    """Zero-shot scores of one image: softmax across the labels and a sigmoid per label.
+
+    With --store, a running `medsearch serve` for that store scores it when it would score it
+    exactly as here (see --local); the store is not read otherwise."""
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = resolve(model=model, device=device)
+    cfg = resolve(model=model, device=device, store=store, db=db)
+    if store is not None:
+        doc = remote.classify(cfg, store_root(cfg), file, chosen, templates, max_entropy,
+                              min_margin, local=local)
+        if doc is not None:
+            emit(doc, json_out, _classify_human)
+            return
     checkpoint = resolve_checkpoint(cfg.model)
     encoder = vision_encoder(cfg, checkpoint)
     vector, _ = embed_query(encoder, file)

@@ -24,8 +24,9 @@ from tests.conftest import PYDICOM_TEST_FILES, write_images
 from tests.serving import free_port, index_store
 from tests.test_lazy_start import HEAVY, WRAPPER
 
-#: also SQLAlchemy: a command the server answers never opens the store itself
-SERVED_WRAPPER = WRAPPER.replace(repr(HEAVY), repr((*HEAVY, "sqlalchemy")))
+#: also SQLAlchemy (a command the server answers never opens the store itself) and numpy (nor
+#: imports what only local work needs)
+SERVED_WRAPPER = WRAPPER.replace(repr(HEAVY), repr((*HEAVY, "sqlalchemy", "numpy")))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +77,7 @@ def _same_both_ways(served, *args: str) -> str:
     local = run(runtime, *args, "--store", str(store), "--json", "--local")
     assert code == 0 == local[0], (err, local[2])
     assert "torch" not in heavy, "the server did not answer"
+    assert "numpy" not in heavy and "sqlalchemy" not in heavy
     assert out == local[1]
     return out
 
@@ -110,7 +112,7 @@ def test_export_by_id_writes_the_same_file(served, tmp_path):
     code, _, err, _ = run(runtime, "export", "--id", "2", "-k", "5", "--out", str(local),
                           "--store", str(store), "--json", "--local")
     assert code == 0, err
-    assert via_server.read_bytes() == local.read_bytes() and "torch" not in heavy
+    assert via_server.read_bytes() == local.read_bytes() and heavy == []
 
 
 def test_bad_input_keeps_the_local_error_and_exit_code(served):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
 
 from retrieval.errors import InputError
@@ -25,7 +24,9 @@ from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_wr
 from .output import RESEARCH_NOTICE, emit, note
 from .remote import LocalOpt
 
-if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy: loaded when used
+if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy, numpy ~40 ms: when used
+    import numpy as np
+
     from retrieval.model import VisionEncoder
     from retrieval.store import Store
 
@@ -151,6 +152,8 @@ def _stored_keys(st: Store, paths: list[str]) -> dict[str, tuple[str | None, str
 def _leakage(kept: list, vectors: dict, keys: dict | None, threshold: float,
              kinds: str) -> dict | None:
     """Train/test leaks of the kept manifest rows (None without a train/test split)."""
+    import numpy as np
+
     from retrieval.leakage import find_leaks
 
     splits = [r.split for r in kept]
@@ -172,6 +175,7 @@ def _indexed_ids(st: Store, file: Path) -> set[int]:
 
 def _embed_files(encoder: VisionEncoder, paths: list[str], batch_size: int,
                  failures: list[dict], decode: dict | None = None) -> dict[str, np.ndarray]:
+    import numpy as np
     import torch
 
     out: dict[str, np.ndarray] = {}
@@ -217,6 +221,8 @@ def eval_cmd(
 ) -> None:
     """Zero-shot AUC, text→image and similar-case retrieval, and a linear probe on a labelled set;
     with a train/test split, test images that leak from train are counted (and can be dropped)."""
+    import numpy as np
+
     from retrieval.evaluation import evaluate, read_manifest, vocabulary
     from retrieval.report import eval_figures, eval_html, write_html
     from retrieval.zeroshot import DEFAULT_TEMPLATES, check_template

@@ -2,10 +2,11 @@
 (medsearch.runtime), so a query costs a request instead of loading the model and the index.
 
 Only what the server answers exactly as this process would is sent: text and id terms (a file
-term is read here), no other checkpoint (--model), no region; `classify` sends the file's bytes
-only where the server decodes and scores them as this process would (:func:`classify`). Any failure — no server, another
-model or settings, a refused connection, an HTTP error, an answer that is not a page — returns
-None and the command works locally, so errors and exit codes are the local ones.
+term is read here), no other checkpoint (--model), no region; `classify` sends a file's bytes
+only where the server decodes and scores them as this process would (:func:`classify`). Any
+failure — no server, another model or settings, a refused connection, an HTTP error, an answer
+that is not a page — returns None and the command works locally, so errors and exit codes are
+the local ones.
 """
 
 from __future__ import annotations

@@ -108,6 +108,11 @@ def commands(store: Path, out_dir: Path, with_text: bool, only_text: bool = Fals
              "similar_id": (lambda i: ["similar", "--id", str(5 + i), *s], False),
              "export_id": (lambda i: ["export", "--id", str(5 + i), "--out",
                                       str(out_dir / f"cohort-{i}.csv"), *s], False)}
+    image = _query_image(out_dir)
+    model = json.loads((store / "manifest.json").read_text())["model"]
+    found["classify"] = (lambda i: ["classify", str(image), "--labels",
+                                    "pleural effusion,pneumothorax,normal", "--model", model,
+                                    *s], False)
     if only_text:
         found = {}
     if with_text:
@@ -115,6 +120,18 @@ def commands(store: Path, out_dir: Path, with_text: bool, only_text: bool = Fals
                                            *s], False)
         found["search_repeated"] = (lambda i: ["search", f"{QUERIES[0]} {nonce}", *s], True)
     return found
+
+
+def _query_image(out_dir: Path) -> Path:
+    """A 256×256 PNG for `classify`: the image is embedded on every run (a server keeps the
+    label vectors of its first run, as it does for a script that classifies many images)."""
+    from PIL import Image
+
+    path = out_dir / "classify-query.png"
+    if not path.exists():
+        ramp = np.add.outer(np.arange(256), np.arange(256)) % 256
+        Image.fromarray(ramp.astype(np.uint8)).save(path)
+    return path
 
 
 def build_store(folder: Path, checkpoint: Path, n: int, seed: int = 0) -> Path:

@@ -3,9 +3,28 @@ both through the indexer's one decode entry with the store's recorded decode set
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from retrieval.errors import InputError, NotFoundError
+
+if TYPE_CHECKING:  # the command line sniffs an upload before it knows it needs numpy
+    import numpy as np
+
+
+def sniff(data: bytes) -> str | None:
+    """What an upload is, by its first bytes (never by its name): png, jpeg, dicom or None.
+    The server accepts only these; the command line asks it only for a file it accepts."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    # DICOM without preamble: starts with a little-endian group 0002 or 0008 element whose
+    # VR (explicit) is two capital letters, or with an implicit-VR length.
+    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
+        return "dicom"
+    return None
 
 
 def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = None,

@@ -105,8 +105,24 @@ class Server:
         """The JSON answer; any failure (refused, HTTP error, not JSON) raises OSError or
         ValueError, and the caller works locally instead."""
         data = None if body is None else json.dumps(body).encode()
+        return self._send(path, data, "application/json", timeout)
+
+    def upload(self, path: str, content: bytes, fields: list[tuple[str, str]],
+               timeout: float | None = None) -> dict:
+        """The JSON answer to a multipart POST of ``content`` as its ``file`` part, with text
+        ``fields`` (a name may repeat); failures as :meth:`request`."""
+        boundary = f"medsearch-{os.urandom(12).hex()}"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                 .encode() + value.encode() + b"\r\n" for name, value in fields]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                     'filename="upload"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                     .encode() + content + b"\r\n")
+        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self._send(path, data, f"multipart/form-data; boundary={boundary}", timeout)
+
+    def _send(self, path: str, data: bytes | None, kind: str, timeout: float | None) -> dict:
         req = urllib.request.Request(self.url + path, data=data, method="GET" if data is None
-                                     else "POST", headers={"Content-Type": "application/json"})
+                                     else "POST", headers={"Content-Type": kind})
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")
         with urllib.request.urlopen(req, timeout=timeout) as answer:  # noqa: S310 - loopback

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Literal
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # imported where vectors are combined: the command line parses at start-up
+    import numpy as np
 
 TermKind = Literal["text", "id", "file", "upload"]
 #: The file names the indexer reads as images or DICOM; a query term ending so names a file.
@@ -121,6 +122,8 @@ def parse_query(expression: str, allow_files: bool = True) -> list[Term]:
 
 def combine(weighted: list[tuple[float, np.ndarray]]) -> np.ndarray:
     """Σ weight·unit vector, renormalised; terms that cancel out are refused."""
+    import numpy as np
+
     if not weighted:
         raise InputError("the query has no terms")
     total = np.zeros_like(np.asarray(weighted[0][1], dtype=np.float32))
@@ -136,7 +139,7 @@ def combine(weighted: list[tuple[float, np.ndarray]]) -> np.ndarray:
     return (total / length).astype(np.float32)
 
 
-VectorOf = Callable[[Term], np.ndarray]
+VectorOf = Callable[[Term], "np.ndarray"]
 
 
 def query_vector(terms: list[Term], vector_of: VectorOf) -> np.ndarray:
@@ -183,6 +186,8 @@ def rocchio(terms: list[Term], relevant: list[int], not_relevant: list[int], *,
 
 def _number(weight: float) -> str:
     """A weight in the shortest positional form that reads back as the same float."""
+    import numpy as np
+
     return np.format_float_positional(float(weight), trim="-")
 
 

@@ -24,13 +24,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .errors import InputError, ModelUnavailableError
 from .model.checkpoint import Checkpoint, resolve_checkpoint
 from .model.names import DEFAULT_MODEL
 
-if TYPE_CHECKING:  # the tower imports torch: loaded only when a label is scored
+if TYPE_CHECKING:  # the tower imports torch: loaded only when a label is scored; numpy is
+    # imported where scores are computed (the command line reads the presets at every start)
+    import numpy as np
+
     from .model.encoders import TextEncoder
 
 RESEARCH_NOTICE = "For research use only; not for diagnosis."
@@ -125,6 +126,8 @@ class LogitScalars:
     bias: float
 
     def logits(self, cosine: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         return math.exp(self.scale) * np.asarray(cosine, np.float64) + self.bias
 
 
@@ -185,6 +188,8 @@ def _read_logit_scalars(path: str, _fingerprint: str, name: str) -> LogitScalars
 
 # -- scores and uncertainty ------------------------------------------------------------------
 def softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(shifted)
@@ -192,12 +197,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     logits = np.asarray(logits, np.float64)
     return 0.5 * (1.0 + np.tanh(0.5 * logits))  # overflow-free logistic
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
     """Shannon entropy divided by log(K): 0 = all mass on one label, 1 = uniform."""
+    import numpy as np
+
     probs = np.asarray(probs, np.float64)
     k = probs.shape[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -207,6 +216,8 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
 
 def top_two_margin(probs: np.ndarray) -> np.ndarray:
     """Best minus second-best probability: small means the model cannot separate them."""
+    import numpy as np
+
     probs = np.asarray(probs, np.float64)
     if probs.shape[-1] < 2:
         return np.ones(probs.shape[:-1])
@@ -283,6 +294,8 @@ class ZeroShotScores:
 def score_vectors(image_vectors: np.ndarray, label_vectors: np.ndarray, labels: list[str],
                   scalars: LogitScalars) -> ZeroShotScores:
     """Pure arithmetic on unit vectors: usable with stored vectors and no model at all."""
+    import numpy as np
+
     images = np.atleast_2d(np.asarray(image_vectors, np.float64))
     cosine = images @ np.asarray(label_vectors, np.float64).T
     logits = scalars.logits(cosine)
@@ -291,6 +304,8 @@ def score_vectors(image_vectors: np.ndarray, label_vectors: np.ndarray, labels: 
 
 def classifications(scores: ZeroShotScores, thresholds: ReviewThresholds = ReviewThresholds(),
                     ) -> list[Classification]:
+    import numpy as np
+
     entropy = normalised_entropy(scores.softmax)
     margin = top_two_margin(scores.softmax)
     out = []
@@ -324,6 +339,8 @@ class ZeroShotClassifier:
 
     def label_vectors(self, labels: list[str], templates: list[str] | tuple[str, ...]) -> np.ndarray:
         """L×d unit vectors; each the normalised mean of its labels' template embeddings."""
+        import numpy as np
+
         key = (tuple(labels), tuple(templates))
         if key not in self._label_cache:
             templates = [check_template(t) for t in templates]

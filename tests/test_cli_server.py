@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_images
+from tests.conftest import PYDICOM_TEST_FILES, write_images
 from tests.serving import free_port, index_store
 from tests.test_lazy_start import HEAVY, WRAPPER
 
-#: also SQLAlchemy: a command the server answers never opens the store itself
-SERVED_WRAPPER = WRAPPER.replace(repr(HEAVY), repr((*HEAVY, "sqlalchemy")))
+#: also SQLAlchemy (a command the server answers never opens the store itself) and numpy (nor
+#: imports what only local work needs)
+SERVED_WRAPPER = WRAPPER.replace(repr(HEAVY), repr((*HEAVY, "sqlalchemy", "numpy")))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +77,7 @@ def _same_both_ways(served, *args: str) -> str:
     local = run(runtime, *args, "--store", str(store), "--json", "--local")
     assert code == 0 == local[0], (err, local[2])
     assert "torch" not in heavy, "the server did not answer"
+    assert "numpy" not in heavy and "sqlalchemy" not in heavy
     assert out == local[1]
     return out
 
@@ -109,7 +112,7 @@ def test_export_by_id_writes_the_same_file(served, tmp_path):
     code, _, err, _ = run(runtime, "export", "--id", "2", "-k", "5", "--out", str(local),
                           "--store", str(store), "--json", "--local")
     assert code == 0, err
-    assert via_server.read_bytes() == local.read_bytes() and "torch" not in heavy
+    assert via_server.read_bytes() == local.read_bytes() and heavy == []
 
 
 def test_bad_input_keeps_the_local_error_and_exit_code(served):
@@ -155,6 +158,78 @@ def test_a_stale_runtime_file_is_ignored_and_removed(tiny_model, tmp_path):
                                 str(tmp_path / "store"), "--json")
     assert code == 0 and len(json.loads(out)["results"]) == 2, err
     assert not path.exists()
+
+
+def _classify_args(served, tiny_model, image: Path) -> tuple[str, ...]:
+    store, _, _ = served
+    return ("classify", str(image), "--labels", "effusion, normal", "--labels", "chest tube",
+            "--template", "a chest x-ray with {}", "--template", "{}", "--max-entropy", "0.7",
+            "--model", str(tiny_model), "--store", str(store), "--json")
+
+
+@pytest.mark.parametrize("image", ["img000.png", "img001.jpg", "img002.png",
+                                   str(PYDICOM_TEST_FILES / "CT_small.dcm")])
+def test_classify_is_answered_by_the_server_and_equals_the_local_answer(served, tiny_model,
+                                                                        image):
+    """The server decodes the upload and scores it as local `classify` does: same JSON, to
+    the last digit, for PNG (8- and 16-bit), JPEG and DICOM."""
+    store, runtime, _ = served
+    path = Path(image) if Path(image).is_absolute() else store.parent / "images" / image
+    args = _classify_args(served, tiny_model, path)
+    for _ in range(50):  # the file is written just before the port is bound
+        code, out, err, heavy = run(runtime, *args)
+        if "torch" not in heavy:
+            break
+        time.sleep(0.2)
+    assert code == 0, err
+    assert "torch" not in heavy and "numpy" not in heavy, "the server did not answer"
+    local = run(runtime, *args, "--local")
+    without_store = run(runtime, *args[:-3], "--json")  # no --store: local, as before
+    assert local[0] == 0 == without_store[0], (local[2], without_store[2])
+    assert "torch" in local[3] and "torch" in without_store[3]
+    assert out == local[1] == without_store[1]
+    doc = json.loads(out)
+    assert sorted(r["label"] for r in doc["results"]) == ["chest tube", "effusion", "normal"]
+
+
+def test_classify_without_a_server_works_locally(served, tiny_model, tmp_path):
+    """No server published in this runtime folder: `classify --store` works here, silently."""
+    store, runtime, _ = served
+    args = _classify_args(served, tiny_model, store.parent / "images" / "img000.png")
+    code, out, err, heavy = run(tmp_path / "no-server", *args)
+    assert code == 0 and "torch" in heavy, err
+    assert out == run(runtime, *args, "--local")[1]
+
+
+def test_classify_asks_only_where_the_server_would_score_alike(served, tiny_model, tmp_path):
+    """Another query decoding recorded in the store, another model, the ONNX text tower, a
+    file the server does not accept or would decode as another kind: classify locally."""
+    from medsearch.cli.remote import _same_classifier, _same_source_kind
+    from medsearch.settings import Settings
+
+    store, _, _ = served
+    same = Settings.resolve(store=str(store), model=str(tiny_model))
+    assert _same_classifier(same, store)
+    assert not _same_classifier(same.model_copy(update={"text_runtime": "onnx"}), store)
+    other_model = tmp_path / "other-model"  # other weights: here, another config
+    shutil.copytree(tiny_model, other_model)
+    config = json.loads((other_model / "config.json").read_text())
+    (other_model / "config.json").write_text(json.dumps({**config, "other": 1}))
+    assert not _same_classifier(same.model_copy(update={"model": str(other_model)}), store)
+    windowed = tmp_path / "windowed"
+    windowed.mkdir()
+    manifest = json.loads((store / "manifest.json").read_text())
+    (windowed / "manifest.json").write_text(json.dumps({**manifest, "decode": {
+        "window": "auto", "frames": "all", "series_vectors": False}}))
+    assert not _same_classifier(same, windowed)
+    (windowed / "manifest.json").write_text(json.dumps({**manifest, "decode": {
+        "window": "file", "frames": "all", "series_vectors": True}}))
+    assert _same_classifier(same, windowed)  # a query is its middle frame either way
+    png = (store.parent / "images" / "img000.png").read_bytes()
+    dicom = (PYDICOM_TEST_FILES / "CT_small.dcm").read_bytes()
+    assert _same_source_kind(Path("a.png"), png) and _same_source_kind(Path("a.dcm"), dicom)
+    assert not _same_source_kind(Path("a.dcm"), png)  # the local decoder goes by the name
+    assert not _same_source_kind(Path("a.bmp"), b"BM" + bytes(200))  # not accepted there
 
 
 def test_the_runtime_file_goes_at_a_clean_shutdown(served):

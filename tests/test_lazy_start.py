@@ -117,3 +117,30 @@ def test_a_text_search_still_loads_the_model(store):
     """The check above is not vacuous: the same wrapper sees torch when a model is needed."""
     code, out, heavy = run("search", "a chest x-ray", "-k", "2", "--store", str(store), "--json")
     assert code == 0 and "torch" in heavy and len(json.loads(out)["results"]) == 2
+
+
+def test_the_command_line_starts_without_numpy_or_pydantic_settings():
+    """What every command pays before it runs (a served one then only asks the server): no
+    numpy (the zero-shot presets and query parsing need none), no pydantic-settings (the
+    settings read their environment layer themselves), no store."""
+    code = ("import sys, medsearch.cli.main\n"
+            "print(sorted(m for m in ('numpy', 'pydantic_settings', 'sqlalchemy', 'faiss', "
+            "'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout.replace("'", '"')) == [], done.stderr
+
+
+def test_settings_read_their_environment_variables_in_any_case(monkeypatch):
+    from medsearch.settings import Settings
+    from retrieval.errors import InputError
+
+    monkeypatch.setenv("medsearch_k", "4")
+    monkeypatch.setenv("MEDSEARCH_Text_Runtime", "onnx")
+    monkeypatch.setenv("MEDSEARCH_NO_SUCH_SETTING", "ignored")
+    settings = Settings.resolve(device=None)
+    assert (settings.k, settings.text_runtime) == (4, "onnx")
+    monkeypatch.delenv("medsearch_k")
+    monkeypatch.setenv("MEDSEARCH_K", "four")
+    with pytest.raises(InputError, match="environment variable MEDSEARCH_K"):
+        Settings.resolve()

@@ -1,4 +1,7 @@
-"""Zero-shot commands: classify, tag, eval, report (research use only; never a diagnosis)."""
+"""Zero-shot commands: classify, tag, eval, report (research use only; never a diagnosis).
+
+`classify FILE --store S` asks a running `medsearch serve` for that store when it scores as this
+process would (medsearch.cli.remote.classify), so neither tower loads here."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
 
 from retrieval.errors import InputError
@@ -15,12 +17,16 @@ from retrieval.model import resolve_checkpoint
 from retrieval.zeroshot import (PRESETS, Bands, ReviewThresholds, ZeroShotClassifier,
                                 read_logit_scalars, resolve_labels)
 
+from . import remote
 from .main import app
 from .options import (DbOpt, DeviceOpt, JsonOpt, ModelOpt, StoreOpt, open_for_writing, resolve,
-                      searcher, text_encoder, vision_encoder)
+                      searcher, store_root, text_encoder, vision_encoder)
 from .output import RESEARCH_NOTICE, emit, note
+from .remote import LocalOpt
 
-if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy: loaded when used
+if TYPE_CHECKING:  # the tower imports torch, the store SQLAlchemy, numpy ~40 ms: when used
+    import numpy as np
+
     from retrieval.model import VisionEncoder
     from retrieval.store import Store
 
@@ -72,11 +78,20 @@ def classify_cmd(
     model: ModelOpt = None, device: DeviceOpt = None,
     max_entropy: MaxEntropyOpt = ReviewThresholds.max_entropy,
     min_margin: MinMarginOpt = ReviewThresholds.min_margin,
-    json_out: JsonOpt = False,
+    store: StoreOpt = None, db: DbOpt = None, json_out: JsonOpt = False, local: LocalOpt = False,
 ) -> None:
-    """Zero-shot scores of one image: softmax across the labels and a sigmoid per label."""
+    """Zero-shot scores of one image: softmax across the labels and a sigmoid per label.
+
+    With --store, a running `medsearch serve` for that store scores it when it would score it
+    exactly as here (see --local); the store is not read otherwise."""
     chosen, templates = resolve_labels(labels, preset, template)
-    cfg = resolve(model=model, device=device)
+    cfg = resolve(model=model, device=device, store=store, db=db)
+    if store is not None:
+        doc = remote.classify(cfg, store_root(cfg), file, chosen, templates, max_entropy,
+                              min_margin, local=local)
+        if doc is not None:
+            emit(doc, json_out, _classify_human)
+            return
     checkpoint = resolve_checkpoint(cfg.model)
     encoder = vision_encoder(cfg, checkpoint)
     vector, _ = embed_query(encoder, file)
@@ -137,6 +152,8 @@ def _stored_keys(st: Store, paths: list[str]) -> dict[str, tuple[str | None, str
 def _leakage(kept: list, vectors: dict, keys: dict | None, threshold: float,
              kinds: str) -> dict | None:
     """Train/test leaks of the kept manifest rows (None without a train/test split)."""
+    import numpy as np
+
     from retrieval.leakage import find_leaks
 
     splits = [r.split for r in kept]
@@ -158,6 +175,7 @@ def _indexed_ids(st: Store, file: Path) -> set[int]:
 
 def _embed_files(encoder: VisionEncoder, paths: list[str], batch_size: int,
                  failures: list[dict], decode: dict | None = None) -> dict[str, np.ndarray]:
+    import numpy as np
     import torch
 
     out: dict[str, np.ndarray] = {}
@@ -203,6 +221,8 @@ def eval_cmd(
 ) -> None:
     """Zero-shot AUC, text→image and similar-case retrieval, and a linear probe on a labelled set;
     with a train/test split, test images that leak from train are counted (and can be dropped)."""
+    import numpy as np
+
     from retrieval.evaluation import evaluate, read_manifest, vocabulary
     from retrieval.report import eval_figures, eval_html, write_html
     from retrieval.zeroshot import DEFAULT_TEMPLATES, check_template

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
 
@@ -28,6 +27,7 @@ DEMO_QUERY = "left pneumothorax"
 
 def _synthetic_images(folder: Path, n: int = 8) -> None:
     """Radiograph-like 16-bit greys and skin-like RGB photos, distinct from each other."""
+    import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)

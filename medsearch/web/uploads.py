@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from retrieval.errors import InputError
 
 from ..app import QuerySpec
+from ..decoders import sniff
 from .bodies import UploadFields, spec_from_upload
 from .errors import InvalidBody, JsonTooLarge, UnsupportedMedia
 from .guard import BodyTooLarge
@@ -19,21 +20,6 @@ from .guard import BodyTooLarge
 #: JSON bodies are small (uploads are multipart): bounds on their size and nesting.
 MAX_JSON_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 16
-
-
-def sniff(data: bytes) -> str | None:
-    """What an upload is, by its first bytes (never by its name)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
-    # DICOM without preamble: starts with a little-endian group 0002 or 0008 element whose
-    # VR (explicit) is two capital letters, or with an implicit-VR length.
-    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
-        return "dicom"
-    return None
 
 
 def json_depth(data, limit: int) -> int:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from retrieval.store import CommitCounter, Store
 from .decoders import decode_stored as _decode_stored_row
 from .decoders import decode_upload, pacs_access
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from retrieval.region import Region
 
 log = logging.getLogger("medsearch.app")
 

@@ -230,9 +230,10 @@ def bench_store(label: str, store: Path, runs: int, env: dict, out_dir: Path) ->
         server = serve(store, env) if where == "server" else None
         run_env = {**env, "MEDSEARCH_TEXT_RUNTIME": "onnx"} if where == "local_onnx" else env
         try:
-            log(f"{label}, {where}:")
+            log(f"{label}, {where}: (load average {os.getloadavg()[0]:.2f})")
             if where == "local_onnx":
                 timed(["search", "warm-up export", "--store", str(store), "--json"], run_env)
+            section[f"{where}_load_average"] = round(os.getloadavg()[0], 2)
             section[where] = {name: measure(name, make, runs, run_env, warm)
                               for name, (make, warm) in commands(
                                   store, out_dir, True, only_text=where == "local_onnx").items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -46,6 +47,18 @@ app = typer.Typer(
 # Registration by import: each module adds its commands to `app`.
 from . import (classify, cohort, core, demo, duplicates, forget, maintenance, preview,  # noqa: E402,F401
                receive, serve)
+
+
+def run() -> None:
+    """The process's entry point (the `medsearch` script, `python -m medsearch`): :func:`main`,
+    then an exit that skips the garbage collector's last pass over every object the imports
+    made (~0.3 s of a one-shot command's ~1 s with SQLAlchemy and FAISS loaded). Exit still
+    runs atexit handlers and flushes the standard streams; files are closed by the commands.
+    Not in :func:`main`, which tests call in-process: frozen objects are never collected."""
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> None:

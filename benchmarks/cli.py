@@ -83,6 +83,20 @@ def timed(args: list[str], env: dict) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, text
 
 
+def python_loop_s() -> float:
+    """Seconds of a fixed pure-Python loop (best of 3): how fast this shared machine runs
+    Python right now. It moved by 1.6× within a minute on the development VM, so each
+    section records it beside its figures."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return round(best, 4)
+
+
 def measure(name: str, make_args, runs: int, env: dict, warm: bool = False) -> dict:
     """Median wall time and peak RSS of ``runs`` processes; ``make_args(i)`` gives run i's."""
     if warm:
@@ -230,7 +244,9 @@ def bench_store(label: str, store: Path, runs: int, env: dict, out_dir: Path) ->
         server = serve(store, env) if where == "server" else None
         run_env = {**env, "MEDSEARCH_TEXT_RUNTIME": "onnx"} if where == "local_onnx" else env
         try:
-            log(f"{label}, {where}: (load average {os.getloadavg()[0]:.2f})")
+            probe = python_loop_s()
+            log(f"{label}, {where}: (load average {os.getloadavg()[0]:.2f}, loop {probe} s)")
+            section[f"{where}_python_loop_s"] = probe
             if where == "local_onnx":
                 timed(["search", "warm-up export", "--store", str(store), "--json"], run_env)
             section[f"{where}_load_average"] = round(os.getloadavg()[0], 2)

@@ -13,7 +13,6 @@ import shutil
 import sqlite3
 
 import numpy as np
-import pytest
 from alembic import command
 from sqlalchemy import text
 
@@ -41,6 +40,13 @@ def add(store: Store, names: range, vectors: np.ndarray) -> list[int]:
                 for i, v in zip(names, vectors)]
 
 
+def new_store(tmp_path, seed: int, n: int, index_type: str = "Flat", db: str | None = None):
+    """(folder, an empty store in it, ``n`` random unit vectors to add)."""
+    root = tmp_path / "store"
+    vectors = unit(np.random.default_rng(seed), n)
+    return root, Store.create(root, manifest(index_type), db=db), vectors
+
+
 def found(store: Store, vectors: np.ndarray) -> set[int]:
     """Ids the store returns as best match for each of ``vectors``."""
     _, ids = store.search(vectors, 1)
@@ -53,10 +59,7 @@ def trusted(store: Store) -> bool:
 
 
 def test_an_open_trusts_the_saved_index_only_while_the_rows_keep_its_token(tmp_path, backend):
-    rng = np.random.default_rng(0)
-    vectors = unit(rng, 46)
-    root = tmp_path / "store"
-    store = Store.create(root, manifest(), db=backend)
+    root, store, vectors = new_store(tmp_path, 0, 46, db=backend)
     first = add(store, range(40), vectors[:40])
     store.close()
     m = Manifest.read(root / MANIFEST)
@@ -84,10 +87,7 @@ def test_an_open_trusts_the_saved_index_only_while_the_rows_keep_its_token(tmp_p
 
 
 def test_hidden_ids_of_a_graph_index_stay_hidden_after_a_trusted_open(tmp_path):
-    rng = np.random.default_rng(1)
-    vectors = unit(rng, 100)
-    root = tmp_path / "store"
-    store = Store.create(root, manifest("HNSW32"))
+    root, store, vectors = new_store(tmp_path, 1, 100, "HNSW32")
     ids = add(store, range(100), vectors)
     with store.writer() as w:
         w.remove_files([f"/a/{i}.png" for i in range(10)])
@@ -101,10 +101,7 @@ def test_hidden_ids_of_a_graph_index_stay_hidden_after_a_trusted_open(tmp_path):
 
 
 def test_a_restored_older_database_is_compared_not_trusted(tmp_path):
-    rng = np.random.default_rng(2)
-    vectors = unit(rng, 45)
-    root = tmp_path / "store"
-    store = Store.create(root, manifest())
+    root, store, vectors = new_store(tmp_path, 2, 45)
     add(store, range(30), vectors[:30])
     store.close()
     shutil.copy(root / "meta.sqlite", tmp_path / "older.sqlite")
@@ -125,9 +122,7 @@ def test_a_restored_older_database_is_compared_not_trusted(tmp_path):
 def test_removing_enough_to_rebuild_and_adding_in_one_transaction_holds_each_id_once(tmp_path):
     """Hiding 300 ids makes the graph index rebuild from the rows, which already hold the
     transaction's new ones: they were added a second time before."""
-    rng = np.random.default_rng(3)
-    vectors = unit(rng, 605)
-    store = Store.create(tmp_path / "store", manifest("HNSW32"))
+    root, store, vectors = new_store(tmp_path, 3, 605, "HNSW32")
     add(store, range(600), vectors[:600])
     with store.writer() as w:
         w.remove_files([f"/a/{i}.png" for i in range(300)])
@@ -140,10 +135,7 @@ def test_removing_enough_to_rebuild_and_adding_in_one_transaction_holds_each_id_
 
 
 def test_shard_files_of_two_saves_are_compared_not_trusted(tmp_path):
-    rng = np.random.default_rng(4)
-    vectors = unit(rng, 60)
-    root = tmp_path / "store"
-    store = Store.create(root, manifest())
+    root, store, vectors = new_store(tmp_path, 4, 60)
     add(store, range(40), vectors[:40])
     store.rebuild("Flat", shards=2)
     store.save()
@@ -160,10 +152,7 @@ def test_shard_files_of_two_saves_are_compared_not_trusted(tmp_path):
 
 
 def test_a_read_only_open_of_the_previous_schema_compares_then_a_writer_upgrades(tmp_path):
-    rng = np.random.default_rng(5)
-    vectors = unit(rng, 20)
-    root = tmp_path / "store"
-    store = Store.create(root, manifest())
+    root, store, vectors = new_store(tmp_path, 5, 20)
     add(store, range(20), vectors)
     store.close()
     store = Store.open(root)

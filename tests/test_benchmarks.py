@@ -95,11 +95,13 @@ def test_cli_benchmark_measures_every_command_locally_and_with_a_server(tmp_path
     tiny = doc["stores"]["tiny"]
     assert tiny["dim"] == 32 and tiny["machine"] == doc["machine"]
     for where in ("local", "server"):
-        assert set(tiny[where]) == {"info", "similar_id", "export_id", "search_text",
+        assert set(tiny[where]) == {"info", "similar_id", "export_id", "classify", "search_text",
                                     "search_repeated"}
         for row in tiny[where].values():
             assert row["median_s"] > 0 and row["peak_rss_mib"] > 0 and len(row["runs_s"]) == 1
     assert set(tiny["local_onnx"]) == {"search_text", "search_repeated"}
+    for where in ("local", "local_onnx", "server"):  # how fast the machine was meanwhile
+        assert tiny[f"{where}_python_loop_s"] > 0 and tiny[f"{where}_load_average"] >= 0
 
 
 def test_text_tower_benchmark_prints_the_contract():

@@ -18,13 +18,9 @@ def sniff(data: bytes) -> str | None:
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
-    # DICOM without preamble: starts with a little-endian group 0002 or 0008 element whose
-    # VR (explicit) is two capital letters, or with an implicit-VR length.
-    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
-        return "dicom"
-    return None
+    from indexer.sources import content_kind  # DICOM, with or without its preamble
+
+    return "dicom" if content_kind(data) == "dicom" else None
 
 
 def decode_upload(content: bytes, kind: str, size: int, decode: dict | None = None,

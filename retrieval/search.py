@@ -12,6 +12,7 @@ import numpy as np
 from .errors import InputError, ModelMismatchError, NotFoundError
 from .filters import Filters
 from .model.checkpoint import resolve_checkpoint
+from .model.names import effective_text_runtime
 from .privacy import KeyFiles, PathRedactor, text_cache_secret
 from .store import Store
 
@@ -72,8 +73,7 @@ class Searcher:
         self.redact = PathRedactor(store, redact_paths, keys)
         self.cuda_bf16, self.cache_dir = cuda_bf16, cache_dir
         self.threads = threads  # torch intra-op threads, set when a tower loads (None: one per core)
-        # "onnx": the text tower exported to ONNX int8 (retrieval.model.onnx_text), CPU only
-        self.text_runtime = text_runtime if device in ("auto", "cpu") else "torch"
+        self.text_runtime = effective_text_runtime(text_runtime, device)
         self.store = store
         self.model_name = model or store.manifest.model
         self.device = device
@@ -82,6 +82,7 @@ class Searcher:
         self._text_cache = None  # retrieval.store.text_cache.TextVectorCache, when first used
         self.keys = keys
         self._vision: VisionEncoder | None = None
+        self._resolved = None  # the checkpoint, resolved and checked once (see _checkpoint)
         self.text_lock = text_lock or nullcontext()
         self.index_lock = index_lock or nullcontext()
 
@@ -114,12 +115,16 @@ class Searcher:
         return self._vision
 
     def _checkpoint(self):
+        """The checkpoint, resolved (config read, weights fingerprinted) once per searcher."""
+        if self._resolved is not None:
+            return self._resolved
         checkpoint = resolve_checkpoint(self.model_name)
         if checkpoint.fingerprint != self.store.manifest.model_fingerprint:
             raise ModelMismatchError(
                 f"model {self.model_name!r} is not the one store {self.store.root} was built with "
                 f"({self.store.manifest.model!r}); its vectors would not be comparable. "
                 "Use the store's checkpoint as the model.")
+        self._resolved = checkpoint
         return checkpoint
 
     # -- query vectors ---------------------------------------------------------------------

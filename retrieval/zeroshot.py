@@ -17,7 +17,6 @@ for research; nothing here is a diagnosis.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError, ModelUnavailableError
-from .model.checkpoint import Checkpoint, resolve_checkpoint
+from .model.checkpoint import Checkpoint, resolve_checkpoint, safetensors_files
 from .model.names import DEFAULT_MODEL
 
 if TYPE_CHECKING:  # the tower imports torch: loaded only when a label is scored; numpy is
@@ -135,15 +134,6 @@ def _scalar(value) -> float:
     return float(value.reshape(-1)[0].float().item())
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():  # sharded: look only where the index says the scalars are
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        names = {f for key, f in weight_map.items() if key.split(".")[-1] in ("logit_scale", "logit_bias")}
-        return [folder / n for n in sorted(names)]
-    return sorted(folder.glob("*.safetensors"))
-
-
 def _find(keys, name: str) -> str | None:
     for key in keys:
         if key == name or key.endswith("." + name):
@@ -162,7 +152,8 @@ def _read_logit_scalars(path: str, _fingerprint: str, name: str) -> LogitScalars
     found: dict[str, float] = {}
     from safetensors import safe_open
 
-    for file in _safetensors_files(folder):
+    for file in safetensors_files(  # sharded: only where the index puts the scalars
+            folder, lambda key: key.split(".")[-1] in ("logit_scale", "logit_bias")):
         with safe_open(str(file), framework="pt") as handle:
             keys = list(handle.keys())
             for wanted in ("logit_scale", "logit_bias"):

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from ..runtime import MANIFEST, find_server
+from ..runtime import MANIFEST, Server, find_server
 from ..settings import Settings
 
 LocalOpt = Annotated[bool, typer.Option(
@@ -30,12 +30,13 @@ CLASSIFY_FIELDS = {"results", "needs_review", "entropy", "margin", "review_reaso
 
 
 def _ask(cfg: Settings, root: Path, path: str, body: dict | None = None,
-         upload: tuple[bytes, list[tuple[str, str]]] | None = None) -> dict | None:
-    """The JSON answer of the server for this store and these settings (to a JSON ``body``,
-    or to an ``upload``: the file's bytes and the form fields), or None (none running,
-    another model or settings, or any failure)."""
+         upload: tuple[bytes, list[tuple[str, str]]] | None = None,
+         server: Server | None = None) -> dict | None:
+    """The JSON answer of ``server`` (None: the one found for this store and these settings)
+    to a JSON ``body``, or to an ``upload`` (the file's bytes and the form fields), or None
+    (none running, another model or settings, or any failure)."""
     try:
-        server = find_server(root, cfg)
+        server = server or find_server(root, cfg)
         if server is None:
             return None
         if upload is not None:
@@ -91,7 +92,13 @@ def classify(cfg: Settings, root: Path, file: Path, labels: list[str], templates
     asked only where these cannot differ: the store's query decoding is the default one, the
     configured model has the store's fingerprint, the text tower is torch's, and the file is a
     kind the server accepts that its bytes and its name make the same kind of source."""
-    if local or not _same_classifier(cfg, root):
+    if local:
+        return None
+    try:  # a server first: without one, nothing else need be checked (the checkpoint hashed)
+        server = find_server(root, cfg)
+    except (OSError, ValueError):
+        return None
+    if server is None or not _same_classifier(cfg, root):
         return None
     try:
         content = Path(file).expanduser().read_bytes()
@@ -101,7 +108,7 @@ def classify(cfg: Settings, root: Path, file: Path, labels: list[str], templates
         return None
     fields = [("labels", ",".join(labels)), *(("templates", t) for t in templates),
               ("max_entropy", repr(float(max_entropy))), ("min_margin", repr(float(min_margin)))]
-    doc = _ask(cfg, root, "/classify", upload=(content, fields))
+    doc = _ask(cfg, root, "/classify", upload=(content, fields), server=server)
     return doc if doc is not None and set(doc) == CLASSIFY_FIELDS else None
 
 
@@ -110,8 +117,9 @@ def _same_classifier(cfg: Settings, root: Path) -> bool:
     from indexer.decode_settings import DecodeSettings
     from retrieval.errors import MedsearchError
     from retrieval.model.checkpoint import resolve_checkpoint
+    from retrieval.model.names import effective_text_runtime
 
-    if cfg.text_runtime != "torch" and cfg.device in ("auto", "cpu"):
+    if effective_text_runtime(cfg.text_runtime, cfg.device) != "torch":
         return False  # the server's searcher would use the ONNX text tower
     try:
         manifest = json.loads((Path(root) / MANIFEST).read_text())

@@ -139,3 +139,14 @@ def config_image_size(checkpoint: Checkpoint) -> int:
         config = checkpoint.config
         return int(config.get("vision_config", config)["image_size"])
     return checkpoint.vision_shape()[0]
+
+
+def safetensors_files(folder: Path, holding=None) -> list[Path]:
+    """The checkpoint's safetensors files; a sharded one's index names them, and ``holding``
+    (a test of a tensor's key) keeps only the files whose tensors pass it."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        names = {file for key, file in weight_map.items() if holding is None or holding(key)}
+        return [folder / name for name in sorted(names)]
+    return sorted(folder.glob("*.safetensors"))

@@ -11,3 +11,9 @@ SIGLIP_TYPES = {"siglip", "siglip_vision_model", "siglip_text_model"}
 TEXT_MAX_LENGTH = 64
 #: Bumped whenever the image recipe changes; stores refuse vectors made with another version.
 PREPROCESSING_VERSION = "medsiglip-pad-bilinear-noaa-v1"
+
+
+def effective_text_runtime(runtime: str, device: str) -> str:
+    """The text tower a run uses: "onnx" (the tower exported to ONNX int8,
+    retrieval.model.onnx_text) runs on the CPU only, any other device runs torch's."""
+    return runtime if device in ("auto", "cpu") else "torch"

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,22 +66,22 @@ def export(checkpoint: Checkpoint, cache_folder: Path) -> tuple[Path, float]:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .texttower import load_text_model
+    from .texttower import load_text_model, warnings_quiet
 
     final = tower_path(cache_folder, checkpoint)
     final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     print(f"medsearch: exporting the text tower of {checkpoint.name} to ONNX int8 (once; "
           f"kept in {final.parent})", file=sys.stderr)
     model = load_text_model(checkpoint)
-    ids = _token_ids(_tokenizer(checkpoint), PROBES)
+    tokenizer = _tokenizer(checkpoint)
+    ids = _token_ids(tokenizer, PROBES)
     with torch.inference_mode():
         expected = _unit(model(input_ids=torch.from_numpy(ids)).pooler_output.numpy())
     stem = final.with_name(f".{final.stem}.{os.getpid()}")
     plain, quantised = stem.with_suffix(".fp32.onnx"), stem.with_suffix(".int8.onnx")
     optimised = stem.with_suffix(".opt.onnx")
     try:
-        with warnings.catch_warnings(), _quiet_root_log():  # tracer and quantiser notes
-            warnings.simplefilter("ignore")
+        with warnings_quiet(), _quiet_root_log():  # tracer and quantiser notes
             torch.onnx.export(model, (torch.from_numpy(ids),), str(plain),
                               input_names=["input_ids"],
                               output_names=["last_hidden_state", "pooler_output"],
@@ -97,7 +96,7 @@ def export(checkpoint: Checkpoint, cache_folder: Path) -> tuple[Path, float]:
                                f"{worst:.5f} (< {MIN_COSINE}); use text_runtime = \"torch\"")
         facts = {"checkpoint": checkpoint.name, "fingerprint": checkpoint.fingerprint,
                  "worst_probe_cosine": worst, "export_version": EXPORT_VERSION,
-                 "sentencepiece_tokens": _tokens_agree(checkpoint)}
+                 "sentencepiece_tokens": _tokens_agree(checkpoint, tokenizer)}
         final.with_suffix(".json").write_text(json.dumps(facts))  # first: the tower names it
         os.chmod(optimised, 0o600)
         os.replace(optimised, final)  # whole or absent: a kill mid-export leaves no half file
@@ -118,12 +117,12 @@ def _quiet_root_log():
         root.setLevel(level)
 
 
-def _tokens_agree(checkpoint: Checkpoint) -> bool:
-    """Whether sentencepiece alone tokenises as transformers does for this checkpoint."""
+def _tokens_agree(checkpoint: Checkpoint, tokenizer) -> bool:
+    """Whether sentencepiece alone tokenises as transformers' ``tokenizer`` does for this
+    checkpoint."""
     from .siglip_tokens import BATTERY, SentencepieceTokens, agrees
 
     try:
-        tokenizer = _tokenizer(checkpoint)
         return agrees(SentencepieceTokens(checkpoint.path),
                       lambda texts: _token_ids(tokenizer, texts).tolist(), PROBES + BATTERY)
     except Exception:  # another tokenizer class, no spiece.model …: transformers' it is

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelUnavailableError
-from .checkpoint import SIGLIP_TYPES, Checkpoint, load_tower, quiet_transformers
+from .checkpoint import (SIGLIP_TYPES, Checkpoint, load_tower, quiet_transformers,
+                         safetensors_files)
 
 log = logging.getLogger(__name__)
 #: Prefix of the text tower's keys in a full SigLIP checkpoint (absent in a text-only one).
@@ -77,21 +78,12 @@ def _fill_buffers(model: torch.nn.Module) -> bool:
     return not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The checkpoint's safetensors files (a sharded one lists several in its index)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))
-
-
 def text_state(checkpoint: Checkpoint, wanted: set[str]) -> dict[str, torch.Tensor] | None:
     """The text tower's tensors named as ``wanted`` (the tower's own state-dict keys),
     memory-mapped from the safetensors files; None where they are not all there."""
     from safetensors import safe_open
 
-    files = _safetensors_files(checkpoint.path)
+    files = safetensors_files(checkpoint.path)
     if not files:
         return None
     state: dict[str, torch.Tensor] = {}

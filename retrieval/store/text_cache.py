@@ -43,7 +43,6 @@ class TextVectorCache:
         self.path = Path(folder) / f"text-{model_fingerprint}.sqlite"
         self.secret, self.limit = secret, limit
         self.context = f"{model_fingerprint}\0{variant}\0".encode()
-        self.hits = self.misses = 0
         self._db: sqlite3.Connection | None = None
         self._off = not secret
         self._remade = False
@@ -107,9 +106,7 @@ class TextVectorCache:
             self._fault(exc)
             return None
         if row is None or len(row[1]) != 4 * int(row[0]):
-            self.misses += 1
             return None
-        self.hits += 1
         try:  # recently used entries are the ones kept
             db.execute("UPDATE vectors SET used = ? WHERE key = ?", (time.time(), key))
         except sqlite3.Error:

@@ -20,6 +20,7 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .images import DecodeError
 from .pacs import PacsAccess, PacsQuery, dicom_date, instance_path, split_instance_path
@@ -62,12 +63,16 @@ class Peer:
 
 
 def _tls(access: PacsAccess, host: str) -> tuple[ssl.SSLContext, str] | None:
-    if not access.tls:
-        return None
+    return (_tls_context(access), host) if access.tls else None
+
+
+@lru_cache(maxsize=8)
+def _tls_context(access: PacsAccess) -> ssl.SSLContext:
+    """One context per access (its CA and key files read once, not per fetched instance)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=access.tls_ca)
     if access.tls_cert:
         context.load_cert_chain(access.tls_cert, access.tls_key)
-    return context, host
+    return context
 
 
 def _application(access: PacsAccess):

@@ -65,9 +65,15 @@ class PacsAccess:
                              "--tls-key, or neither")
         if self.password and not self.user:
             raise ValueError("a PACS password needs a user (pacs_user)")
-        aet = self.calling_aet
-        if not aet or len(aet) > 16 or not aet.isascii() or "\\" in aet or not aet.strip():
-            raise ValueError(f"calling AE title must be 1-16 ASCII characters, got {aet!r}")
+        if not valid_aet(self.calling_aet):
+            raise ValueError("calling AE title must be 1-16 ASCII characters, got "
+                             f"{self.calling_aet!r}")
+
+
+def valid_aet(title: str) -> bool:
+    """A DICOM AE title: 1-16 ASCII characters, not all spaces, no backslash."""
+    return bool(title and title.strip()) and len(title) <= 16 and title.isascii() \
+        and "\\" not in title
 
 
 def dicom_date(text: str) -> str:

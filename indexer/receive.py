@@ -16,7 +16,6 @@ arrived for it during the quiet period.
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Callable, TypeVar
 
 from retrieval.errors import StoreBusyError, StoreError
 from retrieval.store import Store
+from retrieval.store.layout import atomic_write_bytes
 
 from .ingest import IndexReport, Plan
 from .pipeline import Indexer
@@ -65,9 +65,7 @@ class SpoolRun(Indexer):
     def plan(self, roots, report: IndexReport) -> Plan:
         sources = list(roots)
         report.total = len(sources)
-        known: dict = {}
-        for start in range(0, len(sources), 100):
-            known.update(self.store.known_files([s.path for s in sources[start:start + 100]]))
+        known = self.store.known_files([s.path for s in sources])  # a batch: at most MAX_BATCH
         return Plan(sources, known, {}, {})
 
     def _route(self, decoded, plan, batch, ops, report) -> None:
@@ -239,13 +237,7 @@ class Receiver:
         self._save_series()
 
     def _save_series(self) -> None:
-        path = self.spool.folder / SERIES_FILE
-        temp = path.with_suffix(".part")
-        with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump(self.series, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
+        atomic_write_bytes(self.spool.folder / SERIES_FILE, json.dumps(self.series).encode())
 
     def finish_quiet_series(self, force: bool = False) -> int:
         """Series vectors for the series quiet for ``quiet_seconds`` (``force``: all)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -20,15 +19,11 @@ from typing import Iterator
 import httpx
 import pytest
 
+from .serving import free_port
+
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 #: The called AE title of the test PACS; medsearch calls it as MEDSEARCH.
 ORTHANC_AET = "ORTHANC"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def dicomweb_plugin() -> str | None:

@@ -44,7 +44,7 @@ def _sop_uid(data: bytes) -> str | None:
         return None
 
 
-def _crafted(folder: Path) -> dict[str, bytes]:
+def _crafted() -> dict[str, bytes]:
     """Files no public set has: an odd UID, a transfer syntax no decoder supports."""
     out = {}
     ds = pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm")
@@ -75,7 +75,7 @@ def loaded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parity-files")
     candidates = {p.name if p.parent == PYDICOM_TEST_FILES else f"{p.parent.name}_{p.name}":
                   p.read_bytes() for p in sorted(PYDICOM_TEST_FILES.rglob("*")) if p.is_file()}
-    candidates.update(_crafted(folder))
+    candidates.update(_crafted())
     modalities = {"medsearch": ["MEDSEARCH", "127.0.0.1", 104]}
     with running_orthanc(tmp_path_factory.mktemp("orthanc"), dicom=True,
                          modalities=modalities) as server:

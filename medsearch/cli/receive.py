@@ -23,7 +23,9 @@ def _allow_list(allow: str | None) -> tuple[str, ...]:
     if not titles:
         raise InputError("say which calling AE titles may send (--allow CT1,PACS; '*' for "
                          "any, which the README advises against)", setting="allow")
-    bad = [t for t in titles if t != "*" and (len(t) > 16 or not t.isascii() or "\\" in t)]
+    from indexer.pacs import valid_aet
+
+    bad = [t for t in titles if t != "*" and not valid_aet(t)]
     if bad:
         raise InputError(f"AE titles are 1-16 ASCII characters: {', '.join(bad)} (--allow)")
     return titles

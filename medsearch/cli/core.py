@@ -99,9 +99,6 @@ def index_cmd(
     from indexer.pacs import PacsQuery, dicom_date, is_pacs
     from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
-    from indexer.view import settings_for_run
-    from retrieval.store import Store, manifest_for
-
     from ..decoders import pacs_access
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
@@ -143,16 +140,8 @@ def index_cmd(
             batch = max(cfg.batch_size, auto_batch_size(encoder.device))
         # the writer lock is taken before the store is created (two runs never both create it,
         # nor mix models) and held until it is closed, also when the run fails
-        # a new store records its decode settings; an existing one's are used (or, if a
-        # choice given here differs, the run is refused)
-        decode = settings_for_run(None, window=window, frames=frames, series_vectors=series_vectors,
-                                  default_frames=cfg.frames)
-        manifest = manifest_for(encoder, cfg.index_type)
-        manifest.decode = decode.to_json()
-        with Store.open_or_create(root, manifest, exclusive=True, db=cfg.db) as st:
-            if st.manifest.decode is not None:
-                decode = settings_for_run(st.manifest.decode, window=window, frames=frames,
-                                          series_vectors=series_vectors)
+        with store_for_run(root, encoder, cfg, window=window, frames=frames,
+                           series_vectors=series_vectors, exclusive=True) as (st, decode):
             common = dict(batch_size=batch, frames=decode.frames, phi_policy=cfg.phi_policy,
                           keys=key_files(cfg), progress=progress, window=decode.window,
                           series_vectors=decode.series_vectors, pacs_query=query, pacs=access)
@@ -234,6 +223,25 @@ def _remove_human(d: dict) -> str:
     lines += [f"  removed: {p}" for p in d["paths"]]
     lines += [f"  nothing stored at or under {p}" for p in d["not_found"]]
     return "\n".join(lines)
+
+
+@contextmanager
+def store_for_run(root: Path, encoder, cfg, *, window: str | None, frames: str | None,
+                  series_vectors: bool | None, exclusive: bool = False):
+    """(the store to index into, the decode settings in effect): a new store records this
+    run's; an existing one's are used (a choice given here that differs is refused)."""
+    from indexer.view import settings_for_run
+    from retrieval.store import Store, manifest_for
+
+    decode = settings_for_run(None, window=window, frames=frames, series_vectors=series_vectors,
+                              default_frames=cfg.frames)
+    manifest = manifest_for(encoder, cfg.index_type)
+    manifest.decode = decode.to_json()
+    with Store.open_or_create(root, manifest, exclusive=exclusive, db=cfg.db) as st:
+        if st.manifest.decode is not None:
+            decode = settings_for_run(st.manifest.decode, window=window, frames=frames,
+                                      series_vectors=series_vectors)
+        yield st, decode
 
 
 def _store_model(root: Path) -> str | None:

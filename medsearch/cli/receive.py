@@ -68,11 +68,9 @@ def receive_cmd(
     """Receive DICOM instances (C-STORE) and index them; stop with Ctrl-C or SIGTERM."""
     from indexer.pipeline import decode_pool
     from indexer.receive import ReceiveConfig, Receiver, server_tls
-    from indexer.view import settings_for_run
     from retrieval.model import resolve_checkpoint
-    from retrieval.store import Store, manifest_for
 
-    from .core import _store_model
+    from .core import _store_model, store_for_run
 
     allowed = _allow_list(allow)
     cfg = resolve(store=store, db=db, device=device, precision=precision)
@@ -82,15 +80,9 @@ def receive_cmd(
     tls = server_tls(tls_cert, tls_key, tls_ca) if tls_cert else None
     checkpoint = resolve_checkpoint(model or _store_model(root) or cfg.model)
     encoder = vision_encoder(cfg, checkpoint)
-    decode = settings_for_run(None, window=None, frames=None, series_vectors=series_vectors,
-                              default_frames=cfg.frames)
-    manifest = manifest_for(encoder, cfg.index_type)
-    manifest.decode = decode.to_json()
     stop = threading.Event()
-    with Store.open_or_create(root, manifest, db=cfg.db) as st, decode_pool(1) as pool:
-        if st.manifest.decode is not None:
-            decode = settings_for_run(st.manifest.decode, window=None, frames=None,
-                                      series_vectors=series_vectors)
+    with store_for_run(root, encoder, cfg, window=None, frames=None,
+                       series_vectors=series_vectors) as (st, decode), decode_pool(1) as pool:
         config = ReceiveConfig(aet=aet, host=host, port=port, allow=allowed,
                                batch_seconds=batch_seconds, quiet_seconds=quiet_period,
                                series_vectors=decode.series_vectors, tls=tls,

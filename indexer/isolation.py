@@ -11,8 +11,11 @@ error, a crash or an overrun as a clear reason.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import resource
+import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -128,15 +131,44 @@ def _in_child(ctx, target: Callable, args: tuple, timeout_s: float) -> Any:
         process.join()
 
 
-def _call_child(conn: Connection, func: Callable, args: tuple, memory_bytes: int) -> None:
-    try:
-        limit_memory(memory_bytes)
+#: The signals a crashing C library dies by.
+FATAL_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
+
+
+def die_plainly() -> None:
+    """Let this forked child die by a C library's abort or fault instead of running crash
+    handlers inherited from the parent: faulthandler's traceback dump, or a fuzzer's handler,
+    which would record the parent's input as a crash although the parent lives on."""
+    faulthandler.disable()
+    for number in FATAL_SIGNALS:
         try:
-            conn.send((True, func(*args)))
+            signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError):  # not settable here: the inherited handler stays
+            pass
+
+
+def _call_child(conn: Connection, func: Callable, args: tuple, memory_bytes: int) -> None:
+    outcome: list[tuple[bool, Any]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, func(*args)))
         except MemoryError:
-            conn.send((False, "out of memory (over its memory limit)"))
+            outcome.append((False, "out of memory (over its memory limit)"))
         except BaseException as exc:  # anything at all becomes the caller's error
-            conn.send((False, str(exc) or type(exc).__name__))
+            outcome.append((False, str(exc) or type(exc).__name__))
+
+    try:
+        die_plainly()
+        limit_memory(memory_bytes)
+        # A fresh thread: a forked child's main stack is a copy of the caller's, so a C++
+        # exception escaping the library could be caught by a C++ frame there (an embedding
+        # host's, a fuzzer's) and the child would carry on as its parent. With no such frame
+        # on the thread's stack it ends in std::terminate: an abort, reported as a crash.
+        thread = threading.Thread(target=call, name="limited-call")
+        thread.start()
+        thread.join()
+        conn.send(outcome[0] if outcome else (False, "the call ended without an answer"))
     finally:
         conn.close()
 

@@ -308,3 +308,24 @@ def test_isolated_decode_that_overruns_its_time_is_stopped(tmp_path):
     late = decode_isolated(_source(tmp_path / "small.png", "image"), DecodeOptions(image_size=32),
                            timeout_s=0.001)
     assert late.error and "longer than" in late.error and not late.frames
+
+
+def test_a_limited_call_that_aborts_dies_plainly_and_says_so(capfd):
+    """A C library's abort in the limited child is reported as a crash; crash handlers the
+    child inherited (pytest's faulthandler here; a fuzzer's in benchmarks/fuzz.py) stay quiet,
+    and the call runs off the caller's stack (a fresh thread), so nothing of the parent's
+    call chain can catch what the library throws."""
+    import faulthandler
+    import threading
+
+    from indexer.isolation import LimitedCallFailed, call_limited
+
+    assert faulthandler.is_enabled()  # pytest's: the handler the child must not run
+    thread = call_limited(lambda: threading.current_thread().name, (), memory_bytes=64 << 20,
+                          timeout_s=30)
+    assert thread == "limited-call"
+    capfd.readouterr()
+    with pytest.raises(LimitedCallFailed) as failed:
+        call_limited(os.abort, (), memory_bytes=64 << 20, timeout_s=30)
+    assert failed.value.crashed and failed.value.exitcode == -6, failed.value
+    assert "Fatal Python error" not in capfd.readouterr().err

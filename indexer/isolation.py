@@ -147,17 +147,16 @@ def die_plainly() -> None:
             pass
 
 
+def _answer(conn: Connection, func: Callable, args: tuple) -> None:
+    try:
+        conn.send((True, func(*args)))
+    except MemoryError:
+        conn.send((False, "out of memory (over its memory limit)"))
+    except BaseException as exc:  # anything at all becomes the caller's error
+        conn.send((False, str(exc) or type(exc).__name__))
+
+
 def _call_child(conn: Connection, func: Callable, args: tuple, memory_bytes: int) -> None:
-    outcome: list[tuple[bool, Any]] = []
-
-    def call() -> None:
-        try:
-            outcome.append((True, func(*args)))
-        except MemoryError:
-            outcome.append((False, "out of memory (over its memory limit)"))
-        except BaseException as exc:  # anything at all becomes the caller's error
-            outcome.append((False, str(exc) or type(exc).__name__))
-
     try:
         die_plainly()
         limit_memory(memory_bytes)
@@ -165,10 +164,9 @@ def _call_child(conn: Connection, func: Callable, args: tuple, memory_bytes: int
         # exception escaping the library could be caught by a C++ frame there (an embedding
         # host's, a fuzzer's) and the child would carry on as its parent. With no such frame
         # on the thread's stack it ends in std::terminate: an abort, reported as a crash.
-        thread = threading.Thread(target=call, name="limited-call")
+        thread = threading.Thread(target=_answer, args=(conn, func, args), name="limited-call")
         thread.start()
         thread.join()
-        conn.send(outcome[0] if outcome else (False, "the call ended without an answer"))
     finally:
         conn.close()
 

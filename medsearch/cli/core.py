@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
@@ -24,7 +24,11 @@ from .query_options import (DedupeOpt, DistinctOpt, MinProbOpt, NotRelevantOpt, 
                             RegionOpt, RegionSpaceOpt, RelevantOpt, spec_fields)
 
 if TYPE_CHECKING:  # SQLAlchemy and the store load when a command opens one
+    from indexer.decode_settings import DecodeSettings
+    from retrieval.model.encoders import VisionEncoder
     from retrieval.store import Store
+
+    from ..settings import Settings
 
 
 @app.command("make-test-model")
@@ -99,6 +103,7 @@ def index_cmd(
     from indexer.pacs import PacsQuery, dicom_date, is_pacs
     from indexer.pipeline import Indexer, decode_pool
     from indexer.pixels import check_window_choice
+
     from ..decoders import pacs_access
 
     cfg = resolve(store=store, db=db, device=device, precision=precision, batch_size=batch_size,
@@ -226,8 +231,9 @@ def _remove_human(d: dict) -> str:
 
 
 @contextmanager
-def store_for_run(root: Path, encoder, cfg, *, window: str | None, frames: str | None,
-                  series_vectors: bool | None, exclusive: bool = False):
+def store_for_run(root: Path, encoder: VisionEncoder, cfg: Settings, *, window: str | None,
+                  frames: str | None, series_vectors: bool | None,
+                  exclusive: bool = False) -> Iterator[tuple[Store, DecodeSettings]]:
     """(the store to index into, the decode settings in effect): a new store records this
     run's; an existing one's are used (a choice given here that differs is refused)."""
     from indexer.view import settings_for_run

@@ -321,9 +321,9 @@ def test_a_limited_call_that_aborts_dies_plainly_and_says_so(capfd):
     from indexer.isolation import LimitedCallFailed, call_limited
 
     assert faulthandler.is_enabled()  # pytest's: the handler the child must not run
-    thread = call_limited(lambda: threading.current_thread().name, (), memory_bytes=64 << 20,
-                          timeout_s=30)
-    assert thread == "limited-call"
+    name = call_limited(lambda: threading.current_thread().name, (), memory_bytes=64 << 20,
+                        timeout_s=30)
+    assert name == "limited-call"
     capfd.readouterr()
     with pytest.raises(LimitedCallFailed) as failed:
         call_limited(os.abort, (), memory_bytes=64 << 20, timeout_s=30)
